@@ -1,0 +1,41 @@
+"""Configs are plain dataclasses: JSON in, JSON out, unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Type, TypeVar
+
+__all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field"]
+
+T = TypeVar("T")
+
+
+def runtime_field(default: Any) -> Any:
+    """A config field that does not change the weights (backend, checkpointing, drop-path...)."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> JSON-ready dict (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(cls: Type[T], d: Mapping[str, Any]) -> T:
+    """Build ``cls`` from a dict, rejecting keys the config does not have."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**d)
+
+
+def architecture_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """Fields that change the weights and differ between two configs of the same class."""
+    out = {}
+    for f in dataclasses.fields(a):
+        if f.metadata.get("runtime"):
+            continue
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):
+            out[f.name] = (va, vb)
+    return out

@@ -1,0 +1,31 @@
+"""Patchify / unpatchify between images and token grids."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PatchEmbed", "unpatchify"]
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding: (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(x_BCHW).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x_BLK: torch.Tensor, side: int, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """(B, side*side, p*p*C) patches in row-major order -> (B, C, side*p, side*p) image.
+
+    Patch vectors are laid out (p, p, C), the inverse of the usual ViT/MAE patchify.
+    """
+    B = x_BLK.shape[0]
+    p = patch_size
+    x = x_BLK.reshape(B, side, side, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(B, channels, side * p, side * p)

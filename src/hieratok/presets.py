@@ -1,0 +1,52 @@
+"""Named configurations, as data. ``build_config(name, **overrides)`` turns one into a config.
+
+The paper presets (appendix C/E): encoder 6 layers / 768 / 12 heads, decoder 24 / 1024 / 16,
+patch 16, 256x256 images, latent d = 16 or 32, scales [1, 2, 4, 8, 16] or the single scale [16].
+``tiny`` and ``small`` are for CPUs (tests, the demo); overrides such as ``image_size=64``,
+``scales=[1, 4, 16]``, ``downsample="interp"`` or ``attention="full"`` give the ablations of
+Tables 3 and 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import config_from_dict, config_to_dict
+from .tokenizers.hieratok import HieraTokConfig
+
+__all__ = ["TOKENIZER_PRESETS", "build_config", "preset_names"]
+
+_PAPER: dict[str, Any] = dict(image_size=256, patch_size=16, encoder_depth=6, encoder_width=768, encoder_heads=12,
+                              decoder_depth=24, decoder_width=1024, decoder_heads=16)
+_TINY: dict[str, Any] = dict(image_size=64, patch_size=8, latent_channels=8, encoder_depth=2, encoder_width=128,
+                             encoder_heads=4, decoder_depth=4, decoder_width=192, decoder_heads=4)
+_SMALL: dict[str, Any] = dict(image_size=128, patch_size=16, latent_channels=16, encoder_depth=4, encoder_width=256,
+                              encoder_heads=4, decoder_depth=8, decoder_width=384, decoder_heads=6)
+
+TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
+    "hieratok-f16d16": {**_PAPER, "latent_channels": 16},
+    "hieratok-f16d16-single": {**_PAPER, "latent_channels": 16, "multiscale": False},
+    "hieratok-f16d32": {**_PAPER, "latent_channels": 32},
+    "hieratok-f16d32-single": {**_PAPER, "latent_channels": 32, "multiscale": False},
+    "tiny": _TINY,
+    "tiny-single": {**_TINY, "multiscale": False},
+    "small": _SMALL,
+    "small-single": {**_SMALL, "multiscale": False},
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(TOKENIZER_PRESETS)
+
+
+def build_config(name: str, **overrides: Any) -> HieraTokConfig:
+    """Config of preset ``name`` with field ``overrides`` (``scales`` re-derives from the grid when
+    ``image_size``/``patch_size`` change and no explicit scales are given)."""
+    if name not in TOKENIZER_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()}")
+    return config_from_dict(HieraTokConfig, {**TOKENIZER_PRESETS[name], **overrides})
+
+
+def describe(cfg: HieraTokConfig) -> dict[str, Any]:
+    """The resolved config as a dict (what goes into checkpoints)."""
+    return config_to_dict(cfg)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hieratok import HieraTok
+from hieratok.hub import CONFIG_NAME, WEIGHTS_NAME
+
+TINY = dict(image_size=32, decoder_depth=1, encoder_depth=1)
+
+
+def test_round_trip_identical_outputs(tmp_path, gen):
+    m = HieraTok.from_preset("tiny", **TINY).eval()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).is_file() and (tmp_path / WEIGHTS_NAME).is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert cfg["model_type"] == "hieratok" and cfg["scales"] == [1, 2, 4]
+    # the weights file is plain safetensors (no pickle) with every parameter
+    assert set(load_file(str(tmp_path / WEIGHTS_NAME))) == set(m.state_dict())
+    m2 = HieraTok.from_pretrained(tmp_path).eval()
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    with torch.no_grad():
+        for a, b in zip(m(x)["reconstructions"], m2(x)["reconstructions"]):
+            assert torch.equal(a, b)
+
+
+def test_runtime_override_allowed(tmp_path):
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    m = HieraTok.from_pretrained(tmp_path, attn_backend="reference", decoder_drop_path=0.0)
+    assert m.config.attn_backend == "reference"
+
+
+def test_architecture_override_names_the_field(tmp_path):
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"scales: checkpoint \(1, 2, 4\) vs requested \(1, 4\)"):
+        HieraTok.from_pretrained(tmp_path, scales=(1, 4))
+
+
+def test_loading_into_other_config_names_the_mismatch(tmp_path):
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    other = HieraTok.from_preset("tiny-single", **TINY)
+    with pytest.raises(ValueError, match="multiscale: checkpoint True vs model False"):
+        other.load_pretrained_weights(tmp_path)
+
+
+def test_tampered_weights_name_the_tensor(tmp_path):
+    m = HieraTok.from_preset("tiny", **TINY)
+    m.save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / WEIGHTS_NAME))
+    sd["decoder.head.weight"] = sd["decoder.head.weight"][:10]
+    del sd["encoder.norm.bias"]
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ValueError) as e:
+        HieraTok.from_pretrained(tmp_path)
+    assert "encoder.norm.bias" in str(e.value) and "decoder.head.weight" in str(e.value)
+
+
+def test_missing_dir_and_wrong_model_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        HieraTok.from_pretrained(tmp_path / "nope" / "deeper")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"model_type": "dit"}))
+    with pytest.raises(ValueError, match="model_type is 'dit'"):
+        HieraTok.from_pretrained(tmp_path)
