@@ -49,6 +49,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, load_config
+
+    overrides = parse_overrides(args.overrides)
+    for flag, key in ((args.preset, "preset"), (args.data, "data.path"), (args.out, "out_dir"), (args.steps, "steps")):
+        if flag is not None:
+            overrides[key] = flag
+    if args.fsdp:
+        overrides["fsdp"] = True
+    cfg = load_config(args.config, overrides)
+    Trainer(cfg).fit(resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -59,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. scales=[1,4,16] downsample=interp")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("train", help="train a tokenizer (one CPU, or many GPUs under torchrun)",
+                       description="Train HieraTok or its single-scale twin. Any config field can be set as "
+                                   "key=value with dotted names, e.g. optim.lr=2e-4 loss.kl=1e-5 model.scales=[1,2,4,8].")
+    p.add_argument("--preset", choices=preset_names(), default=None, help="model preset (default: tiny)")
+    p.add_argument("--data", default=None, help="image folder, webdataset shards (path/glob/{000..009}), or none for the embedded photos")
+    p.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
+    p.add_argument("--out", default=None, help="run directory (default runs/tokenizer)")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint directory")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=_cmd_train)
     return ap
 
 

@@ -1,0 +1,82 @@
+"""Multi-scale reconstruction objective of HieraTok (section 3.2, eqs. 8-9; appendix E weights).
+
+Every scale's reconstruction is compared with the input downsampled by area interpolation to
+that scale's size: ``sum_k w_k (l1 * L1 + mse * MSE + perceptual * P)`` plus ``kl * KL``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributions import DiagonalGaussian
+
+__all__ = ["ReconLossConfig", "MultiScaleReconstructionLoss", "scale_targets"]
+
+
+@dataclass
+class ReconLossConfig:
+    """Loss weights (paper appendix E: L1 1.0, MSE 0.4, LPIPS 1.0, KL 1e-6)."""
+
+    l1: float = 1.0
+    mse: float = 0.4
+    perceptual: float = 1.0
+    perceptual_kind: str = "auto"  # "auto" | "lpips-vgg" | "effnet-lite0" | "none"
+    kl: float = 1e-6
+    scale_weights: Optional[tuple[float, ...]] = None  # one per scale, coarse to fine; None = all 1
+
+
+def scale_targets(x_BCHW: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The input downsampled by area interpolation to each size (the full size is ``x`` itself)."""
+    return [x_BCHW if s == x_BCHW.shape[-1] else F.interpolate(x_BCHW, size=(s, s), mode="area") for s in sizes]
+
+
+class MultiScaleReconstructionLoss(nn.Module):
+    """Sum over scales of weighted L1 + MSE + perceptual, plus the KL term.
+
+    Args:
+        cfg: weights.
+        num_scales: number of decoder scales (for ``scale_weights`` validation).
+        perceptual: a frozen module ``(x, y) -> (B,)`` distances, or None when its weight is 0.
+    """
+
+    def __init__(self, cfg: ReconLossConfig, num_scales: int, perceptual: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.scale_weights if cfg.scale_weights is not None else (1.0,) * num_scales
+        if len(w) != num_scales:
+            raise ValueError(f"scale_weights has {len(w)} values for {num_scales} scales")
+        self.scale_weights = tuple(float(v) for v in w)
+        if cfg.perceptual > 0 and perceptual is None:
+            raise ValueError("perceptual weight > 0 needs a perceptual module")
+        self.perceptual = perceptual
+
+    def forward(self, x_BCHW: torch.Tensor, recs: Sequence[torch.Tensor], posterior: Optional[DiagonalGaussian]) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        targets = scale_targets(x_BCHW, [r.shape[-1] for r in recs])
+        logs: dict[str, torch.Tensor] = {}
+        total = x_BCHW.new_zeros(())
+        l1_sum, mse_sum, p_sum = x_BCHW.new_zeros(()), x_BCHW.new_zeros(()), x_BCHW.new_zeros(())
+        for k, (rec, tgt, w) in enumerate(zip(recs, targets, self.scale_weights)):
+            rec = rec.float()
+            l1, mse = F.l1_loss(rec, tgt), F.mse_loss(rec, tgt)
+            term = c.l1 * l1 + c.mse * mse
+            if c.perceptual > 0:
+                p = self.perceptual(rec, tgt).mean()
+                term = term + c.perceptual * p
+                p_sum = p_sum + w * p.detach()
+            total = total + w * term
+            l1_sum, mse_sum = l1_sum + w * l1.detach(), mse_sum + w * mse.detach()
+            logs[f"l1_s{rec.shape[-1]}"] = l1.detach()
+        logs.update(l1=l1_sum, mse=mse_sum, perceptual=p_sum)
+        if posterior is not None:
+            kl = posterior.kl().mean()
+            logs["kl"] = kl.detach()
+            total = total + c.kl * kl
+        logs["rec_loss"] = total.detach()
+        logs["loss"] = total
+        return logs

@@ -1,0 +1,50 @@
+"""Evaluation metrics: FID / IS (standard FID Inception), PSNR, SSIM, latent uniformity, codebook stats.
+
+LPIPS lives with the perceptual losses (:mod:`hieratok.losses.perceptual`).
+"""
+
+from .codebook import CodebookStats, CodebookUsage, codebook_stats
+from .fid import (
+    FeatureStats,
+    FIDResult,
+    GaussianStats,
+    all_reduce_feature_stats,
+    compute_feature_stats,
+    fid_from_sources,
+    frechet_distance,
+    iter_image_folder,
+    iter_npz_images,
+    stats_from_source,
+)
+from .image import psnr, quantize_to_uint8, ssim
+from .inception import (
+    FID_FEATURE_DIM,
+    PT_INCEPTION_FILENAME,
+    FIDInceptionV3,
+    InceptionFeatures,
+    InceptionScoreResult,
+    InceptionScoreUnavailable,
+    inception_score,
+    inception_score_from_logits,
+    tf_bilinear_resize,
+)
+from .uniformity import (
+    UniformityResult,
+    density_cv,
+    gini_coefficient,
+    latent_uniformity,
+    normalized_entropy,
+    plot_uniformity,
+)
+
+__all__ = [
+    "CodebookStats", "CodebookUsage", "codebook_stats",
+    "FeatureStats", "FIDResult", "GaussianStats", "all_reduce_feature_stats", "compute_feature_stats",
+    "fid_from_sources", "frechet_distance", "iter_image_folder", "iter_npz_images", "stats_from_source",
+    "psnr", "quantize_to_uint8", "ssim",
+    "FID_FEATURE_DIM", "PT_INCEPTION_FILENAME", "FIDInceptionV3", "InceptionFeatures",
+    "InceptionScoreResult", "InceptionScoreUnavailable", "inception_score", "inception_score_from_logits",
+    "tf_bilinear_resize",
+    "UniformityResult", "density_cv", "gini_coefficient", "latent_uniformity", "normalized_entropy",
+    "plot_uniformity",
+]

@@ -1,0 +1,137 @@
+"""Training checkpoints: one directory per step, safetensors + JSON, written atomically.
+
+    <run>/checkpoints/step_00001000/
+        config.json, model.safetensors    the tokenizer (HieraTok.from_pretrained works on this dir)
+        ema.safetensors                   EMA weights (if enabled)
+        <name>.safetensors                other trained modules (e.g. disc.safetensors)
+        optim.safetensors                 optimizer tensors, keyed by parameter name
+        trainer_state.json                step, optimizer param groups, sampler position, counters,
+                                          RNG states, the training config
+
+A checkpoint is written to ``.tmp-step_...`` and renamed when complete, so a run killed while
+saving leaves no directory that ``latest_checkpoint`` would pick; the last ``keep_last`` are kept.
+No pickle is used anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint_files", "rng_state", "set_rng_state",
+           "flatten_optim", "unflatten_optim", "STATE_NAME"]
+
+log = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, json) capturing torch CPU/CUDA, Python and NumPy generators."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def flatten_optim(name: str, sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Optimizer full state dict (FQN-keyed) -> tensors for safetensors + JSON param groups."""
+    tensors = {}
+    for fqn, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{name}|{fqn}|{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def unflatten_optim(name: str, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.count("|") != 2:  # RNG tensors share the file
+            continue
+        opt, fqn, k = key.split("|")
+        if opt == name:
+            state.setdefault(fqn, {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_dir_writer: Any,
+    weights: dict[str, dict[str, torch.Tensor]],
+    optim_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write a complete checkpoint directory atomically (call on the main rank only).
+
+    Args:
+        model_dir_writer: callable(dir) writing ``config.json`` + ``model.safetensors``.
+        weights: extra safetensors files, ``{"ema": {...}, "disc": {...}}``.
+        optim_tensors: flattened optimizer tensors and RNG tensors.
+        state: JSON-serialisable trainer state.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model_dir_writer(tmp)
+    for name, sd in weights.items():
+        save_file(sd, str(tmp / f"{name}.safetensors"))
+    save_file(optim_tensors, str(tmp / "optim.safetensors"))
+    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in ckpt_root.iterdir() if _STEP_RE.match(p.name))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / STATE_NAME).is_file()]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def load_checkpoint_files(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer state JSON, optimizer + RNG tensors) of a checkpoint directory."""
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_NAME})")
+    return json.loads((ckpt / STATE_NAME).read_text()), load_file(str(ckpt / "optim.safetensors"))

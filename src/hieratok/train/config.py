@@ -1,0 +1,157 @@
+"""Training configuration: nested dataclasses, YAML files and dotted ``key=value`` overrides.
+
+    hieratok train --preset tiny optim.lr=2e-4 loss.kl=1e-5 model.scales=[1,2,4,8] steps=500
+
+The resolved config is written to ``<run>/train_config.yaml`` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+import yaml
+
+from ..losses.gan import GANConfig
+from ..losses.reconstruction import ReconLossConfig
+
+__all__ = ["DataConfig", "OptimConfig", "GANConfig", "VFConfig", "TrainConfig", "apply_overrides", "load_config", "config_dict"]
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. ``path=None`` uses the embedded photos shipped by installed packages."""
+
+    path: Optional[str] = None
+    eval_path: Optional[str] = None  # held-out images for reconstruction grids; None: same source, eval split
+    num_workers: int = 0
+    samples_per_epoch: int = 1024  # embedded photos only
+    random_resized_crop_scale: Optional[tuple[float, float]] = None  # None: ADM centre crop (+ flip)
+    hflip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (paper appendix E)."""
+
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_accum: int = 1
+
+
+@dataclass
+class VFConfig:
+    """VA-VAE vision-foundation alignment of the latent (optional; 0 weight = off)."""
+
+    weight: float = 0.0  # VA-VAE uses 0.1 with adaptive weighting
+    encoder: str = "effnet-lite0"  # "effnet-lite0" (offline), "dinov2", "clip" or "torchscript" (needs path)
+    path: Optional[str] = None  # the frozen encoder's file, where the kind needs one
+    margin_cos: float = 0.5
+    margin_dm: float = 0.25
+    adaptive: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a tokenizer training run needs; saved with the run."""
+
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {"scales": [1, 2, 4]}
+    init_from: Optional[str] = None  # a saved model folder to start from (e.g. stage 1 for stage 2)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: ReconLossConfig = field(default_factory=ReconLossConfig)
+    gan: GANConfig = field(default_factory=lambda: GANConfig(weight=0.0))  # stage 2: gan.weight=0.6
+    vf: VFConfig = field(default_factory=VFConfig)
+    batch_size: int = 8  # per rank, per micro-step
+    steps: int = 1000
+    seed: int = 0
+    out_dir: str = "runs/tokenizer"
+    log_every: int = 10
+    image_every: int = 200
+    ckpt_every: int = 500
+    keep_last: int = 3
+    ema_decay: float = 0.999  # 0 disables EMA weights
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = getattr(tp, "__origin__", None)
+    if value is not None and origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of ``cfg`` with dotted keys replaced (``optim.lr``, ``model.scales`` ...)."""
+    cfg = dataclasses.replace(cfg)
+    for key, value in overrides.items():
+        obj, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(obj, dict):
+                if last:
+                    obj[part] = value
+                else:
+                    obj = obj.setdefault(part, {})
+                continue
+            names = {f.name for f in dataclasses.fields(obj)}
+            if part not in names:
+                raise ValueError(f"unknown config key {key!r}: {type(obj).__name__} has no field {part!r} (fields: {sorted(names)})")
+            if last:
+                hints = get_type_hints(type(obj))
+                setattr(obj, part, _coerce(hints[part], value))
+            else:
+                child = getattr(obj, part)
+                child = dict(child) if isinstance(child, dict) else dataclasses.replace(child)
+                setattr(obj, part, child)
+                obj = child
+    return cfg
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-ready dict of a (nested) config."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Defaults, then a YAML file (same nesting as :class:`TrainConfig`), then dotted overrides."""
+    cfg = base or TrainConfig()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        cfg = apply_overrides(cfg, _flatten(data))
+    return apply_overrides(cfg, overrides or {})

@@ -1,0 +1,440 @@
+"""The training loop: data, optimisers, parallelism, EMA, logging and checkpoints around a task.
+
+``Trainer(cfg).fit()`` runs on one CPU as well as under ``torchrun`` (DDP, or FSDP2 with
+``fsdp=True``). ``train_step`` is the whole update for one batch; everything else is plumbing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..data import ResumableDistributedSampler, build_dataset, collate_drop_none
+from .checkpoint import (flatten_optim, latest_checkpoint, load_checkpoint_files, rng_state, save_checkpoint,
+                         set_rng_state, unflatten_optim)
+from .config import TrainConfig, config_dict
+from .ema import EMA
+from .parallel import DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, load_full_state_dict, unwrap, wrap_model
+from .tasks import Phase, TokenizerTask, param_groups
+
+__all__ = ["Trainer", "lr_at", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss."""
+
+
+def lr_at(step: int, total: int, base: float, end: float, warmup_ratio: float) -> float:
+    """Linear warm-up over ``warmup_ratio * total`` steps, then cosine from ``base`` to ``end``."""
+    warm = int(round(warmup_ratio * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return end + 0.5 * (base - end) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class _Logger:
+    """CSV + TensorBoard (+ optional wandb) on the main rank."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
+        self.main, self.path = main, run_dir / "metrics.csv"
+        self.fields: Optional[list[str]] = None
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if self.path.exists():
+            with open(self.path) as f:
+                self.fields = next(csv.reader(f), None)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover
+                log.warning("tensorboard is not installed: TensorBoard logging off")
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project="hieratok", dir=str(run_dir), config=config_dict(cfg))
+
+    def write(self, step: int, row: dict[str, float]) -> None:
+        if not self.main:
+            return
+        row = {"step": step, **row}
+        new = [k for k in row if k not in (self.fields or [])]
+        if new:  # a column appears (e.g. the discriminator starts): rewrite with the wider header
+            old_rows = []
+            if self.fields is not None and self.path.exists():
+                with open(self.path, newline="") as f:
+                    old_rows = list(csv.DictReader(f))
+            self.fields = (self.fields or []) + new
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, self.fields, restval="")
+                w.writeheader()
+                w.writerows(old_rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, restval="").writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Train a tokenizer task from a :class:`TrainConfig`.
+
+    Args:
+        cfg: the resolved training config.
+        device: override the device (default: CUDA for this local rank if available, else CPU).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(device)
+        self.run_dir = Path(cfg.out_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        perceptual, pname = self._perceptual()
+        self.task = TokenizerTask(cfg, perceptual, pname)
+        dev = self.dist.device
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+        self.raw: dict[str, nn.Module] = {k: m.to(dev) for k, m in self.task.modules.items()}
+        for m in self.task.frozen_modules():
+            m.to(dev)
+        self.phases: list[Phase] = self.task.phases()
+        self.wrapped: dict[str, nn.Module] = {
+            k: wrap_model(m, self.dist, fsdp=cfg.fsdp, compile=cfg.compile,
+                          grad_checkpointing=cfg.grad_checkpointing and k == "model", bf16=self.bf16)
+            for k, m in self.raw.items()
+        }
+        self.optims = {ph.name: torch.optim.AdamW(param_groups([self.wrapped[k] for k in ph.modules], ph.weight_decay),
+                                                  lr=ph.lr, betas=tuple(ph.betas), fused=dev.type == "cuda")
+                       for ph in self.phases}
+        self.ema = EMA(unwrap(self.wrapped["model"]), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # different noise (posterior, drop-path) per rank
+        self.step = 0
+        self.epoch = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.history: list[dict[str, float]] = []
+        self._build_data()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _perceptual(self) -> tuple[Optional[nn.Module], str]:
+        c = self.cfg.loss
+        if c.perceptual <= 0 or c.perceptual_kind == "none":
+            return None, "none"
+        from ..losses.perceptual import build_perceptual
+
+        module, name = build_perceptual(c.perceptual_kind)
+        if self.dist.is_main:
+            log.info("perceptual loss: %s", name)
+        return module, name
+
+    def _build_data(self) -> None:
+        c, d = self.cfg, self.cfg.data
+        self.dataset = build_dataset(d.path, "train", self.task.image_size, seed=c.seed, length=d.samples_per_epoch,
+                                     random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip,
+                                     rank=self.dist.rank, world_size=self.dist.world_size)
+        self.micro_batch = c.batch_size
+        per_step = c.batch_size * c.optim.grad_accum
+        if isinstance(self.dataset, IterableDataset):
+            self.sampler = None
+        else:
+            if len(self.dataset) < per_step * self.dist.world_size:
+                raise ValueError(f"dataset has {len(self.dataset)} images, fewer than one global batch "
+                                 f"({per_step} x {self.dist.world_size} ranks)")
+            self.sampler = ResumableDistributedSampler(self.dataset, self.dist.world_size, self.dist.rank, shuffle=True,
+                                                       seed=c.seed, drop_last=True)
+        self._iter: Optional[Iterator[Any]] = None
+
+    def _loader(self) -> Iterator[Any]:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)  # no-op within the current (possibly resumed) epoch
+        per_step = self.cfg.batch_size * self.cfg.optim.grad_accum
+        dl = DataLoader(self.dataset, batch_size=per_step, sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+                        collate_fn=collate_drop_none, drop_last=True, pin_memory=self.dist.device.type == "cuda",
+                        # its own generator: creating a loader must not consume the global RNG
+                        # (resume equivalence), and worker seeds follow (seed, epoch)
+                        generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
+        return iter(dl)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next (local) batch of images; starts a new epoch when the data runs out."""
+        for _ in range(1000):
+            if self._iter is None:
+                self._iter = self._loader()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.epoch += 1
+                continue
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            if self.sampler is not None:
+                self.sampler.advance(self.cfg.batch_size * self.cfg.optim.grad_accum)  # local count
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            return x.to(self.dist.device, non_blocking=True)
+        raise RuntimeError("the data source yields no readable images")
+
+    # ---- the update ---------------------------------------------------------------------------
+    @staticmethod
+    def _sync_ctx(modules: list[nn.Module], last: bool) -> contextlib.ExitStack:
+        """Gradient accumulation: skip the all-reduce on every micro-batch but the last."""
+        stack = contextlib.ExitStack()
+        for m in modules:
+            if is_fsdp(m):
+                m.set_requires_gradient_sync(last)
+            elif isinstance(m, nn.parallel.DistributedDataParallel) and not last:
+                stack.enter_context(m.no_sync())
+        return stack
+
+    def _all_finite(self, ok: bool) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.dist.device)
+        if self.dist.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser update of every phase on batch ``x``; returns detached logs."""
+        c = self.cfg
+        logs: dict[str, torch.Tensor] = {}
+        ctx: dict[str, Any] = {}
+        micro = x.split(c.batch_size)
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        for ph in self.phases:
+            if not ph.active(self.step):
+                continue
+            modules, opt = [self.wrapped[k] for k in ph.modules], self.optims[ph.name]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(self.step, c.steps, ph.lr, ph.end_lr, ph.warmup_ratio)
+            opt.zero_grad(set_to_none=True)
+            finite = True
+            sums: dict[str, torch.Tensor] = {}
+            for i, mb in enumerate(micro):
+                with self._sync_ctx(modules, i == len(micro) - 1), autocast:
+                    out = ph.loss_fn(self.wrapped, mb, ctx, self.step)
+                loss = out["loss"]
+                finite &= bool(torch.isfinite(loss.detach()).item())
+                (loss / len(micro)).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
+            if not self._all_finite(finite):
+                opt.zero_grad(set_to_none=True)
+                logs["skipped"] = torch.ones(())
+                return logs
+            if c.optim.grad_clip > 0:
+                params = [p for m in modules for p in m.parameters() if p.grad is not None]
+                gn = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)
+                sums["grad_norm"] = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            opt.step()
+            logs.update({(k if ph.name == "g" else f"{ph.name}_{k}"): v for k, v in sums.items()})
+            logs[f"lr_{ph.name}" if ph.name != "g" else "lr"] = torch.tensor(opt.param_groups[0]["lr"])
+        if self.ema is not None:
+            self.ema.update(unwrap(self.wrapped["model"]))
+        logs["_recs"] = ctx.get("recs", [[]])[0]  # type: ignore[assignment]
+        return logs
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of the current step (collective: every rank must call it)."""
+        model_sd = full_state_dict(self.wrapped["model"] if is_fsdp(self.wrapped["model"]) else unwrap(self.wrapped["model"]))
+        extra = {k: full_state_dict(m if is_fsdp(m) else unwrap(m)) for k, m in self.wrapped.items() if k != "model"}
+        if self.ema is not None:
+            extra["ema"] = self.ema.full_state_dict(unwrap(self.wrapped["model"]))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        tensors, groups = {}, {}
+        for ph in self.phases:
+            osd = get_optimizer_state_dict(self._phase_container(ph), self.optims[ph.name],
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if "state" in osd:  # with cpu_offload, only rank 0 receives the full state
+                t, g = flatten_optim(ph.name, osd)
+                tensors.update(t)
+                groups[ph.name] = g
+        rng_t, rng_meta = rng_state()
+        path = None
+        if self.dist.is_main:
+            tensors.update(rng_t)
+            state = {"step": self.step, "epoch": self.epoch, "optim_groups": groups,
+                     "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+                     "ema_updates": self.ema.num_updates if self.ema else 0,
+                     "nonfinite_total": self.nonfinite_total, "rng": rng_meta, "train_config": config_dict(self.cfg)}
+            model = unwrap(self.raw["model"])
+
+            def write_model(d: Path) -> None:
+                from ..hub import CONFIG_NAME, WEIGHTS_NAME
+                from safetensors.torch import save_file
+
+                from .. import __version__
+                from ..config import config_to_dict
+
+                meta = {"model_type": model.model_type, "hieratok_version": __version__, **config_to_dict(model.config)}
+                (d / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+                save_file(model_sd, str(d / WEIGHTS_NAME))
+
+            path = save_checkpoint(self.run_dir, self.step, model_dir_writer=write_model, weights=extra,
+                                   optim_tensors=tensors, state=state, keep_last=self.cfg.keep_last)
+            log.info("saved checkpoint %s", path)
+        barrier()
+        return path
+
+    def _phase_container(self, ph: Phase) -> nn.Module:
+        """The modules a phase optimises, under one root (parameter names prefixed by module key)."""
+        def pick(k: str) -> nn.Module:
+            m = self.wrapped[k]
+            return m if is_fsdp(m) else unwrap(m)
+
+        if len(ph.modules) == 1:
+            return pick(ph.modules[0])
+        return nn.ModuleDict({k: pick(k) for k in ph.modules})
+
+    def resume(self, ckpt: Path) -> None:
+        """Restore weights, optimizer, EMA, data position, counters and RNG from a checkpoint."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from ..hub import WEIGHTS_NAME
+
+        state, tensors = load_checkpoint_files(ckpt)
+        model = unwrap(self.raw["model"])
+        saved = model.read_config(ckpt)
+        from ..config import architecture_diff
+
+        diff = architecture_diff(saved, model.config)
+        if diff:
+            raise ValueError(f"{ckpt} is from another model configuration: {diff}")
+        target = self.wrapped["model"] if is_fsdp(self.wrapped["model"]) else unwrap(self.wrapped["model"])
+        load_full_state_dict(target, load_file(str(Path(ckpt) / WEIGHTS_NAME)))
+        for k, m in self.wrapped.items():
+            if k != "model":
+                load_full_state_dict(m if is_fsdp(m) else unwrap(m), load_file(str(Path(ckpt) / f"{k}.safetensors")))
+        for ph in self.phases:
+            osd = unflatten_optim(ph.name, tensors, state["optim_groups"][ph.name])
+            set_optimizer_state_dict(self._phase_container(ph), self.optims[ph.name], osd,
+                                     options=StateDictOptions(full_state_dict=True))
+        if self.ema is not None and (Path(ckpt) / "ema.safetensors").is_file():
+            self.ema.load_full_state_dict(unwrap(self.wrapped["model"]), load_file(str(Path(ckpt) / "ema.safetensors")),
+                                          state["ema_updates"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        if self.sampler is not None and state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])
+        self._iter = None
+        if self.dist.is_main:
+            set_rng_state(tensors, state["rng"])
+        else:  # other ranks: keep their own stream, shifted by the step so it is reproducible
+            torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + self.step)
+        log.info("resumed from %s (step %d, epoch %d)", ckpt, self.step, self.epoch)
+
+    # ---- images -------------------------------------------------------------------------------
+    def _save_images(self, x: torch.Tensor, recs: list[torch.Tensor]) -> None:
+        if not self.dist.is_main or not recs:
+            return
+        from ..report import reconstruction_grid
+
+        out = self.run_dir / "images"
+        out.mkdir(exist_ok=True)
+        n = min(4, x.shape[0])
+        reconstruction_grid(x[:n].float().cpu(), {"recon": [r[:n].float().cpu() for r in recs]},
+                            out / f"recon_{self.step:08d}.png", max_images=n)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, resume: Optional[str] = None, max_steps: Optional[int] = None) -> list[dict[str, float]]:
+        """Train until ``cfg.steps`` (or ``max_steps`` more steps); returns the logged rows.
+
+        Args:
+            resume: ``"auto"`` (latest complete checkpoint of the run, if any) or a checkpoint path.
+            max_steps: stop after this many steps of this call (used to simulate interruptions).
+        """
+        c = self.cfg
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+            if ckpt is not None:
+                self.resume(ckpt)
+            elif self.dist.is_main:
+                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+        if self.dist.is_main:
+            (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config_dict(c), sort_keys=False))
+        logger = _Logger(self.run_dir, c, self.dist.is_main)
+        end = c.steps if max_steps is None else min(c.steps, self.step + max_steps)
+        bar = None
+        if self.dist.is_main and c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
+        acc: dict[str, list[torch.Tensor]] = {}
+        t0, imgs = time.perf_counter(), 0
+        for m in self.wrapped.values():
+            m.train()
+        try:
+            while self.step < end:
+                x = self.next_batch()
+                logs = self.train_step(x)
+                recs = logs.pop("_recs", None)
+                if "skipped" in logs:
+                    self.nonfinite_total += 1
+                    self.nonfinite_run += 1
+                    log.warning("non-finite loss at step %d: step skipped (%d in a row, %d total)",
+                                self.step, self.nonfinite_run, self.nonfinite_total)
+                    if self.nonfinite_run >= c.max_nonfinite:
+                        self.save()
+                        raise NonFiniteLossError(
+                            f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}: stopping "
+                            f"(checkpoint saved in {self.run_dir / 'checkpoints'}); lower optim.lr or check the data")
+                    continue
+                self.nonfinite_run = 0
+                self.step += 1
+                imgs += x.shape[0] * self.dist.world_size
+                for k, v in logs.items():
+                    acc.setdefault(k, []).append(v)
+                if self.step % c.log_every == 0 or self.step == end:
+                    row = {k: float(torch.stack(v).mean()) for k, v in acc.items()}
+                    if self.dist.distributed:
+                        vec = torch.tensor(list(row.values()), device=self.dist.device)
+                        dist.all_reduce(vec)
+                        row = dict(zip(row, (vec / self.dist.world_size).tolist()))
+                    dt = time.perf_counter() - t0
+                    row["img_per_s"] = imgs / max(dt, 1e-9)
+                    row["nonfinite_total"] = float(self.nonfinite_total)
+                    acc, t0, imgs = {}, time.perf_counter(), 0
+                    self.history.append({"step": float(self.step), **row})
+                    logger.write(self.step, row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                if bar is not None:
+                    bar.update(1)
+                if c.image_every > 0 and (self.step % c.image_every == 0 or self.step == c.steps):
+                    self._save_images(x, recs)
+                if c.ckpt_every > 0 and self.step % c.ckpt_every == 0 or self.step == c.steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+        return self.history
