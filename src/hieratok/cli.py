@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -63,6 +64,79 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _init_eval_dist() -> None:
+    """Join the process group when launched by torchrun (evaluation shards the data over ranks)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train.parallel import init_distributed
+
+        init_distributed()
+
+
+def _cmd_eval_recon(args: argparse.Namespace) -> int:
+    from .evaluate import ReconEvalConfig, evaluate_reconstruction, load_tokenizer
+    from .evaluate.recon import write_recon_report
+
+    _init_eval_dist()
+    dev = _device(args.device)
+    model, info = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
+    cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
+                          fid=not args.no_fid, inception_weights=args.inception_weights, num_workers=args.workers)
+    res = evaluate_reconstruction(model, cfg, dev)
+    out = Path(args.out or Path(info["model_dir"]) / "eval")
+    from .evaluate.recon import _world
+
+    if _world()[0] == 0:
+        report = write_recon_report(res, out, f"Reconstruction: {args.checkpoint}", info)
+        keys = [k for k in ("rfid", "psnr", "ssim", res.get("perceptual_name")) if k in res]
+        print("  ".join(f"{k} {res[k]:.4f}" for k in keys) + f"  ({res['num_images']} images)")
+        if len(res["psnr_per_scale"]) > 1:
+            print("PSNR per scale: " + "  ".join(f"{s}px {v:.2f}" for s, v in res["psnr_per_scale"].items()))
+        print(f"report: {report}")
+    return 0
+
+
+def _cmd_eval_latents(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_latents, load_tokenizer
+
+    dev = _device(args.device)
+    model, info = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
+    out = Path(args.out or Path(info["model_dir"]) / "eval")
+    res = evaluate_latents(model, args.data, num_images=args.num_images, num_points=args.num_points,
+                           num_runs=args.runs, seed=args.seed, iterations=args.iterations, device=dev, out_dir=out)
+    print(f"density CV {res['density_cv']:.3f} +- {res['density_cv_std']:.3f}  Gini {res['gini']:.3f} +- "
+          f"{res['gini_std']:.3f}  normalized entropy {res['normalized_entropy']:.4f} +- {res['normalized_entropy_std']:.4f}"
+          f"  ({res['num_points']} points, {res['num_runs']} runs)")
+    print(f"t-SNE plot: {res['tsne_png']}")
+    return 0
+
+
+def _cmd_eval_fid(args: argparse.Namespace) -> int:
+    from .metrics import fid_from_sources
+
+    res = fid_from_sources(args.a, args.b, weights=args.inception_weights, device=_device(args.device),
+                           batch_size=args.batch_size, save_stats=(args.save_stats_a, args.save_stats_b))
+    d = res.as_dict()
+    print(json.dumps(d, indent=2) if args.json else f"FID {d['fid']:.4f}  ({d['num_a']} vs {d['num_b']} images; "
+                                                    f"Inception weights: {d['inception_source']})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import compare_runs
+
+    table = compare_runs(args.runs, args.names, baseline=args.baseline)
+    print(table.to_markdown() if args.markdown else table.to_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -86,6 +160,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate: recon, latents, fid").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("recon", help="rFID, PSNR, SSIM, perceptual distance and per-scale PSNR of a tokenizer")
+    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint or model folder")
+    p.add_argument("--data", default=None, help="evaluation images (folder or shards); default: the embedded held-out photos")
+    p.add_argument("--num", type=int, default=50_000, help="number of images (default 50000, the paper protocol)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--perceptual", default="auto", choices=["auto", "lpips-vgg", "effnet-lite0", "none"])
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception network)")
+    p.add_argument("--inception-weights", default=None, help="FID Inception weight file (default: hub cache, then the offline trunk)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
+    p.set_defaults(func=_cmd_eval_recon)
+
+    p = ev.add_parser("latents", help="latent uniformity (t-SNE density CV, Gini, normalized entropy) and a t-SNE plot")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--num-points", type=int, default=10_000)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_eval_latents)
+
+    p = ev.add_parser("fid", help="FID between two image folders / image .npz / statistics .npz")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--save-stats-a", default=None, help="write the statistics of A (npz with mu, sigma)")
+    p.add_argument("--save-stats-b", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_fid)
+
+    p = sub.add_parser("compare", help="side-by-side table of evaluated runs (paper Table 2 layout)")
+    p.add_argument("runs", nargs="+", help="run / eval folders or metrics.json files; the first is the baseline")
+    p.add_argument("--names", nargs="+", default=None)
+    p.add_argument("--baseline", type=int, default=0, help="index of the baseline run")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=_cmd_compare)
     return ap
 
 

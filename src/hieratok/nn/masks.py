@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["ATTENTION_MODES", "scale_ids", "dense_mask", "mask_mod", "allowed_fraction"]
+__all__ += ["block_ids", "block_causal_mask", "block_causal_mask_mod"]
 
 ATTENTION_MODES = ("scale_causal", "scale_independent", "full")
 
@@ -61,3 +62,32 @@ def mask_mod(mode: str, scales: Sequence[int], device: torch.device | str | None
 def allowed_fraction(mode: str, scales: Sequence[int]) -> float:
     """Fraction of the L*L query-key pairs a mode allows (about 0.80 for scale-causal on [1,2,4,8,16])."""
     return dense_mask(mode, scales).float().mean().item()
+
+
+# --- block-causal masks over arbitrary block sizes (ResTok HAR generator, sec. 3.4) -------------
+# A sequence is cut into consecutive blocks of the given sizes; a query sees every key of its own
+# block and of all earlier blocks. Blocks of size 1 give the plain causal mask.
+
+
+def block_ids(block_sizes: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Block index of every token, shape (sum(block_sizes),)."""
+    if any(int(n) < 1 for n in block_sizes):
+        raise ValueError(f"block sizes must be positive, got {list(block_sizes)}")
+    sizes = torch.as_tensor(list(block_sizes), dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+
+
+def block_causal_mask(block_sizes: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (L, L) mask, True where ``block(q) >= block(k)``."""
+    ids = block_ids(block_sizes, device)
+    return ids[:, None] >= ids[None, :]
+
+
+def block_causal_mask_mod(block_sizes: Sequence[int], device: torch.device | str | None = None) -> Callable:
+    """FlexAttention ``mask_mod`` form of :func:`block_causal_mask`."""
+    ids = block_ids(block_sizes, device)
+
+    def _mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - signature fixed by FlexAttention
+        return ids[q_idx] >= ids[kv_idx]
+
+    return _mod

@@ -1,0 +1,197 @@
+"""Reconstruction evaluation (paper Table 2 protocol).
+
+Default protocol (what tokenizer papers report): ImageNet val, 50k images, ADM centre crop to the
+model's size, reconstructions from the posterior mode, both images quantised to uint8 before every
+metric; rFID between the Inception statistics of the originals and of the reconstructions, with
+the standard FID Inception weights (the source is recorded); PSNR and SSIM per image, averaged;
+LPIPS-VGG when its weights exist, else the offline EfficientNet-Lite0 distance under its own name.
+For multi-scale models, PSNR of every scale against the input area-downsampled to that scale.
+
+Under torchrun every rank evaluates a disjoint shard; sums and feature statistics are all-reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from ..data import build_dataset, collate_drop_none
+from ..losses.reconstruction import scale_targets
+from ..metrics import FeatureStats, InceptionFeatures, all_reduce_feature_stats, frechet_distance, psnr, ssim
+from ..metrics.image import quantize_to_uint8
+
+__all__ = ["ReconEvalConfig", "evaluate_reconstruction", "write_recon_report"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconEvalConfig:
+    """Settings of a reconstruction evaluation (defaults: the paper protocol)."""
+
+    data: Optional[str] = None  # image folder / shards; None = the embedded held-out photos
+    num: int = 50_000  # images (fewer if the data has fewer)
+    batch_size: int = 32
+    perceptual: str = "auto"  # "auto" | "lpips-vgg" | "effnet-lite0" | "none"
+    fid: bool = True
+    inception_weights: Optional[str] = None
+    num_workers: int = 0
+    keep_images: int = 8  # originals + pyramids kept for the report
+    progress: bool = True
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torch.device = "cpu",
+                            inception: Optional[InceptionFeatures] = None) -> dict[str, Any]:
+    """Run the protocol on ``model`` (a HieraTok in eval mode on ``device``).
+
+    Returns:
+        metrics (``rfid``, ``psnr``, ``ssim``, the perceptual distance under its own key, ``psnr_per_scale``),
+        the names of the networks used, the number of images, and ``samples`` (kept originals and
+        pyramids, CPU tensors) for reports.
+    """
+    device = torch.device(device)
+    rank, world = _world()
+    size = model.config.image_size
+    ds = build_dataset(cfg.data, "eval", size)
+    n = min(cfg.num, len(ds)) if hasattr(ds, "__len__") else cfg.num
+    if hasattr(ds, "__len__"):
+        ds = Subset(ds, list(range(rank, n, world)))
+    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_drop_none)
+    perceptual, pname = None, "none"
+    if cfg.perceptual != "none":
+        from ..losses.perceptual import build_perceptual
+
+        perceptual, pname = build_perceptual(cfg.perceptual)
+        perceptual = perceptual.to(device)
+    if cfg.fid and inception is None:
+        inception = InceptionFeatures(cfg.inception_weights).to(device)
+    scales = list(model.config.scales)
+    sums = torch.zeros(3 + len(scales), dtype=torch.float64, device=device)  # psnr, ssim, perceptual, per-scale psnr
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    real_stats, fake_stats = FeatureStats(), FeatureStats()
+    kept_x: list[torch.Tensor] = []
+    kept_pyr: list[list[torch.Tensor]] = []
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=math.ceil(n / world), desc="eval recon", unit="img", dynamic_ncols=True)
+    seen = 0
+    for batch in loader:
+        if batch is None:
+            continue
+        x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+        if seen + x.shape[0] > math.ceil(n / world):
+            x = x[: math.ceil(n / world) - seen]
+        if x.shape[0] == 0:
+            break
+        pyr = model.decode(model.encode(x).mode(), all_scales=True)
+        # metrics are computed on what a user would save: 8-bit images
+        x_u8, rec_u8 = quantize_to_uint8(x), quantize_to_uint8(pyr[-1].float().clamp(-1, 1))
+        sums[0] += psnr(rec_u8, x_u8, reduction="none").sum()
+        sums[1] += ssim(rec_u8, x_u8, reduction="none").sum()
+        if perceptual is not None:
+            to_pm1 = lambda u8: u8.float() / 127.5 - 1.0  # noqa: E731
+            sums[2] += perceptual(to_pm1(rec_u8), to_pm1(x_u8)).double().sum()
+        for k, (rec, tgt) in enumerate(zip(pyr, scale_targets(x, [r.shape[-1] for r in pyr]))):
+            sums[3 + k] += psnr(rec.float().clamp(-1, 1), tgt, reduction="none").sum()
+        if inception is not None:
+            real_stats.update(inception(x_u8))
+            fake_stats.update(inception(rec_u8))
+        count += x.shape[0]
+        if len(kept_x) * cfg.batch_size < cfg.keep_images:
+            kept_x.append(x.cpu())
+            kept_pyr.append([p.float().cpu() for p in pyr])
+        seen += x.shape[0]
+        if bar is not None:
+            bar.update(x.shape[0])
+    if bar is not None:
+        bar.close()
+    _all_reduce_sum(sums)
+    _all_reduce_sum(count)
+    total = int(count.item())
+    if total == 0:
+        raise ValueError(f"no readable images in {cfg.data or 'the embedded held-out photos'}")
+    avg = (sums / total).tolist()
+    out: dict[str, Any] = {"num_images": total, "psnr": avg[0], "ssim": avg[1],
+                           "psnr_per_scale": dict(zip([s * model.config.patch_size for s in scales], avg[3:])),
+                           "perceptual_name": pname, "data": cfg.data or "embedded held-out photos"}
+    if perceptual is not None:
+        out[pname] = avg[2]
+    if inception is not None:
+        if world > 1:
+            all_reduce_feature_stats(real_stats)
+            all_reduce_feature_stats(fake_stats)
+        if total < 2:
+            log.warning("rFID needs at least 2 images; skipped")
+        else:
+            r, f = real_stats.to_gaussian(), fake_stats.to_gaussian()
+            out["rfid"] = float(frechet_distance(r.mu, r.sigma, f.mu, f.sigma))
+            if total < 2048:
+                out["rfid_note"] = (f"rFID on {total} images (< 2048 feature dimensions): a biased, rank-deficient "
+                                    "estimate, comparable only with the same number of images")
+        out["inception_source"] = inception.source
+    k = cfg.keep_images
+    out["samples"] = {"inputs": torch.cat(kept_x)[:k] if kept_x else None,
+                      "pyramids": [torch.cat(level)[:k] for level in zip(*kept_pyr)] if kept_pyr else None}
+    out["protocol"] = asdict(cfg)
+    return out
+
+
+def write_recon_report(result: dict[str, Any], out_dir: str | Path, title: str = "Reconstruction", info: Optional[dict] = None) -> Path:
+    """``metrics.json`` + ``report.html``/``report.md`` with the grid, pyramid strips and per-scale PSNR."""
+    from ..report import Report, plot_per_scale_metric, pyramid_strip, reconstruction_grid, simple_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in result.items() if k != "samples"}
+    if info:
+        metrics["checkpoint"] = info
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    rep = Report(title)
+    pname = result.get("perceptual_name", "none")
+    row = {"rFID": result.get("rfid"), "PSNR": result["psnr"], "SSIM": result["ssim"]}
+    if pname != "none":
+        row[pname] = result.get(pname)
+    rep.add_heading("Metrics")
+    rep.add_table(simple_table([{"": "model", **row}], floatfmt=".4f"))
+    notes = {"images": result["num_images"], "data": result["data"], "perceptual": pname,
+             "inception weights": result.get("inception_source", "not computed")}
+    if "rfid_note" in result:
+        notes["note"] = result["rfid_note"]
+    if info:
+        notes.update(info)
+    rep.add_key_values(notes, title="Protocol")
+    s = result.get("samples") or {}
+    if s.get("inputs") is not None:
+        reconstruction_grid(s["inputs"], {"recon": s["pyramids"]}, out / "reconstructions.png")
+        rep.add_image(out / "reconstructions.png", "input, then the reconstruction at every scale (coarse to fine)")
+        pyramid_strip([p[0] for p in s["pyramids"]], out / "pyramid.png")
+        rep.add_image(out / "pyramid.png", "the multi-scale pyramid of the first image")
+    if len(result["psnr_per_scale"]) > 1:
+        sizes = list(result["psnr_per_scale"])
+        plot_per_scale_metric({"model": list(result["psnr_per_scale"].values())}, sizes, out / "psnr_per_scale.png", "PSNR (dB)")
+        rep.add_image(out / "psnr_per_scale.png", "PSNR of every scale against the input downsampled to its size")
+    rep.write(out)
+    return out / "report.html"

@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from skimage.metrics import peak_signal_noise_ratio
+
+from hieratok import HieraTok
+from hieratok.cli import main
+from hieratok.data import EmbeddedPhotos
+from hieratok.evaluate import ReconEvalConfig, compare_runs, evaluate_latents, evaluate_reconstruction, load_tokenizer
+from hieratok.evaluate.recon import write_recon_report
+from hieratok.metrics import GaussianStats
+
+TINY = dict(encoder_depth=1, decoder_depth=1)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(0)
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(d)
+    return d
+
+
+def test_recon_eval_matches_independent_psnr_and_writes_report(tok_dir, tmp_path):
+    model, info = load_tokenizer(tok_dir)
+    assert info["weights"] == "model"
+    res = evaluate_reconstruction(model, ReconEvalConfig(num=6, batch_size=4, perceptual="effnet-lite0", progress=False))
+    assert res["num_images"] == 6 and res["perceptual_name"] == "effnet-lite0-perceptual"
+    assert "lpips" not in json.dumps({k: v for k, v in res.items() if k != "samples"}).lower().replace("not lpips", "")
+    # independent PSNR: scikit-image on the same uint8 images
+    ds = EmbeddedPhotos("heldout", 64)
+    x = torch.stack([ds[i][0] for i in range(6)])
+    with torch.no_grad():
+        rec = model.decode(model.encode(x).mode())
+    u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    ref = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(u8(x), u8(rec))])
+    assert res["psnr"] == pytest.approx(ref, abs=1e-6)
+    assert list(res["psnr_per_scale"]) == [8, 16, 32, 64]
+    assert res["psnr_per_scale"][64] == pytest.approx(res["psnr"], abs=0.05)
+    assert np.isfinite(res["rfid"]) and res["rfid"] > 0 and "fid-helper" in res["inception_source"]
+    report = write_recon_report(res, tmp_path / "eval")
+    assert report.is_file() and (tmp_path / "eval" / "reconstructions.png").is_file()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["psnr"] == pytest.approx(res["psnr"]) and "samples" not in saved
+
+
+def test_load_tokenizer_prefers_ema(tok_dir, tmp_path):
+    m = HieraTok.from_pretrained(tok_dir)
+    ckpt = tmp_path / "ckpt"
+    m.save_pretrained(ckpt)
+    ema = {k: torch.zeros_like(v) for k, v in m.named_parameters()}
+    save_file(ema, str(ckpt / "ema.safetensors"))
+    loaded, info = load_tokenizer(ckpt)
+    assert info["weights"] == "ema" and all((p == 0).all() for p in loaded.parameters())
+    raw, info = load_tokenizer(ckpt, ema=False)
+    assert info["weights"] == "model" and any((p != 0).any() for p in raw.parameters())
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_latent_uniformity_eval(tok_dir, tmp_path):
+    model, _ = load_tokenizer(tok_dir)
+    res = evaluate_latents(model, None, num_images=8, num_points=200, num_runs=2, iterations=250, out_dir=tmp_path)
+    assert res["num_runs"] == 2 and 0 <= res["gini"] <= 1 and 0 < res["normalized_entropy"] <= 1
+    assert (tmp_path / "tsne.png").is_file() and res["latent_shape"] == [8, 8, 8]
+
+
+def test_eval_fid_cli_on_statistics_files(tmp_path, capsys):
+    a = GaussianStats(np.zeros(4), np.eye(4), 10, "a")
+    b = GaussianStats(np.ones(4), 4 * np.eye(4), 10, "b")
+    a.save(tmp_path / "a.npz")
+    b.save(tmp_path / "b.npz")
+    assert main(["eval", "fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fid"] == pytest.approx(4 * 1 + 4 * (2 - 1) ** 2)  # |mu|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))
+    assert out["inception_source"] == "none"
+
+
+def test_compare_table_layout(tmp_path):
+    (tmp_path / "single").mkdir()
+    (tmp_path / "multi").mkdir()
+    (tmp_path / "single" / "metrics.json").write_text(json.dumps({"rfid": 1.47, "psnr": 24.4, "ssim": 0.74, "gfid": 16.4}))
+    (tmp_path / "multi" / "metrics.json").write_text(json.dumps({"rfid": 1.07, "psnr": 23.8, "ssim": 0.72, "gfid": 13.3}))
+    t = compare_runs([tmp_path / "single", tmp_path / "multi"])
+    text = t.to_markdown()
+    assert "1.07 (-0.40)" in text and "23.80 (-0.60)" in text and "13.30 (-3.10)" in text
+    assert "IS" not in [h.strip(" ↑↓") for h in text.splitlines()[0].split("|")]
+    with pytest.raises(FileNotFoundError, match="hieratok eval"):
+        compare_runs([tmp_path])
