@@ -137,6 +137,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(minutes=args.minutes, steps=args.steps, preset=args.preset, data=args.data, out=args.out,
+                     seed=args.seed)
+    res = run_demo(cfg)
+    print()
+    print(res["table"].to_text())
+    print(f"\n{res['steps']} steps per model, {res['seconds'] / 60:.1f} min, peak memory {res['peak_memory_gib']:.2f} GiB")
+    print(f"report: {res['report']}")
+    return 0
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .evaluate import load_tokenizer
+    from .reconstruct import reconstruct_files
+
+    model, _ = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=_device(args.device))
+    for f in reconstruct_files(model, args.images, args.out, args.mode):
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -147,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. scales=[1,4,16] downsample=interp")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="train the tiny multi-scale HieraTok and its single-scale twin side by side, "
+                                    "evaluate both on held-out photos, write a report (about 10 minutes on 2 CPU cores)")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole demo (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps per model instead")
+    p.add_argument("--preset", default="tiny", choices=[n for n in preset_names() if not n.endswith("-single")],
+                   help="multi-scale preset; its twin is <preset>-single")
+    p.add_argument("--data", default=None, help="training images (default: the embedded photos)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("reconstruct", help="reconstruct your own images and write their per-scale pyramids")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint or model folder")
+    p.add_argument("--mode", choices=["crop", "tile"], default="crop",
+                   help="crop: ADM centre crop to the model size; tile: whole image, tile by tile")
+    p.add_argument("--out", default=None, help="output folder (default: next to each image)")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("train", help="train a tokenizer (one CPU, or many GPUs under torchrun)",
                        description="Train HieraTok or its single-scale twin. Any config field can be set as "

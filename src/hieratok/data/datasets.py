@@ -634,6 +634,8 @@ def build_dataset(
     shuffle_buffer: int = 1000,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    crops_per_photo: int = 4,
+    short_side: Optional[int] = None,
 ) -> Union[EmbeddedPhotos, ImageFolderDataset, WebDatasetShards]:
     """Pick the dataset a data specification names.
 
@@ -652,6 +654,9 @@ def build_dataset(
         shuffle_buffer: sample shuffle buffer of shard datasets (train only).
         rank: explicit rank for shard splitting (with ``world_size``).
         world_size: explicit world size for shard splitting.
+        crops_per_photo: held-out crops per photo of the embedded photos.
+        short_side: embedded photos only: rescale each photo's short side to this first, so a
+            crop covers more of the scene at small sizes.
 
     Raises:
         ValueError: unknown split, or ``spec`` is neither a folder nor a shard specification.
@@ -661,7 +666,7 @@ def build_dataset(
     train = split == "train"
     if spec is None or (isinstance(spec, str) and spec.lower() in ("embedded", "embedded-photos")):
         return EmbeddedPhotos("train" if train else "heldout", size, length=length if train else None,
-                              seed=seed, hflip=hflip)
+                              seed=seed, hflip=hflip, crops_per_photo=crops_per_photo, short_side=short_side)
     transform = build_transform(size, train, random_resized_crop_scale=random_resized_crop_scale, hflip=hflip)
     if isinstance(spec, (list, tuple)):
         return WebDatasetShards(list(spec), transform, seed=seed, shuffle_shards=train,

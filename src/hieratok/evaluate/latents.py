@@ -17,9 +17,10 @@ __all__ = ["encode_latents", "evaluate_latents"]
 
 @torch.no_grad()
 def encode_latents(model: Any, data: Optional[str], num_images: int, batch_size: int = 32,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """Posterior modes (N, d, G, G) of the first ``num_images`` evaluation images (ADM centre crop)."""
-    ds = build_dataset(data, "eval", model.config.image_size)
+                   device: str | torch.device = "cpu", **data_kw: Any) -> torch.Tensor:
+    """Posterior modes (N, d, G, G) of the first ``num_images`` evaluation images (ADM centre crop);
+    ``data_kw`` go to :func:`~hieratok.data.build_dataset` (e.g. ``crops_per_photo``)."""
+    ds = build_dataset(data, "eval", model.config.image_size, **data_kw)
     if hasattr(ds, "__len__"):
         ds = Subset(ds, list(range(min(num_images, len(ds)))))
     out, n = [], 0
@@ -52,6 +53,7 @@ def evaluate_latents(model: Any, data: Optional[str], *, num_images: int = 10_00
     res = latent_uniformity(latents, num_points=points, num_runs=num_runs, seed=seed, iterations=iterations,
                             perplexity=min(perplexity, (points - 1) / 3), num_threads=None)
     out = {**res.as_dict(), "num_images": int(latents.shape[0]), "latent_shape": list(latents.shape[1:])}
+    arrays = {"points_2d": res.points_2d, "densities": res.densities}  # first run, for plots
     if out_dir is not None:
         from ..report import plot_tsne
 
@@ -61,4 +63,4 @@ def evaluate_latents(model: Any, data: Optional[str], *, num_images: int = 10_00
                   title=f"t-SNE of {points} latent vectors (CV {res.cv[0]:.3f}, Gini {res.gini[0]:.3f})")
         (d / "latents.json").write_text(json.dumps(out, indent=2) + "\n")
         out["tsne_png"] = str(d / "tsne.png")
-    return out
+    return {**out, **arrays}

@@ -46,6 +46,8 @@ class ReconEvalConfig:
     num_workers: int = 0
     keep_images: int = 8  # originals + pyramids kept for the report
     progress: bool = True
+    crops_per_photo: int = 4  # embedded held-out photos only
+    short_side: Optional[int] = None  # embedded photos only
 
 
 def _world() -> tuple[int, int]:
@@ -73,7 +75,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     device = torch.device(device)
     rank, world = _world()
     size = model.config.image_size
-    ds = build_dataset(cfg.data, "eval", size)
+    ds = build_dataset(cfg.data, "eval", size, crops_per_photo=cfg.crops_per_photo, short_side=cfg.short_side)
     n = min(cfg.num, len(ds)) if hasattr(ds, "__len__") else cfg.num
     if hasattr(ds, "__len__"):
         ds = Subset(ds, list(range(rank, n, world)))

@@ -69,6 +69,7 @@ class MultiScaleReconstructionLoss(nn.Module):
                 p = self.perceptual(rec, tgt).mean()
                 term = term + c.perceptual * p
                 p_sum = p_sum + w * p.detach()
+                logs[f"perceptual_s{rec.shape[-1]}"] = p.detach()
             total = total + w * term
             l1_sum, mse_sum = l1_sum + w * l1.detach(), mse_sum + w * mse.detach()
             logs[f"l1_s{rec.shape[-1]}"] = l1.detach()

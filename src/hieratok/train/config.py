@@ -28,6 +28,7 @@ class DataConfig:
     eval_path: Optional[str] = None  # held-out images for reconstruction grids; None: same source, eval split
     num_workers: int = 0
     samples_per_epoch: int = 1024  # embedded photos only
+    short_side: Optional[int] = None  # embedded photos only: rescale short side first (crops see more of the scene)
     random_resized_crop_scale: Optional[tuple[float, float]] = None  # None: ADM centre crop (+ flip)
     hflip: bool = True
 

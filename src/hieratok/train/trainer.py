@@ -157,7 +157,7 @@ class Trainer:
         c, d = self.cfg, self.cfg.data
         self.dataset = build_dataset(d.path, "train", self.task.image_size, seed=c.seed, length=d.samples_per_epoch,
                                      random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip,
-                                     rank=self.dist.rank, world_size=self.dist.world_size)
+                                     rank=self.dist.rank, world_size=self.dist.world_size, short_side=d.short_side)
         self.micro_batch = c.batch_size
         per_step = c.batch_size * c.optim.grad_accum
         if isinstance(self.dataset, IterableDataset):
