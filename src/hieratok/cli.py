@@ -54,7 +54,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, load_config
 
     overrides = parse_overrides(args.overrides)
-    for flag, key in ((args.preset, "preset"), (args.data, "data.path"), (args.out, "out_dir"), (args.steps, "steps")):
+    for flag, key in ((args.task, "task"), (args.preset, "preset"), (args.data, "data.path"), (args.out, "out_dir"),
+                      (args.steps, "steps")):
         if flag is not None:
             overrides[key] = flag
     if args.fsdp:
@@ -160,6 +161,40 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .generation import cache_latents
+
+    _init_eval_dist()
+    meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, num=args.num, batch_size=args.batch_size,
+                         shard_size=args.shard_size, device=_device(args.device), num_workers=args.workers)
+    if meta:
+        print(f"{meta['num']} {meta['kind']} of shape {meta['shape']} ({meta['num_labels']} labels) in {args.out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .generation import sample_to_folder
+
+    _init_eval_dist()
+    npz = sample_to_folder(args.generator, args.out, tokenizer=args.tokenizer, num=args.num, cfg_scale=args.cfg,
+                           seed=args.seed, batch_size=args.batch_size, steps=args.steps, all_scales=args.all_scales,
+                           device=_device(args.device), top_p=args.top_p, top_k=args.top_k,
+                           temperature=args.temperature, cfg_schedule=args.cfg_schedule)
+    print(f"samples: {Path(args.out) / 'images'}  npz: {npz}")
+    return 0
+
+
+def _cmd_eval_gen(args: argparse.Namespace) -> int:
+    from .generation import evaluate_generation
+
+    res = evaluate_generation(args.samples, args.ref, out=args.out, inception_weights=args.inception_weights,
+                              device=_device(args.device), batch_size=args.batch_size)
+    line = f"gFID {res['gfid']:.3f} ({res['num_samples']} samples; Inception weights: {res['inception_source']})"
+    line += f"  IS {res['is']:.2f} +- {res['is_std']:.2f}" if "is" in res else f"\n{res['is_unavailable']}"
+    print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -195,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a tokenizer (one CPU, or many GPUs under torchrun)",
                        description="Train HieraTok or its single-scale twin. Any config field can be set as "
                                    "key=value with dotted names, e.g. optim.lr=2e-4 loss.kl=1e-5 model.scales=[1,2,4,8].")
-    p.add_argument("--preset", choices=preset_names(), default=None, help="model preset (default: tiny)")
+    p.add_argument("--task", choices=["tokenizer", "dit", "ar"], default=None,
+                   help="tokenizer (default), dit (on a latent cache) or ar (HAR / next-token GPT on a code cache)")
+    p.add_argument("--preset", default=None, help="model preset: tokenizer (tiny, hieratok-f16d16, ...), "
+                                                  "DiT (dit-tiny ... dit-xl) or GPT (gpt-tiny, gpt-b, gpt-l)")
     p.add_argument("--data", default=None, help="image folder, webdataset shards (path/glob/{000..009}), or none for the embedded photos")
     p.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
     p.add_argument("--out", default=None, help="run directory (default runs/tokenizer)")
@@ -243,6 +281,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval_fid)
+
+    p = ev.add_parser("gen", help="gFID (and IS when the Inception classifier weights exist) of generated samples")
+    p.add_argument("samples", help="folder of PNGs or ADM-format .npz (arr_0 uint8 NHWC)")
+    p.add_argument("--ref", required=True, help="reference: statistics .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz), "
+                                                "images .npz or folder")
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="where gen_metrics.json goes (default: beside the samples)")
+    p.set_defaults(func=_cmd_eval_gen)
+
+    p = sub.add_parser("cache-latents", help="encode a dataset once with a tokenizer (latents or codes) for generator training")
+    p.add_argument("--checkpoint", required=True, help="tokenizer: run, checkpoint or model folder (HieraTok or ResTok)")
+    p.add_argument("--data", default=None, help="image folder (ADM centre crop; class folders give labels); default: embedded photos")
+    p.add_argument("--out", required=True)
+    p.add_argument("--flip", action="store_true", help="also cache the horizontally flipped copy of every image")
+    p.add_argument("--num", type=int, default=None, help="at most this many images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser("sample", help="generate images with a trained DiT / GPT: PNGs + ADM-format samples.npz")
+    p.add_argument("--generator", required=True, help="generator run, checkpoint or model folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer that decodes the samples (default: the cache's)")
+    p.add_argument("--num", type=int, default=50_000)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none, the paper's gFID)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (DiT; default 250 diffusion / 50 flow)")
+    p.add_argument("--all-scales", action="store_true", help="also write every sample's multi-scale pyramid (HieraTok)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--cfg-schedule", choices=["constant", "step"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("compare", help="side-by-side table of evaluated runs (paper Table 2 layout)")
     p.add_argument("runs", nargs="+", help="run / eval folders or metrics.json files; the first is the baseline")

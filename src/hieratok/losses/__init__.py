@@ -5,6 +5,7 @@ from hieratok.losses.gan import (GANConfig, GANLoss, LeCamEMA, PatchDiscriminato
                                  hinge_g_loss, lecam_regularizer, non_saturating_d_loss, non_saturating_g_loss)
 from hieratok.losses.perceptual import LPIPS, EfficientNetPerceptual, build_perceptual
 from hieratok.losses.reconstruction import MultiScaleReconstructionLoss, ReconLossConfig, scale_targets
+from hieratok.losses.restok import ResTokLoss, ResTokLossConfig, restok_gan_config
 
 __all__ = [
     "LPIPS", "EfficientNetPerceptual", "build_perceptual",
@@ -12,4 +13,5 @@ __all__ = [
     "GANConfig", "GANLoss", "PatchDiscriminator", "LeCamEMA", "hinge_d_loss", "hinge_g_loss", "non_saturating_d_loss",
     "non_saturating_g_loss", "lecam_regularizer", "adaptive_gan_weight",
     "VFAlignmentLoss", "FrozenFeatureEncoder", "build_frozen_encoder", "tokens_to_grid",
+    "ResTokLoss", "ResTokLossConfig", "restok_gan_config",
 ]

@@ -62,6 +62,7 @@ class VFConfig:
 class TrainConfig:
     """Everything a tokenizer training run needs; saved with the run."""
 
+    task: str = "tokenizer"  # "tokenizer" (HieraTok) | "dit" (latent diffusion / flow) | "ar" (HAR / AR on codes)
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {"scales": [1, 2, 4]}
     init_from: Optional[str] = None  # a saved model folder to start from (e.g. stage 1 for stage 2)
@@ -87,6 +88,24 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
+    # generator tasks
+    objective: dict[str, Any] = field(default_factory=dict)  # GeneratorObjective fields (dit) / sampling (ar)
+    tokenizer: Optional[str] = None  # decodes generated samples; default: the one recorded in the cache
+    sample_cfg_scale: float = 4.0  # guidance of the periodic sample grids (appendix F visualises at 4.2)
+    sample_count: int = 8
+
+
+# Defaults per task, applied before a YAML file and overrides (appendix F for DiT; LlamaGen for AR).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tokenizer": {},
+    "dit": {"preset": "dit-xl", "optim.lr": 1e-4, "optim.end_lr": 1e-4, "optim.warmup_ratio": 0.0,
+            "optim.betas": (0.9, 0.999), "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "ema_decay": 0.9999,
+            "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/dit", "image_every": 5000},
+    "ar": {"preset": "gpt-l", "optim.lr": 1e-4, "optim.end_lr": 1e-5, "optim.warmup_ratio": 0.01,
+           "optim.betas": (0.9, 0.95), "optim.weight_decay": 0.05, "optim.grad_clip": 1.0, "ema_decay": 0.9999,
+           "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/har", "image_every": 5000,
+           "sample_cfg_scale": 3.75},
+}
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -148,11 +167,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None, base: Optional[TrainConfig] = None) -> TrainConfig:
-    """Defaults, then a YAML file (same nesting as :class:`TrainConfig`), then dotted overrides."""
-    cfg = base or TrainConfig()
+    """Defaults (with the task's defaults), then a YAML file (same nesting as :class:`TrainConfig`),
+    then dotted overrides."""
+    overrides = dict(overrides or {})
+    data: dict[str, Any] = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
-        cfg = apply_overrides(cfg, _flatten(data))
-    return apply_overrides(cfg, overrides or {})
+    task = overrides.get("task", data.get("task", base.task if base else "tokenizer"))
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"task {task!r} is not one of {sorted(TASK_DEFAULTS)}")
+    cfg = base or apply_overrides(TrainConfig(task=task), TASK_DEFAULTS[task])
+    cfg = apply_overrides(cfg, _flatten(data))
+    return apply_overrides(cfg, overrides)

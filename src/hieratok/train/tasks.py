@@ -1,14 +1,20 @@
 """Training tasks: what is optimised and how its loss is computed. The trainer owns the loop.
 
-A task builds its trainable modules (``modules``) and lists its phases; each phase names the
-module (and so the optimizer) it updates and a loss function returning a dict with ``loss``.
-Stage 1 has one phase; stage 2 (GAN) adds a discriminator phase with its own optimizer.
+A task builds its trainable modules (``modules``), its training data, and lists its phases; each
+phase names the modules (and so the optimizer) it updates and a loss function returning a dict
+with ``loss``. Batches are tuples of tensors (images or latents or codes, labels).
+
+- :class:`TokenizerTask`: HieraTok, stage 1 (one phase) or stage 2 (a discriminator phase with
+  its own optimizer; optional VA-VAE alignment).
+- :class:`DiTTask`: a DiT on cached tokenizer latents (diffusion or flow matching).
+- :class:`ARTask`: a LlamaGen GPT on cached codes, next-hierarchy (HAR) or next-token layout.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,7 +24,7 @@ from ..losses.reconstruction import MultiScaleReconstructionLoss
 from ..tokenizers import HieraTok
 from .config import TrainConfig
 
-__all__ = ["Phase", "TokenizerTask"]
+__all__ = ["Phase", "Task", "TokenizerTask", "DiTTask", "ARTask", "build_task"]
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +62,42 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class TokenizerTask:
+class Task:
+    """What every task provides to the trainer."""
+
+    cfg: TrainConfig
+    modules: dict[str, nn.Module]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Non-trained modules that must follow the model to its device."""
+        return []
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def build_dataset(self, rank: int, world_size: int) -> Any:
+        raise NotImplementedError
+
+    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                  out_dir: Path, step: int) -> None:
+        """Write images of the current state (reconstruction grids, sample grids)."""
+
+
+def _optim_phase(cfg: TrainConfig, modules: tuple[str, ...], loss_fn: Callable) -> Phase:
+    o = cfg.optim
+    return Phase("g", modules, loss_fn, o.lr, o.end_lr, o.warmup_ratio, o.betas, o.weight_decay)
+
+
+class TokenizerTask(Task):
     """HieraTok (or its single-scale twin): multi-scale reconstruction + KL, optionally GAN + VF alignment."""
 
-    def __init__(self, cfg: TrainConfig, perceptual: Optional[nn.Module] = None, perceptual_name: str = "none") -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        perceptual, perceptual_name = None, "none"
+        if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
+            from ..losses.perceptual import build_perceptual
+
+            perceptual, perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
         if cfg.init_from:
             model = HieraTok.from_pretrained(cfg.init_from, **{k: v for k, v in cfg.model.items() if k in ("attn_backend", "decoder_drop_path", "encoder_drop_path")})
         else:
@@ -89,20 +126,41 @@ class TokenizerTask:
         return self.model_config.image_size
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Non-trained modules that must follow the model to its device."""
         return [m for m in (self.loss, self.vf_encoder) if m is not None]
+
+    def build_dataset(self, rank: int, world_size: int) -> Any:
+        from ..data import build_dataset
+
+        c, d = self.cfg, self.cfg.data
+        return build_dataset(d.path, "train", self.image_size, seed=c.seed, length=d.samples_per_epoch,
+                             random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip, rank=rank,
+                             world_size=world_size, short_side=d.short_side)
+
+    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                  out_dir: Path, step: int) -> None:
+        from ..report import reconstruction_grid
+
+        recs = ctx.get("recs", [[]])[0]
+        if not recs:
+            return
+        x = batch[0]
+        n = min(4, x.shape[0])
+        reconstruction_grid(x[:n].float().cpu(), {"recon": [r[:n].float().cpu() for r in recs]},
+                            out_dir / f"recon_{step:08d}.png", max_images=n)
 
     def phases(self) -> list[Phase]:
         o, g = self.cfg.optim, self.cfg.gan
         gen = ("model",) + (("vf_proj",) if self.vf is not None else ())
-        ph = [Phase("g", gen, self.generator_loss, o.lr, o.end_lr, o.warmup_ratio, o.betas, o.weight_decay)]
+        ph = [_optim_phase(self.cfg, gen, self.generator_loss)]
         if self.gan is not None:  # appendix E: its own AdamW, warm-up 1%, cosine
             ph.append(Phase("d", ("disc",), self.discriminator_loss, g.d_lr, g.d_lr * o.end_lr / o.lr, 0.01,
                             g.d_betas, g.d_weight_decay, active=self.gan.active))
         return ph
 
-    def generator_loss(self, mods: dict[str, nn.Module], x: torch.Tensor, ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+    def generator_loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                       step: int) -> dict[str, torch.Tensor]:
         """Multi-scale reconstruction + KL (+ GAN generator term + VF alignment)."""
+        x = batch[0]
         out = mods["model"](x)
         recs = out["reconstructions"]
         logs = self.loss(x, recs, out["posterior"])
@@ -124,11 +182,162 @@ class TokenizerTask:
             logs.update(vlogs)
         return logs
 
-    def discriminator_loss(self, mods: dict[str, nn.Module], x: torch.Tensor, ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+    def discriminator_loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                           step: int) -> dict[str, torch.Tensor]:
         """Hinge loss of the discriminator on real images vs the generator phase's reconstructions."""
+        x = batch[0]
         i = ctx.setdefault("d_micro", 0)
         ctx["d_micro"] = i + 1
         assert self.gan is not None
         # the wrapped (DDP/FSDP) discriminator, so its gradients are reduced across ranks
         loss, logs = self.gan.discriminator_loss(x, ctx["recs"][i], step, discriminator=mods["disc"])
         return {"loss": loss, **logs}
+
+
+def _sample_decoder(cfg: TrainConfig, meta: dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The tokenizer decoder for sample grids (from the config or the cache's record), or None."""
+    path = cfg.tokenizer or meta.get("tokenizer")
+    if not path:
+        return None
+    try:
+        from ..tokenizers.loading import load_any_tokenizer
+
+        tok = load_any_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("sample grids off: tokenizer %s not loadable (%s)", path, e)
+        return None
+    return tok.decode_latents_or_codes
+
+
+class _CachedTask(Task):
+    """Shared by the generator tasks: data from a latent/code cache made by ``hieratok cache-latents``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from ..data.latent_cache import read_cache_meta
+
+        if not cfg.data.path:
+            raise ValueError(f"task {cfg.task!r} trains on a latent cache: pass --data <cache dir> "
+                             "(make one with `hieratok cache-latents`)")
+        self.cfg = cfg
+        self.meta = read_cache_meta(cfg.data.path)
+        self._decoder: Any = "unset"
+
+    def build_dataset(self, rank: int, world_size: int) -> Any:
+        from ..data.latent_cache import LatentCacheDataset
+
+        return LatentCacheDataset(self.cfg.data.path)
+
+    def _decode(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        if self._decoder == "unset":
+            self._decoder = _sample_decoder(self.cfg, self.meta)
+        return self._decoder
+
+    def _labels(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(n, device=device) % self.num_classes
+
+    def _write_samples(self, samples: torch.Tensor, out_dir: Path, step: int) -> None:
+        decode = self._decode()
+        if decode is None:
+            return
+        from ..report import save_samples_grid
+
+        with torch.no_grad():
+            images = decode(samples.cpu())
+        save_samples_grid(images.float().clamp(-1, 1), out_dir / f"samples_{step:08d}.png", nrow=min(8, images.shape[0]))
+
+
+class DiTTask(_CachedTask):
+    """DiT on tokenizer latents (paper appendix F): diffusion (eps, learned variance) or flow matching."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        from ..generators import DiT, GeneratorObjective, build_dit_config
+
+        if self.meta.get("kind") != "latents":
+            raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, a DiT needs latents")
+        C, H, _ = self.meta["shape"]
+        self.objective = GeneratorObjective(**cfg.objective)
+        over = {"in_channels": C, "input_size": H, "num_classes": self.meta["num_labels"],
+                "latent_mean": self.meta["mean"], "latent_std": self.meta["std"],
+                "learn_sigma": self.objective.kind == "diffusion", **cfg.model}
+        self.modules = {"model": DiT(build_dit_config(cfg.preset, **over))}
+        self.num_classes = self.modules["model"].config.num_classes
+
+    def phases(self) -> list[Phase]:
+        return [_optim_phase(self.cfg, ("model",), self.loss)]
+
+    def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        from ..generators import training_loss
+
+        z, y = batch
+        return training_loss(mods["model"], self.objective, z.float(), y.long())
+
+    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                  out_dir: Path, step: int) -> None:
+        from ..generators import sample_latents
+        from .parallel import unwrap
+
+        if self._decode() is None:
+            return
+        model = unwrap(modules["model"])
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        z = sample_latents(model, self.objective, self._labels(self.cfg.sample_count, dev), self.cfg.sample_cfg_scale, g)
+        model.train(was)
+        self._write_samples(z, out_dir, step)
+
+
+class ARTask(_CachedTask):
+    """LlamaGen GPT on tokenizer codes: ResTok's next-hierarchy (HAR) or plain next-token layout."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        from ..generators.har import ar_layout, har_layout
+        from ..generators.llamagen import GPT, gpt_config
+
+        if self.meta.get("kind") != "codes":
+            raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, an AR generator needs codes")
+        (N,) = self.meta["shape"]
+        opts = {"layout": "har", "num_ar_tokens": 4, **cfg.objective}
+        self.layout = har_layout(N, opts["num_ar_tokens"]) if opts["layout"] == "har" else ar_layout(N)
+        self.sampling = {k: opts[k] for k in ("top_k", "top_p", "temperature", "cfg_schedule") if k in opts}
+        over = {"num_classes": self.meta["num_labels"], **({"vocab_size": self.meta["codebook_size"]}
+                                                         if "codebook_size" in self.meta else {}), **cfg.model}
+        self.modules = {"model": GPT(gpt_config(cfg.preset, **over))}
+        self.num_classes = self.modules["model"].config.num_classes
+
+    def phases(self) -> list[Phase]:
+        return [_optim_phase(self.cfg, ("model",), self.loss)]
+
+    def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        from ..generators.har import sequence_loss
+
+        codes, y = batch
+        return {"loss": sequence_loss(mods["model"], codes.long(), y.long(), self.layout)}
+
+    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                  out_dir: Path, step: int) -> None:
+        from ..generators.har import sample_layout
+        from .parallel import unwrap
+
+        if self._decode() is None:
+            return
+        model = unwrap(modules["model"])
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        codes = sample_layout(model, self._labels(self.cfg.sample_count, dev), self.layout,
+                              cfg_scale=self.cfg.sample_cfg_scale, generator=g, **self.sampling).codes
+        model.train(was)
+        self._write_samples(codes, out_dir, step)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task a config names."""
+    tasks = {"tokenizer": TokenizerTask, "dit": DiTTask, "ar": ARTask}
+    if cfg.task not in tasks:
+        raise ValueError(f"task {cfg.task!r} is not one of {sorted(tasks)}")
+    return tasks[cfg.task](cfg)

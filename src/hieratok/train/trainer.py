@@ -21,13 +21,13 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data import ResumableDistributedSampler, build_dataset, collate_drop_none
+from ..data import ResumableDistributedSampler, collate_drop_none
 from .checkpoint import (flatten_optim, latest_checkpoint, load_checkpoint_files, rng_state, save_checkpoint,
                          set_rng_state, unflatten_optim)
 from .config import TrainConfig, config_dict
 from .ema import EMA
 from .parallel import DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, load_full_state_dict, unwrap, wrap_model
-from .tasks import Phase, TokenizerTask, param_groups
+from .tasks import Phase, build_task, param_groups
 
 __all__ = ["Trainer", "lr_at", "NonFiniteLossError"]
 
@@ -116,8 +116,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        perceptual, pname = self._perceptual()
-        self.task = TokenizerTask(cfg, perceptual, pname)
+        self.task = build_task(cfg)
         dev = self.dist.device
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.raw: dict[str, nn.Module] = {k: m.to(dev) for k, m in self.task.modules.items()}
@@ -142,22 +141,9 @@ class Trainer:
         self._build_data()
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _perceptual(self) -> tuple[Optional[nn.Module], str]:
-        c = self.cfg.loss
-        if c.perceptual <= 0 or c.perceptual_kind == "none":
-            return None, "none"
-        from ..losses.perceptual import build_perceptual
-
-        module, name = build_perceptual(c.perceptual_kind)
-        if self.dist.is_main:
-            log.info("perceptual loss: %s", name)
-        return module, name
-
     def _build_data(self) -> None:
-        c, d = self.cfg, self.cfg.data
-        self.dataset = build_dataset(d.path, "train", self.task.image_size, seed=c.seed, length=d.samples_per_epoch,
-                                     random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip,
-                                     rank=self.dist.rank, world_size=self.dist.world_size, short_side=d.short_side)
+        c = self.cfg
+        self.dataset = self.task.build_dataset(self.dist.rank, self.dist.world_size)
         self.micro_batch = c.batch_size
         per_step = c.batch_size * c.optim.grad_accum
         if isinstance(self.dataset, IterableDataset):
@@ -183,8 +169,8 @@ class Trainer:
                         generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
         return iter(dl)
 
-    def next_batch(self) -> torch.Tensor:
-        """The next (local) batch of images; starts a new epoch when the data runs out."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next (local) batch, a tuple of tensors on the device; a new epoch starts when the data runs out."""
         for _ in range(1000):
             if self._iter is None:
                 self._iter = self._loader()
@@ -198,8 +184,8 @@ class Trainer:
                 continue
             if self.sampler is not None:
                 self.sampler.advance(self.cfg.batch_size * self.cfg.optim.grad_accum)  # local count
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            return x.to(self.dist.device, non_blocking=True)
+            batch = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+            return tuple(t.to(self.dist.device, non_blocking=True) for t in batch)
         raise RuntimeError("the data source yields no readable images")
 
     # ---- the update ---------------------------------------------------------------------------
@@ -220,12 +206,12 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser update of every phase on batch ``x``; returns detached logs."""
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One optimiser update of every phase on ``batch``; returns detached logs and the step's context."""
         c = self.cfg
         logs: dict[str, torch.Tensor] = {}
         ctx: dict[str, Any] = {}
-        micro = x.split(c.batch_size)
+        micro = list(zip(*(t.split(c.batch_size) for t in batch)))
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         for ph in self.phases:
             if not ph.active(self.step):
@@ -247,7 +233,7 @@ class Trainer:
             if not self._all_finite(finite):
                 opt.zero_grad(set_to_none=True)
                 logs["skipped"] = torch.ones(())
-                return logs
+                return logs, ctx
             if c.optim.grad_clip > 0:
                 params = [p for m in modules for p in m.parameters() if p.grad is not None]
                 gn = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)
@@ -257,8 +243,7 @@ class Trainer:
             logs[f"lr_{ph.name}" if ph.name != "g" else "lr"] = torch.tensor(opt.param_groups[0]["lr"])
         if self.ema is not None:
             self.ema.update(unwrap(self.wrapped["model"]))
-        logs["_recs"] = ctx.get("recs", [[]])[0]  # type: ignore[assignment]
-        return logs
+        return logs, ctx
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> Optional[Path]:
@@ -353,16 +338,12 @@ class Trainer:
         log.info("resumed from %s (step %d, epoch %d)", ckpt, self.step, self.epoch)
 
     # ---- images -------------------------------------------------------------------------------
-    def _save_images(self, x: torch.Tensor, recs: list[torch.Tensor]) -> None:
-        if not self.dist.is_main or not recs:
+    def _save_images(self, batch: tuple[torch.Tensor, ...], ctx: dict[str, Any]) -> None:
+        if not self.dist.is_main:
             return
-        from ..report import reconstruction_grid
-
         out = self.run_dir / "images"
         out.mkdir(exist_ok=True)
-        n = min(4, x.shape[0])
-        reconstruction_grid(x[:n].float().cpu(), {"recon": [r[:n].float().cpu() for r in recs]},
-                            out / f"recon_{self.step:08d}.png", max_images=n)
+        self.task.visualize(self.wrapped, batch, ctx, out, self.step)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume: Optional[str] = None, max_steps: Optional[int] = None) -> list[dict[str, float]]:
@@ -394,9 +375,8 @@ class Trainer:
             m.train()
         try:
             while self.step < end:
-                x = self.next_batch()
-                logs = self.train_step(x)
-                recs = logs.pop("_recs", None)
+                batch = self.next_batch()
+                logs, ctx = self.train_step(batch)
                 if "skipped" in logs:
                     self.nonfinite_total += 1
                     self.nonfinite_run += 1
@@ -410,7 +390,7 @@ class Trainer:
                     continue
                 self.nonfinite_run = 0
                 self.step += 1
-                imgs += x.shape[0] * self.dist.world_size
+                imgs += batch[0].shape[0] * self.dist.world_size
                 for k, v in logs.items():
                     acc.setdefault(k, []).append(v)
                 if self.step % c.log_every == 0 or self.step == end:
@@ -426,11 +406,11 @@ class Trainer:
                     self.history.append({"step": float(self.step), **row})
                     logger.write(self.step, row)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['img_per_s']:.1f}")
                 if bar is not None:
                     bar.update(1)
                 if c.image_every > 0 and (self.step % c.image_every == 0 or self.step == c.steps):
-                    self._save_images(x, recs)
+                    self._save_images(batch, ctx)
                 if c.ckpt_every > 0 and self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.save()
         finally:

@@ -1,0 +1,182 @@
+"""Latent / code caches: a dataset encoded once by a tokenizer, for generator training.
+
+    <cache>/cache.json                 what was encoded, by which tokenizer, shapes, statistics
+    <cache>/shard-00000.safetensors    "latents" (n, C, H, W) float32 or "codes" (n, N) int64, and "labels" (n,)
+
+Shard ``k`` holds dataset items ``[k * shard_size, (k + 1) * shard_size)`` (and, with flips, their
+mirrored copies right after them), so the cache is deterministic. Under torchrun rank ``r``
+writes the shards ``k % world == r``; every shard is written under a temporary name and renamed,
+and shards already present are skipped, so an interrupted run resumes where it stopped.
+Per-channel mean and std of the latents are stored in ``cache.json``: the generator normalises
+with them and its checkpoint keeps them (no bare scale constants).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .datasets import collate_drop_none
+
+__all__ = ["write_cache", "finalize_cache", "read_cache_meta", "LatentCacheDataset", "CACHE_META"]
+
+log = logging.getLogger(__name__)
+CACHE_META = "cache.json"
+
+
+def _shard_path(out: Path, k: int) -> Path:
+    return out / f"shard-{k:05d}.safetensors"
+
+
+@torch.no_grad()
+def write_cache(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    kind: str = "latents",
+    flip: bool = False,
+    shard_size: int = 4096,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> list[Path]:
+    """Encode ``dataset`` ((image, label) items) into shards; returns the shards this rank wrote.
+
+    Args:
+        encode: images (B, 3, H, W) in [-1, 1] -> latents (B, C, H', W') or codes (B, N).
+        kind: "latents" or "codes" (the tensor name in the shards).
+        flip: also store the horizontally flipped copy of every image (same label).
+    """
+    if kind not in ("latents", "codes"):
+        raise ValueError(f"kind must be 'latents' or 'codes', got {kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    num_shards = math.ceil(n / shard_size)
+    mine = [k for k in range(num_shards) if k % world_size == rank and not _shard_path(out, k).is_file()]
+    if len(mine) < len([k for k in range(num_shards) if k % world_size == rank]):
+        log.info("resuming the cache in %s: %d shards of this rank left", out, len(mine))
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(min(shard_size, n - k * shard_size) for k in mine), desc=f"cache {kind}", unit="img",
+                   dynamic_ncols=True)
+    written = []
+    for k in mine:
+        idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
+        loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=collate_drop_none)
+        vals, labels = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            x, y = batch[0].to(device), batch[1]
+            v = encode(x)
+            if flip:
+                vf = encode(x.flip(-1))
+                v = torch.stack([v, vf], 1).flatten(0, 1)  # each item followed by its mirror
+                y = y.repeat_interleave(2)
+            vals.append(v.cpu())
+            labels.append(y.long())
+            if bar is not None:
+                bar.update(x.shape[0])
+        if not vals:
+            raise ValueError(f"shard {k}: no readable images among dataset items {idx[0]}..{idx[-1]}")
+        tensors = {kind: torch.cat(vals).contiguous(), "labels": torch.cat(labels).contiguous()}
+        tmp = out / f".tmp-{_shard_path(out, k).name}-{os.getpid()}"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, _shard_path(out, k))
+        written.append(_shard_path(out, k))
+    if bar is not None:
+        bar.close()
+    return written
+
+
+def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Collect the shards into ``cache.json`` with counts, shapes, label range and (for latents)
+    per-channel mean and std (computed in float64 over every cached latent)."""
+    out = Path(out_dir)
+    shards = sorted(p.name for p in out.glob("shard-*.safetensors"))
+    if not shards:
+        raise ValueError(f"{out}: no shards to finalise")
+    total, max_label, shape = 0, -1, None
+    s1 = s2 = None
+    for name in shards:
+        with safe_open(str(out / name), "pt") as f:
+            key = "latents" if "latents" in f.keys() else "codes"
+            v, y = f.get_tensor(key), f.get_tensor("labels")
+        total += v.shape[0]
+        max_label = max(max_label, int(y.max()))
+        shape = list(v.shape[1:])
+        if key == "latents":
+            vd = v.double().transpose(0, 1).flatten(1)  # (C, n*H*W)
+            s1 = vd.sum(1) if s1 is None else s1 + vd.sum(1)
+            s2 = vd.square().sum(1) if s2 is None else s2 + vd.square().sum(1)
+    meta = {**meta, "kind": key, "num": total, "shape": shape, "shards": shards, "num_labels": max_label + 1}
+    if s1 is not None:
+        count = total * math.prod(shape[1:])
+        mean = s1 / count
+        meta["mean"] = mean.tolist()
+        meta["std"] = (s2 / count - mean.square()).clamp_min(1e-12).sqrt().tolist()
+    tmp = out / (CACHE_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / CACHE_META)
+    return meta
+
+
+def read_cache_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not (p / CACHE_META).is_file():
+        raise FileNotFoundError(f"{p}: not a latent cache (no {CACHE_META}; create one with `hieratok cache-latents`)")
+    return json.loads((p / CACHE_META).read_text())
+
+
+class LatentCacheDataset(Dataset):
+    """Random access over a cache's shards (memory-mapped), items ``(latents or codes, label)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path)
+        self.meta = read_cache_meta(self.root)
+        self.key = self.meta["kind"]
+        self._files = [str(self.root / s) for s in self.meta["shards"]]
+        sizes = []
+        for f in self._files:
+            with safe_open(f, "pt") as h:
+                sizes.append(h.get_slice("labels").get_shape()[0])
+        self._starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        import bisect
+
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} cached items")
+        k, j = self._locate(i)
+        if k not in self._handles:  # opened lazily, per worker process
+            self._handles[k] = safe_open(self._files[k], "pt")
+        h = self._handles[k]
+        return h.get_slice(self.key)[j:j + 1][0], int(h.get_slice("labels")[j:j + 1][0])
+
+    def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
+        return {**self.__dict__, "_handles": {}}

@@ -1,0 +1,222 @@
+"""Generation workflow: cache latents/codes, sample a trained generator, evaluate samples.
+
+    hieratok cache-latents --checkpoint TOK --data PATH --out CACHE [--flip]
+    hieratok train --task dit --data CACHE --preset dit-xl          (or --task ar --preset gpt-l)
+    hieratok sample --generator RUN --num 50000 --cfg 1.0 --seed 0 --out SAMPLES [--all-scales]
+    hieratok eval gen SAMPLES --ref VIRTUAL_imagenet256_labeled.npz
+
+Sampling is deterministic per seed: sample ``i`` belongs to batch ``i // batch_size``, whose noise
+comes from a generator seeded by (seed, batch); under torchrun rank ``r`` takes the batches
+``b % world == r``, so ranks draw disjoint seeds and the result does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["cache_latents", "load_generator", "sample_to_folder", "write_npz", "evaluate_generation"]
+
+log = logging.getLogger(__name__)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool = False, num: Optional[int] = None,
+                  batch_size: int = 64, shard_size: int = 4096, device: str = "cpu", num_workers: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Encode a dataset with a tokenizer into a cache (latents for HieraTok, codes for ResTok).
+
+    Images: ImageNet-style folders / shards with the ADM centre crop (labels from class folders);
+    without ``data``, ``num`` (default 512) deterministic crops of the embedded training photos,
+    labelled by photo.
+    """
+    from torch.utils.data import Subset
+
+    from .data import EmbeddedPhotos, build_dataset
+    from .data.latent_cache import finalize_cache, write_cache
+    from .tokenizers.loading import load_any_tokenizer
+    from .train.parallel import barrier
+
+    tok = load_any_tokenizer(tokenizer, device=device)
+    size = tok.model.config.image_size
+    if data is None:
+        ds = EmbeddedPhotos("train", size, length=num or 512, seed=0, hflip=False, short_side=2 * size)
+    else:
+        ds = build_dataset(data, "eval", size)
+        if num is not None and hasattr(ds, "__len__"):
+            ds = Subset(ds, list(range(min(num, len(ds)))))
+    if not hasattr(ds, "__len__"):
+        raise ValueError(f"{data}: caching needs an indexable dataset (an image folder); shards are not supported yet")
+    kind = "latents" if tok.kind == "hieratok" else "codes"
+    rank, world = _world()
+    write_cache(tok.encode_for_cache, ds, out, kind=kind, flip=flip, shard_size=shard_size, batch_size=batch_size,
+                num_workers=num_workers, device=device, rank=rank, world_size=world, progress=progress)
+    barrier()
+    meta: dict[str, Any] = {}
+    if rank == 0:
+        meta = {"tokenizer": str(Path(tok.info["model_dir"]).resolve()), "tokenizer_type": tok.kind,
+                "tokenizer_weights": tok.info["weights"], "image_size": size, "flip": flip,
+                "data": data or "embedded photos (train)"}
+        if tok.kind == "restok":
+            meta["codebook_size"] = tok.model.config.codebook_size
+        meta = finalize_cache(out, meta)
+        log.info("cached %d %s of shape %s in %s", meta["num"], kind, meta["shape"], out)
+    barrier()
+    return meta
+
+
+def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A trained DiT or GPT (EMA weights when present) and its training config (objective, tokenizer)."""
+    from safetensors.torch import load_file
+
+    from .evaluate.checkpoints import resolve_model_dir
+    from .generators import DiT, GPT
+    from .hub import check_state_dict
+
+    d = resolve_model_dir(path)
+    kind = json.loads((d / "config.json").read_text()).get("model_type")
+    classes = {"dit": DiT, "llamagen-gpt": GPT}
+    if kind not in classes:
+        raise ValueError(f"{d}: model_type {kind!r} is not a generator (dit or llamagen-gpt)")
+    model = classes[kind].from_pretrained(d)
+    if ema and (d / "ema.safetensors").is_file():
+        sd = {**model.state_dict(), **load_file(str(d / "ema.safetensors"))}
+        check_state_dict(model, sd, str(d / "ema.safetensors"))
+        model.load_state_dict(sd)
+    train_cfg: dict[str, Any] = {}
+    if (d / "trainer_state.json").is_file():
+        train_cfg = json.loads((d / "trainer_state.json").read_text()).get("train_config", {})
+    return model.to(device).eval(), {"model_dir": str(d), "kind": kind, "train_config": train_cfg}
+
+
+@torch.no_grad()
+def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] = None, num: int = 50_000,
+                     cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 32, steps: Optional[int] = None,
+                     all_scales: bool = False, device: str = "cpu", progress: bool = True,
+                     top_p: Optional[float] = None, top_k: Optional[int] = None, temperature: Optional[float] = None,
+                     cfg_schedule: Optional[str] = None) -> Path:
+    """Generate ``num`` images as PNGs (and pyramids) plus an ADM-format ``samples.npz``; returns the npz path."""
+    from .data import tensor_to_pil
+    from .data.latent_cache import read_cache_meta
+    from .tokenizers.loading import load_any_tokenizer
+    from .train.parallel import barrier
+
+    model, info = load_generator(generator_path, device=device)
+    tc = info["train_config"]
+    tok_path = tokenizer or tc.get("tokenizer")
+    if tok_path is None and tc.get("data", {}).get("path") and Path(tc["data"]["path"]).is_dir():
+        tok_path = read_cache_meta(tc["data"]["path"]).get("tokenizer")
+    if tok_path is None:
+        raise ValueError("no tokenizer to decode the samples: pass --tokenizer")
+    tok = load_any_tokenizer(tok_path, device=device)
+    if all_scales and tok.kind != "hieratok":
+        raise ValueError("--all-scales needs a multi-scale HieraTok tokenizer")
+    out_dir = Path(out)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if all_scales:
+        (out_dir / "pyramids").mkdir(exist_ok=True)
+    rank, world = _world()
+    num_classes = model.config.num_classes
+    batches = [b for b in range((num + batch_size - 1) // batch_size) if b % world == rank]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches) * batch_size, desc="sample", unit="img", dynamic_ncols=True)
+    for b in batches:
+        idx = list(range(b * batch_size, min(num, (b + 1) * batch_size)))
+        if all((out_dir / "images" / f"{i:06d}.png").is_file() for i in idx):  # resume
+            continue
+        labels = torch.tensor([i % num_classes for i in idx], device=device)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        if info["kind"] == "dit":
+            from .generators import GeneratorObjective, sample_latents
+
+            obj = GeneratorObjective(**tc.get("objective", {}))
+            z = sample_latents(model, obj, labels, cfg_scale, g, num_steps=steps)
+        else:
+            from .generators.har import ar_layout, har_layout, sample_layout
+
+            opts = {"layout": "har", "num_ar_tokens": 4, "num_tokens": 128, **tc.get("objective", {})}
+            N = opts["num_tokens"]
+            if tc.get("data", {}).get("path") and Path(tc["data"]["path"]).is_dir():
+                N = read_cache_meta(tc["data"]["path"])["shape"][0]
+            layout = har_layout(N, opts["num_ar_tokens"]) if opts["layout"] == "har" else ar_layout(N)
+            kw = {k: v for k, v in dict(top_p=top_p if top_p is not None else opts.get("top_p"),
+                                        top_k=top_k if top_k is not None else opts.get("top_k"),
+                                        temperature=temperature if temperature is not None else opts.get("temperature"),
+                                        cfg_schedule=cfg_schedule or opts.get("cfg_schedule")).items() if v is not None}
+            z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **kw).codes
+        if all_scales:
+            pyr = tok.decode_latents_or_codes(z, all_scales=True)
+            imgs = pyr[-1]
+            from .report import pyramid_strip
+
+            for j, i in enumerate(idx):
+                pyramid_strip([p[j:j + 1].float().cpu() for p in pyr], out_dir / "pyramids" / f"{i:06d}.png")
+        else:
+            imgs = tok.decode_latents_or_codes(z)
+        for j, i in enumerate(idx):
+            tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu()).save(out_dir / "images" / f"{i:06d}.png")
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    barrier()
+    npz = out_dir / "samples.npz"
+    if rank == 0:
+        write_npz(out_dir / "images", npz, num, labels=[i % num_classes for i in range(num)])
+        (out_dir / "sampling.json").write_text(json.dumps(
+            {"generator": info["model_dir"], "tokenizer": str(tok_path), "num": num, "cfg_scale": cfg_scale,
+             "seed": seed, "batch_size": batch_size, "steps": steps, "objective": tc.get("objective", {})}, indent=2))
+    barrier()
+    return npz
+
+
+def write_npz(folder: Path, path: Path, num: int, labels: Optional[list[int]] = None) -> Path:
+    """ADM-format sample batch: ``arr_0`` uint8 (N, H, W, 3) (+ ``arr_1`` labels), written atomically."""
+    from PIL import Image
+
+    arr = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(num)])
+    tmp = path.with_suffix(".tmp.npz")
+    extra = {"arr_1": np.asarray(labels, dtype=np.int64)} if labels is not None else {}
+    np.savez(tmp, arr_0=arr, **extra)
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_generation(samples: str, ref: str, *, out: Optional[str] = None, inception_weights: Optional[str] = None,
+                        device: str = "cpu", batch_size: int = 50) -> dict[str, Any]:
+    """gFID of samples (folder or npz) against a reference (stats npz, images npz or folder), and IS
+    when the Inception classifier head is available (otherwise the reason is reported)."""
+    from .metrics import InceptionFeatures, InceptionScoreUnavailable, fid_from_sources, inception_score
+    from .metrics.fid import iter_image_folder, iter_npz_images
+
+    extractor = InceptionFeatures(inception_weights).to(torch.device(device))
+    res = fid_from_sources(samples, ref, extractor=extractor, batch_size=batch_size)
+    out_d: dict[str, Any] = {"gfid": res.fid, "num_samples": res.stats_a.num_samples, "ref": str(ref),
+                             "inception_source": extractor.source}
+    p = Path(samples)
+    batches = iter_image_folder(p, batch_size) if p.is_dir() else iter_npz_images(p, batch_size)
+    try:
+        isr = inception_score(batches, extractor)
+        out_d.update({"is": isr.mean, "is_std": isr.std})
+    except InceptionScoreUnavailable as e:
+        out_d["is_unavailable"] = str(e)
+    dest = Path(out) if out else (p if p.is_dir() else p.parent)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "gen_metrics.json").write_text(json.dumps(out_d, indent=2) + "\n")
+    return out_d

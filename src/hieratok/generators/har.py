@@ -1,0 +1,347 @@
+"""Sequence layouts, training batches and KV-cached sampling for next-token and next-hierarchy AR.
+
+ResTok's hierarchical autoregressive generator (HAR, arXiv 2601.03955 sec. 3.4) and a plain
+next-token GPT are one model with two layouts of the same N level-ordered codes.
+
+A layout cuts the N positions of the GPT sequence into *groups*; one forward pass predicts one
+group. Position 0 holds the class token, and position p predicts code p. The inputs of a group
+are the codes predicted by the group before it, followed by learned placeholders until the group
+has as many inputs as codes to predict. A block-causal mask over the groups lets every position
+see its own group and all earlier ones.
+
+For N = 128 and 4 next-token codes (ResTok), the groups have sizes 1, 1, 1, 1, 4, 8, 16, 32, 64:
+
+    position  0    1   2   3   4   5 6 7   8..11   12..15   16..23   24..31  ...
+    input     cls  c0  c1  c2  c3  s0..s2  c4..c7  s3..s6   c8..c15  s7..s14 ...
+    predicts  c0   c1  c2  c3  c4  c5..c7  c8..c11 c12..c15 c16..c23 c24..c31 ...
+
+so sampling takes 9 forward passes (a prefill and 3 next-token steps for c0..c3, then levels of
+4, 8, 16, 32 and 64 codes), and 63 placeholders are used (the released model has a table of 127).
+The plain next-token layout is the special case with groups of size 1 and no placeholders; on
+the first 4 positions the two layouts are identical.
+
+Sampling runs the conditional and the unconditional (null class) halves of classifier-free
+guidance in one batch and keeps one :class:`~hieratok.generators.llamagen.KVCache`.
+
+Legend: B batch, N codes, L positions of one group, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.masks import block_causal_mask, block_causal_mask_mod
+from .llamagen import GPT
+
+__all__ = [
+    "SequenceLayout", "grouped_layout", "har_layout", "ar_layout", "har_level_sizes", "training_batch",
+    "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "CFG_SCHEDULES", "SampleResult",
+    "sample_layout", "har_sample", "ar_sample",
+]
+
+CFG_SCHEDULES = ("constant", "step")
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How N codes become a GPT input sequence and in which groups they are predicted.
+
+    Attributes:
+        group_sizes: positions per forward pass; the first group is the class token alone,
+            ``sum(group_sizes) == num_tokens``, sizes never shrink.
+        code_index: for input positions 1..N-1, the code index fed there, or -1 for a placeholder.
+        placeholder_index: for input positions 1..N-1, the placeholder id, or -1 for a code.
+    """
+
+    group_sizes: tuple[int, ...]
+    code_index: tuple[int, ...] = field(repr=False)
+    placeholder_index: tuple[int, ...] = field(repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the codes per sample (= GPT positions, class token included)."""
+        return sum(self.group_sizes)
+
+    @property
+    def num_steps(self) -> int:
+        """Forward passes needed to sample one sequence (ResTok HAR, N = 128: 9)."""
+        return len(self.group_sizes)
+
+    @property
+    def num_placeholders(self) -> int:
+        """Placeholder embeddings the layout uses."""
+        return sum(i >= 0 for i in self.placeholder_index)
+
+    def group_bounds(self) -> list[tuple[int, int]]:
+        """``(start, end)`` positions of every group."""
+        out, s = [], 0
+        for n in self.group_sizes:
+            out.append((s, s + n))
+            s += n
+        return out
+
+    def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Block-causal bool (N, N) mask over the groups."""
+        return block_causal_mask(self.group_sizes, device)
+
+    def mask_mod(self, device: torch.device | str | None = None):
+        """FlexAttention ``mask_mod`` form of :meth:`mask`."""
+        return block_causal_mask_mod(self.group_sizes, device)
+
+    def input_ids(self, codes_BN: torch.Tensor, vocab_size: int, start: int = 1,
+                  end: Optional[int] = None) -> torch.Tensor:
+        """Input token ids of positions ``[start, end)`` (>= 1): codes, or ``vocab_size + j`` for placeholder j.
+
+        Only the codes those positions read must be filled in ``codes_BN``.
+        """
+        end = self.num_tokens if end is None else end
+        if not 1 <= start <= end <= self.num_tokens:
+            raise ValueError(f"positions [{start}, {end}) are not inside [1, {self.num_tokens})")
+        dev = codes_BN.device
+        ci = torch.tensor(self.code_index[start - 1:end - 1], dtype=torch.long, device=dev)
+        pi = torch.tensor(self.placeholder_index[start - 1:end - 1], dtype=torch.long, device=dev)
+        gathered = codes_BN[:, ci.clamp(min=0)]
+        return torch.where(ci >= 0, gathered, vocab_size + pi)  # (B, end - start)
+
+
+def grouped_layout(group_sizes: Sequence[int]) -> SequenceLayout:
+    """Layout for arbitrary non-decreasing group sizes (group 0 holds the class token)."""
+    sizes = tuple(int(n) for n in group_sizes)
+    if not sizes or sizes[0] != 1 or any(b < a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"group sizes must start with 1 (the class token) and never shrink, got {list(group_sizes)}")
+    code_index: list[int] = []
+    placeholder_index: list[int] = []
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    next_ph = 0
+    for g in range(1, len(sizes)):
+        prev = list(range(starts[g - 1], starts[g]))  # codes predicted by the previous group
+        extra = sizes[g] - len(prev)
+        code_index += prev + [-1] * extra
+        placeholder_index += [-1] * len(prev) + list(range(next_ph, next_ph + extra))
+        next_ph += extra
+    return SequenceLayout(sizes, tuple(code_index), tuple(placeholder_index))
+
+
+def har_level_sizes(num_tokens: int, num_ar_tokens: int) -> list[int]:
+    """Level sizes after the next-token prefix: ``a, 2a, 4a, ...`` up to N/2 (N = 128, a = 4: 4..64)."""
+    if num_ar_tokens < 1 or num_tokens < num_ar_tokens:
+        raise ValueError(f"need 1 <= num_ar_tokens <= num_tokens, got {num_ar_tokens}, {num_tokens}")
+    sizes, total = [], num_ar_tokens
+    while total < num_tokens:
+        sizes.append(total)
+        total *= 2
+    if total != num_tokens:
+        raise ValueError(f"num_tokens {num_tokens} is not num_ar_tokens {num_ar_tokens} times a power of 2")
+    return sizes
+
+
+def har_layout(num_tokens: int = 128, num_ar_tokens: int = 4) -> SequenceLayout:
+    """ResTok's next-hierarchy layout: ``num_ar_tokens`` next-token steps, then levels that double."""
+    return grouped_layout([1] * num_ar_tokens + har_level_sizes(num_tokens, num_ar_tokens))
+
+
+def ar_layout(num_tokens: int = 128) -> SequenceLayout:
+    """Plain next-token layout (causal mask, no placeholders)."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    return grouped_layout([1] * num_tokens)
+
+
+def _check(model: GPT, layout: SequenceLayout) -> None:
+    if layout.num_placeholders > model.config.num_placeholders:
+        raise ValueError(f"layout needs {layout.num_placeholders} placeholders, the model has "
+                         f"{model.config.num_placeholders}")
+
+
+def training_batch(codes_BN: torch.Tensor, layout: SequenceLayout,
+                   vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forcing inputs (B, N-1) (the class token is added by the model) and targets (B, N)."""
+    if codes_BN.ndim != 2 or codes_BN.shape[1] != layout.num_tokens:
+        raise ValueError(f"codes must be (B, {layout.num_tokens}), got {tuple(codes_BN.shape)}")
+    if layout.num_tokens == 1:
+        return codes_BN[:, :0], codes_BN
+    return layout.input_ids(codes_BN, vocab_size), codes_BN
+
+
+def sequence_loss(model: GPT, codes_BN: torch.Tensor, labels_B: torch.Tensor, layout: SequenceLayout,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Mean cross-entropy of all N codes under ``layout`` (class dropout applies in training mode)."""
+    _check(model, layout)
+    inputs, targets = training_batch(codes_BN, layout, model.config.vocab_size)
+    logits_BNV = model(inputs, labels_B, mask=layout.mask(codes_BN.device), generator=generator)
+    return F.cross_entropy(logits_BNV.flatten(0, 1), targets.flatten())
+
+
+# --- sampling utilities ------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the nucleus to -inf (last axis).
+
+    top-k keeps the k largest (ties with the k-th are kept); top-p keeps the smallest set of the
+    most probable entries whose probabilities sum to at least ``top_p`` (always at least one).
+    ``top_k=0`` and ``top_p=1`` switch the filters off.
+    """
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    out = logits
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = out.sort(dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked entries
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one id per row of ``logits`` (..., V) after temperature, top-k and top-p.
+
+    ``temperature=0`` is greedy (argmax).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str = "constant",
+                 cfg_start: float = 0.25) -> float:
+    """Guidance scale of forward pass ``step`` (0 = prefill) of ``num_steps``.
+
+    ``"step"`` (ResTok's evaluation) uses no guidance (scale 1) while ``step / (num_steps - 1)``
+    is below ``cfg_start`` and ``cfg_scale`` from there on; ``"constant"`` always ``cfg_scale``.
+    """
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule {schedule!r} is not one of {CFG_SCHEDULES}")
+    if schedule == "constant" or num_steps <= 1:
+        return cfg_scale
+    return cfg_scale if step / (num_steps - 1) >= cfg_start else 1.0
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`sample_layout`.
+
+    Attributes:
+        codes: sampled codes (B, N).
+        step_logits: raw model logits of every forward pass, (B or 2B, L_g, V) each, the
+            conditional half first when guidance runs (only if requested).
+        cfg_scales: guidance scale used at each pass.
+    """
+
+    codes: torch.Tensor
+    step_logits: list[torch.Tensor]
+    cfg_scales: list[float]
+
+
+@torch.no_grad()
+def sample_layout(
+    model: GPT,
+    labels_B: torch.Tensor,
+    layout: SequenceLayout,
+    *,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    cfg_start: float = 0.25,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    keep_logits: bool = False,
+) -> SampleResult:
+    """Sample codes group by group with a KV cache: one forward pass per group of ``layout``.
+
+    Guided logits are ``uncond + s * (cond - uncond)``; when ``cfg_scale != 1`` the null-class
+    half runs in the same batch for every pass (also where the schedule uses s = 1), so its
+    cache stays complete.
+    """
+    if model.training:
+        raise ValueError("sampling needs model.eval() (dropout and class dropout are on in training mode)")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule {cfg_schedule!r} is not one of {CFG_SCHEDULES}")
+    _check(model, layout)
+    B, N, V = labels_B.shape[0], layout.num_tokens, model.config.vocab_size
+    device = model.tok_embed.weight.device
+    labels_B = labels_B.to(device)
+    guided = cfg_scale != 1.0
+    labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    cache = model.new_cache(labels_in.shape[0], N)
+    mask_NN = layout.mask(device)
+    codes_BN = torch.zeros(B, N, dtype=torch.long, device=device)
+    step_logits, scales = [], []
+    for g, (s, e) in enumerate(layout.group_bounds()):
+        if g == 0:  # prefill: the class token alone
+            logits = model(None, labels_in, mask=mask_NN[s:e, :e], cache=cache)
+        else:
+            tokens = layout.input_ids(codes_BN, V, s, e)
+            logits = model(tokens.repeat(2, 1) if guided else tokens, mask=mask_NN[s:e, :e], cache=cache)
+        scale = cfg_scale_at(g, layout.num_steps, cfg_scale, cfg_schedule, cfg_start)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            use = uncond + scale * (cond - uncond)
+        else:
+            use = logits
+        codes_BN[:, s:e] = sample_logits(use, temperature, top_k, top_p, generator)
+        scales.append(scale)
+        if keep_logits:
+            step_logits.append(logits)
+    return SampleResult(codes_BN, step_logits, scales)
+
+
+def har_sample(
+    model: GPT,
+    labels: torch.Tensor,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    *,
+    num_tokens: int = 128,
+    num_ar_tokens: int = 4,
+    cfg_start: float = 0.25,
+) -> torch.Tensor:
+    """Next-hierarchy sampling (ResTok HAR); returns codes (B, N) in level order.
+
+    N = 128 with 4 next-token codes takes 9 forward passes (``har_layout(128, 4).num_steps``).
+    The published setting is ``cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_p=0.95``.
+    """
+    layout = har_layout(num_tokens, num_ar_tokens)
+    return sample_layout(model, labels, layout, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_start=cfg_start,
+                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator).codes
+
+
+def ar_sample(
+    model: GPT,
+    labels: torch.Tensor,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    *,
+    num_tokens: int = 128,
+    cfg_start: float = 0.25,
+) -> torch.Tensor:
+    """Plain next-token sampling, one forward pass per code; returns codes (B, N)."""
+    return sample_layout(model, labels, ar_layout(num_tokens), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                         cfg_start=cfg_start, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator).codes

@@ -1,0 +1,143 @@
+"""The ResTok training objective (released ``restok_l_128`` configuration).
+
+``total = w_rec * L2 + w_perc * LPIPS + w_vq * L_vq + w_align * (L_enc + L_dec) + GAN``
+
+* L2: mean squared error of images in [0, 1] (the release's scale; with our [-1, 1] images
+  that is ``mse(x, x_hat) / 4``), weight 1.0.
+* LPIPS: weight 1.0 (any perceptual module taking [-1, 1] images, e.g. :class:`LPIPS`).
+* L_vq: the quantizer's ``codebook + 0.25 * commitment`` loss, weight 1.0.
+* Alignment with a frozen foundation model (DINOv3-L in the release), weight 1.0, cosine margin
+  m = 0.25: ``L_enc = mean_b relu(1 - m - cos(mean_n P_e(t_bn), cls_b))`` between the projected
+  coarsest encoder image tokens (averaged over tokens) and the foundation CLS token, and
+  ``L_dec = mean_{b,ij} relu(1 - m - cos(P_d(f_bij), F_bij))`` between the projected decoder
+  alignment features and the foundation patch features at every grid position.
+* GAN (:func:`restok_gan_config`): hinge loss, generator weight 0.5 from step 20k, LeCam 1e-3
+  with EMA decay 0.999, discriminator AdamW lr 1e-4, betas (0.9, 0.95), weight decay 1e-4. The
+  release uses a DINO-feature discriminator with DiffAugment; :class:`GANLoss` provides the
+  PatchGAN discriminator in its place.
+
+Legend: B batch, A foundation feature width, G token grid side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gan import GANConfig, GANLoss
+
+__all__ = ["ResTokLossConfig", "ResTokLoss", "restok_gan_config", "cosine_margin_loss"]
+
+
+def restok_gan_config(**overrides: Any) -> GANConfig:
+    """The release's adversarial settings as a :class:`GANConfig` (see the module docstring)."""
+    base: dict[str, Any] = dict(weight=0.5, start_step=20_000, loss="hinge", lecam_weight=1e-3, lecam_decay=0.999,
+                                d_lr=1e-4, d_betas=(0.9, 0.95), d_weight_decay=1e-4)
+    return GANConfig(**{**base, **overrides})
+
+
+def cosine_margin_loss(a: torch.Tensor, b: torch.Tensor, margin: float, dim: int = 1) -> torch.Tensor:
+    """``mean(relu(1 - margin - cos(a, b)))`` with the cosine taken along ``dim``."""
+    if a.shape != b.shape:
+        raise ValueError(f"alignment inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return F.relu(1.0 - margin - F.cosine_similarity(a.float(), b.float(), dim=dim)).mean()
+
+
+@dataclass
+class ResTokLossConfig:
+    """Weights of the ResTok objective (defaults: the release)."""
+
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    quantizer_weight: float = 1.0
+    alignment_weight: float = 1.0
+    alignment_margin: float = 0.25
+
+    def __post_init__(self) -> None:
+        for k, v in vars(self).items():
+            if v < 0:
+                raise ValueError(f"{k} must be >= 0, got {v}")
+
+
+class ResTokLoss(nn.Module):
+    """Generator-side ResTok loss; the discriminator step goes through :meth:`discriminator_loss`.
+
+    Args:
+        config: weights (the release's by default).
+        perceptual: module ``(x, y) -> (B,)`` distances on [-1, 1] images, or None (term off).
+        gan: a :class:`GANLoss` (e.g. ``GANLoss(restok_gan_config())``), or None (term off).
+    """
+
+    def __init__(self, config: Optional[ResTokLossConfig] = None, perceptual: Optional[nn.Module] = None,
+                 gan: Optional[GANLoss] = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else ResTokLossConfig()
+        self.perceptual = perceptual
+        self.gan = gan
+
+    def forward(
+        self,
+        x_BCHW: torch.Tensor,
+        out: dict[str, Any],
+        step: int,
+        *,
+        foundation_cls: Optional[torch.Tensor] = None,
+        foundation_features: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Loss of one batch.
+
+        Args:
+            x_BCHW: input images in [-1, 1].
+            out: the dict of :meth:`ResTok.forward`.
+            step: global step (for the GAN start).
+            foundation_cls: (B, A) foundation CLS features (enables the encoder alignment term
+                when ``out`` has ``encoder_alignment``).
+            foundation_features: (B, A, h, w) foundation patch features (decoder term, when
+                ``out`` has ``decoder_alignment``); resized to the decoder grid if needed.
+
+        Returns:
+            ``{"loss": total}`` plus detached terms: ``l2``, ``perceptual``, ``vq``,
+            ``commitment``, ``codebook``, ``align_enc``, ``align_dec``, ``g_loss``, ``g_weight``.
+        """
+        c = self.config
+        rec = out["reconstructions"]
+        l2 = F.mse_loss(rec.float(), x_BCHW.float()) / 4.0  # MSE of [0, 1] images
+        total = c.reconstruction_weight * l2 + c.quantizer_weight * out["vq_loss"]
+        logs = {"l2": l2.detach(), "vq": out["vq_loss"].detach(), "commitment": out["commitment_loss"].detach(),
+                "codebook": out["codebook_loss"].detach()}
+        if self.perceptual is not None and c.perceptual_weight > 0:
+            p = self.perceptual(x_BCHW, rec).mean()
+            total = total + c.perceptual_weight * p
+            logs["perceptual"] = p.detach()
+        if foundation_cls is not None and "encoder_alignment" in out:
+            enc = cosine_margin_loss(out["encoder_alignment"].mean(dim=1), foundation_cls, c.alignment_margin)
+            total = total + c.alignment_weight * enc
+            logs["align_enc"] = enc.detach()
+        if foundation_features is not None and "decoder_alignment" in out:
+            pred = out["decoder_alignment"]
+            feat = foundation_features.detach().float()
+            if feat.shape[-2:] != pred.shape[-2:]:
+                shrink = feat.shape[-2] >= pred.shape[-2] and feat.shape[-1] >= pred.shape[-1]
+                feat = F.interpolate(feat, size=pred.shape[-2:], mode="area") if shrink else \
+                    F.interpolate(feat, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+            dec = cosine_margin_loss(pred, feat, c.alignment_margin)
+            total = total + c.alignment_weight * dec
+            logs["align_dec"] = dec.detach()
+        if self.gan is not None:
+            g, glogs = self.gan.generator_loss(rec, step)
+            total = total + g
+            logs.update(glogs)
+        logs["loss"] = total
+        return logs
+
+    def discriminator_loss(
+        self, x_BCHW: torch.Tensor, out: dict[str, Any], step: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The discriminator's loss on real images vs (detached) reconstructions (see :class:`GANLoss`)."""
+        if self.gan is None:
+            raise ValueError("this ResTokLoss has no GAN")
+        return self.gan.discriminator_loss(x_BCHW, out["reconstructions"], step, **kwargs)

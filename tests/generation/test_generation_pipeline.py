@@ -1,0 +1,129 @@
+"""Cache -> train -> sample -> evaluate, for a DiT on HieraTok latents and a HAR GPT on ResTok codes."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file
+
+from hieratok import HieraTok
+from hieratok.data import EmbeddedPhotos
+from hieratok.data.latent_cache import LatentCacheDataset
+from hieratok.generation import cache_latents, sample_to_folder
+from hieratok.tokenizers import ResTok
+from hieratok.train import Trainer, load_config
+
+FAST = {"progress": False, "tensorboard": False, "log_every": 1, "image_every": 0, "ckpt_every": 0, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def dit_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).save_pretrained(root / "tok")
+    meta = cache_latents(str(root / "tok"), None, str(root / "cache"), flip=True, num=48, shard_size=16, progress=False)
+    cfg = load_config(overrides={**FAST, "task": "dit", "preset": "dit-tiny", "data.path": str(root / "cache"),
+                                 "out_dir": str(root / "dit"), "steps": 40, "optim.lr": 1e-3, "optim.end_lr": 1e-3,
+                                 "image_every": 40, "sample_count": 4, "objective.sampling_steps": 5})
+    hist = Trainer(cfg).fit()
+    return root, meta, hist
+
+
+def test_cache_contents_flips_and_statistics(dit_setup):
+    root, meta, _ = dit_setup
+    assert meta["num"] == 96 and meta["shape"] == [8, 8, 8] and meta["kind"] == "latents" and len(meta["shards"]) == 3
+    ds = LatentCacheDataset(root / "cache")
+    tok = HieraTok.from_pretrained(root / "tok").eval()
+    photos = EmbeddedPhotos("train", 64, length=48, seed=0, hflip=False, short_side=128)
+    x, y = photos[5]
+    with torch.no_grad():
+        z, zf = tok.encode(torch.stack([x, x.flip(-1)])).mode()
+    torch.testing.assert_close(ds[10][0], z, rtol=1e-5, atol=1e-5)  # item 5, then its mirror
+    torch.testing.assert_close(ds[11][0], zf, rtol=1e-5, atol=1e-5)
+    assert ds[10][1] == ds[11][1] == y
+    allz = torch.stack([ds[i][0] for i in range(len(ds))]).double()
+    np.testing.assert_allclose(meta["mean"], allz.mean(dim=(0, 2, 3)).numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(meta["std"], allz.std(dim=(0, 2, 3), unbiased=False).numpy(), rtol=1e-6)
+
+
+def test_cache_resumes_missing_shards_only(dit_setup, tmp_path):
+    root, _, _ = dit_setup
+    import shutil
+
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    before = (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns
+    (tmp_path / "cache" / "shard-00001.safetensors").unlink()
+    meta = cache_latents(str(root / "tok"), None, str(tmp_path / "cache"), flip=True, num=48, shard_size=16, progress=False)
+    assert meta["num"] == 96 and (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns == before
+    a = load_file(str(root / "cache" / "shard-00001.safetensors"))
+    b = load_file(str(tmp_path / "cache" / "shard-00001.safetensors"))
+    torch.testing.assert_close(a["latents"], b["latents"])
+
+
+def test_dit_trains_on_cached_latents_and_keeps_statistics(dit_setup):
+    root, meta, hist = dit_setup
+    first = np.mean([h["loss"] for h in hist[:5]])
+    last = np.mean([h["loss"] for h in hist[-5:]])
+    assert last < 0.9 * first, (first, last)
+    cfg = json.loads((root / "dit" / "checkpoints" / "step_00000040" / "config.json").read_text())
+    assert cfg["latent_mean"] == pytest.approx(meta["mean"]) and cfg["in_channels"] == 8 and cfg["num_classes"] == 11
+    assert (root / "dit" / "images" / "samples_00000040.png").is_file()
+
+
+def test_sampling_is_deterministic_and_npz_round_trips(dit_setup, tmp_path):
+    root, _, _ = dit_setup
+    kw = dict(num=5, batch_size=2, steps=4, progress=False)
+    a = sample_to_folder(str(root / "dit"), str(tmp_path / "a"), seed=3, all_scales=True, **kw)
+    b = sample_to_folder(str(root / "dit"), str(tmp_path / "b"), seed=3, **kw)
+    c = sample_to_folder(str(root / "dit"), str(tmp_path / "c"), seed=4, **kw)
+    A, B, C = (np.load(p)["arr_0"] for p in (a, b, c))
+    assert A.shape == (5, 64, 64, 3) and A.dtype == np.uint8
+    assert np.array_equal(A, B) and not np.array_equal(A, C)
+    assert np.array_equal(A[2], np.asarray(Image.open(tmp_path / "a" / "images" / "000002.png")))
+    assert np.load(a)["arr_1"].tolist() == [0, 1, 2, 3, 4]
+    assert len(list((tmp_path / "a" / "pyramids").glob("*.png"))) == 5
+
+
+def _sample_worker(rank: int, port: int, gen: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    sample_to_folder(gen, out, num=5, batch_size=2, steps=4, seed=3, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_sample_the_same_images_as_one(dit_setup, tmp_path):
+    root, _, _ = dit_setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sample_worker, args=(port, str(root / "dit"), str(tmp_path / "two")), nprocs=2, join=True,
+                       start_method="spawn")
+    one = sample_to_folder(str(root / "dit"), str(tmp_path / "one"), num=5, batch_size=2, steps=4, seed=3, progress=False)
+    a = np.load(one)["arr_0"].astype(int)
+    b = np.load(tmp_path / "two" / "samples.npz")["arr_0"].astype(int)
+    # same seeds per batch: the same images (up to 8-bit rounding of float sums under other thread counts)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, (np.abs(a - b).max(), (a != b).mean())
+
+
+def test_har_gpt_on_restok_codes(tmp_path):
+    torch.manual_seed(0)
+    ResTok.from_preset("restok-tiny").save_pretrained(tmp_path / "tok")
+    meta = cache_latents(str(tmp_path / "tok"), None, str(tmp_path / "codes"), num=32, progress=False)
+    assert meta["kind"] == "codes" and meta["shape"] == [32] and meta["codebook_size"] == 256
+    cfg = load_config(overrides={**FAST, "task": "ar", "preset": "gpt-tiny", "data.path": str(tmp_path / "codes"),
+                                 "out_dir": str(tmp_path / "har"), "steps": 30, "optim.lr": 3e-3, "optim.end_lr": 3e-3})
+    hist = Trainer(cfg).fit()
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    npz = sample_to_folder(str(tmp_path / "har"), str(tmp_path / "s"), num=3, batch_size=2, progress=False)
+    assert np.load(npz)["arr_0"].shape == (3, 64, 64, 3)
+
+
+def test_generator_task_without_cache_is_a_clear_error():
+    with pytest.raises(ValueError, match="hieratok cache-latents"):
+        Trainer(load_config(overrides={**FAST, "task": "dit", "preset": "dit-tiny"}))

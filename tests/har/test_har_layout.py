@@ -1,0 +1,87 @@
+"""Sequence layouts and the block-causal group mask of next-hierarchy prediction."""
+
+import itertools
+
+import pytest
+import torch
+
+from hieratok.generators.har import ar_layout, grouped_layout, har_layout, har_level_sizes, training_batch
+from hieratok.nn.masks import block_causal_mask, block_causal_mask_mod, block_ids
+
+
+def _brute_block_causal(sizes):
+    ids = [g for g, n in enumerate(sizes) for _ in range(n)]
+    L = len(ids)
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for q, k in itertools.product(range(L), range(L)):
+        m[q, k] = ids[q] >= ids[k]
+    return m
+
+
+@pytest.mark.parametrize("sizes", [(1,), (1, 1, 1), (1, 1, 1, 1, 4, 8), (2, 3, 1), (1, 1, 2, 4, 8, 16)])
+def test_block_causal_matches_bruteforce_and_mask_mod(sizes):
+    dense = block_causal_mask(sizes)
+    assert torch.equal(dense, _brute_block_causal(sizes))
+    L = sum(sizes)
+    q, k = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    assert torch.equal(block_causal_mask_mod(sizes)(0, 0, q, k), dense)
+
+
+def test_blocks_of_one_are_causal():
+    assert torch.equal(block_causal_mask([1] * 7), torch.ones(7, 7, dtype=torch.bool).tril())
+    with pytest.raises(ValueError, match="positive"):
+        block_ids([1, 0, 2])
+
+
+def test_restok_layout_matches_the_official_table():
+    """N = 128, 4 next-token codes: the sequence of the authors' HAR model, written out by hand."""
+    lay = har_layout(128, 4)
+    assert lay.group_sizes == (1, 1, 1, 1, 4, 8, 16, 32, 64)
+    assert lay.num_steps == 9 and lay.num_tokens == 128
+    assert lay.num_placeholders == 63  # 3 + 4 + 8 + 16 + 32; the released table has 127 rows
+    V = 1000
+    codes = torch.arange(128)[None]  # code i has id i, so inputs show which code sits where
+    inputs, targets = training_batch(codes, lay, V)
+    ph = lambda a, b: list(range(V + a, V + b))  # noqa: E731 - placeholders a..b-1
+    expected = ([0, 1, 2, 3] + ph(0, 3) + list(range(4, 8)) + ph(3, 7) + list(range(8, 16)) + ph(7, 15)
+                + list(range(16, 32)) + ph(15, 31) + list(range(32, 64)) + ph(31, 63))
+    assert inputs[0].tolist() == expected
+    assert torch.equal(targets, codes)
+
+
+def test_every_group_reads_only_codes_of_earlier_groups():
+    for lay in (har_layout(128, 4), har_layout(64, 2), har_layout(16, 1), ar_layout(10)):
+        mask = lay.mask()
+        for s, e in lay.group_bounds():
+            for p in range(max(s, 1), e):
+                c = lay.code_index[p - 1]
+                assert c < s  # teacher forcing never shows a code the group predicts
+                # position p may attend to the position holding the code it reads
+                if c >= 0:
+                    holder = 1 + lay.code_index.index(c)
+                    assert mask[p, holder]
+
+
+def test_vanilla_layout_is_plain_next_token():
+    lay = ar_layout(12)
+    codes = torch.randint(0, 50, (3, 12))
+    inputs, _ = training_batch(codes, lay, 50)
+    assert torch.equal(inputs, codes[:, :-1]) and lay.num_placeholders == 0 and lay.num_steps == 12
+    assert torch.equal(lay.mask(), torch.ones(12, 12, dtype=torch.bool).tril())
+
+
+def test_har_and_vanilla_share_the_first_positions():
+    a, h = ar_layout(128), har_layout(128, 4)
+    assert torch.equal(a.mask()[:4, :4], h.mask()[:4, :4]) and not h.mask()[:4, 4:].any()
+    assert a.code_index[:3] == h.code_index[:3]
+
+
+def test_bad_layouts():
+    with pytest.raises(ValueError, match="power of 2"):
+        har_level_sizes(96, 5)
+    with pytest.raises(ValueError, match="never shrink"):
+        grouped_layout([1, 4, 2])
+    with pytest.raises(ValueError, match="class token"):
+        grouped_layout([2, 2])
+    with pytest.raises(ValueError, match=r"\(B, 128\)"):
+        training_batch(torch.zeros(2, 64, dtype=torch.long), har_layout(), 10)
