@@ -195,6 +195,21 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.which == "restok":
+        from .convert import load_official_restok
+
+        model = load_official_restok(args.path, **parse_overrides(args.overrides))
+    else:
+        from .convert import load_llamagen_gpt
+
+        model = load_llamagen_gpt(args.path, **parse_overrides(args.overrides))
+    out = model.save_pretrained(args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.path} -> {out} ({type(model).__name__}, {n / 1e6:.1f}M parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -321,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("convert", help="convert the official ResTok / HAR-GPT release files into hieratok model folders")
+    p.add_argument("which", choices=["restok", "har"], help="restok: the tokenizer; har: its LlamaGen HAR generator")
+    p.add_argument("path", help="the released checkpoint file (.safetensors / .bin / .pt) or its folder")
+    p.add_argument("--out", required=True, help="folder to write config.json + model.safetensors to")
+    p.add_argument("overrides", nargs="*", help="config fields the weights do not determine, e.g. image_size=256")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("compare", help="side-by-side table of evaluated runs (paper Table 2 layout)")
     p.add_argument("runs", nargs="+", help="run / eval folders or metrics.json files; the first is the baseline")
     p.add_argument("--names", nargs="+", default=None)
@@ -332,7 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    # key=value overrides may follow options too (argparse only takes positionals before them)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
