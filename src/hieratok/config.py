@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Type, TypeVar
 
-__all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field"]
+__all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field", "require_positive_ints"]
 
 T = TypeVar("T")
 
@@ -39,3 +39,11 @@ def architecture_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
         if (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):
             out[f.name] = (va, vb)
     return out
+
+
+def require_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:
+    """ValueError naming the first field of ``names`` that is not a positive integer."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")

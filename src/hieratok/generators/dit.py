@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_dict, runtime_field
+from ..config import config_from_dict, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn import Attention, PatchEmbed, unpatchify
 from .latents import LatentNormalizer, rand
@@ -68,11 +68,8 @@ class DiTConfig:
     attn_backend: str = runtime_field("sdpa")
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "patch_size", "in_channels", "depth", "width", "num_heads", "num_classes",
-                     "freq_embed_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("input_size", "patch_size", "in_channels", "depth", "width", "num_heads",
+                                     "num_classes", "freq_embed_dim"))
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.width % self.num_heads:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import runtime_field
+from ..config import require_positive_ints, runtime_field
 from ..distributions import DiagonalGaussian
 from ..hub import PretrainedMixin
 from ..nn import ATTENTION_BACKENDS, ATTENTION_MODES, LayerNorm2d, MultiScalePosEmbed, PatchEmbed, Transformer
@@ -75,11 +75,8 @@ class HieraTokConfig:
     attn_backend: str = runtime_field("sdpa")
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_channels", "latent_channels", "encoder_depth",
-                     "encoder_width", "encoder_heads", "decoder_depth", "decoder_width", "decoder_heads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("image_size", "patch_size", "in_channels", "latent_channels", "encoder_depth",
+                                     "encoder_width", "encoder_heads", "decoder_depth", "decoder_width", "decoder_heads"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         g = self.grid

@@ -232,17 +232,34 @@ class _CachedTask(Task):
             self._decoder = _sample_decoder(self.cfg, self.meta)
         return self._decoder
 
-    def _labels(self, n: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(n, device=device) % self.num_classes
+    def phases(self) -> list[Phase]:
+        return [_optim_phase(self.cfg, ("model",), self.loss)]
 
-    def _write_samples(self, samples: torch.Tensor, out_dir: Path, step: int) -> None:
+    def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+             step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents or codes for ``labels`` (model in eval mode)."""
+        raise NotImplementedError
+
+    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                  out_dir: Path, step: int) -> None:
+        """A grid of class-conditional samples (fixed seed and labels), decoded by the tokenizer."""
+        from ..report import save_samples_grid
+        from .parallel import unwrap
+
         decode = self._decode()
         if decode is None:
             return
-        from ..report import save_samples_grid
-
+        model = unwrap(modules["model"])
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        labels = torch.arange(self.cfg.sample_count, device=dev) % self.num_classes
         with torch.no_grad():
-            images = decode(samples.cpu())
+            images = decode(self._sample(model, labels, torch.Generator().manual_seed(self.cfg.seed)).cpu())
+        model.train(was)
         save_samples_grid(images.float().clamp(-1, 1), out_dir / f"samples_{step:08d}.png", nrow=min(8, images.shape[0]))
 
 
@@ -263,30 +280,16 @@ class DiTTask(_CachedTask):
         self.modules = {"model": DiT(build_dit_config(cfg.preset, **over))}
         self.num_classes = self.modules["model"].config.num_classes
 
-    def phases(self) -> list[Phase]:
-        return [_optim_phase(self.cfg, ("model",), self.loss)]
-
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from ..generators import training_loss
 
         z, y = batch
         return training_loss(mods["model"], self.objective, z.float(), y.long())
 
-    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
-                  out_dir: Path, step: int) -> None:
+    def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..generators import sample_latents
-        from .parallel import unwrap
 
-        if self._decode() is None:
-            return
-        model = unwrap(modules["model"])
-        was = model.training
-        model.eval()
-        dev = next(model.parameters()).device
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        z = sample_latents(model, self.objective, self._labels(self.cfg.sample_count, dev), self.cfg.sample_cfg_scale, g)
-        model.train(was)
-        self._write_samples(z, out_dir, step)
+        return sample_latents(model, self.objective, labels, self.cfg.sample_cfg_scale, generator)
 
 
 class ARTask(_CachedTask):
@@ -308,31 +311,17 @@ class ARTask(_CachedTask):
         self.modules = {"model": GPT(gpt_config(cfg.preset, **over))}
         self.num_classes = self.modules["model"].config.num_classes
 
-    def phases(self) -> list[Phase]:
-        return [_optim_phase(self.cfg, ("model",), self.loss)]
-
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from ..generators.har import sequence_loss
 
         codes, y = batch
         return {"loss": sequence_loss(mods["model"], codes.long(), y.long(), self.layout)}
 
-    def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
-                  out_dir: Path, step: int) -> None:
+    def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..generators.har import sample_layout
-        from .parallel import unwrap
 
-        if self._decode() is None:
-            return
-        model = unwrap(modules["model"])
-        was = model.training
-        model.eval()
-        dev = next(model.parameters()).device
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        codes = sample_layout(model, self._labels(self.cfg.sample_count, dev), self.layout,
-                              cfg_scale=self.cfg.sample_cfg_scale, generator=g, **self.sampling).codes
-        model.train(was)
-        self._write_samples(codes, out_dir, step)
+        return sample_layout(model, labels, self.layout, cfg_scale=self.cfg.sample_cfg_scale, generator=generator,
+                             **self.sampling).codes
 
 
 def build_task(cfg: TrainConfig) -> Task:
