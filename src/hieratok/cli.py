@@ -82,12 +82,14 @@ def _init_eval_dist() -> None:
 
 
 def _cmd_eval_recon(args: argparse.Namespace) -> int:
-    from .evaluate import ReconEvalConfig, evaluate_reconstruction, load_tokenizer
+    from .evaluate import ReconEvalConfig, evaluate_reconstruction
     from .evaluate.recon import write_recon_report
+    from .tokenizers.loading import load_any_tokenizer
 
     _init_eval_dist()
     dev = _device(args.device)
-    model, info = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
+    tok = load_any_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
+    model, info = tok.model, tok.info
     cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
                           fid=not args.no_fid, inception_weights=args.inception_weights, num_workers=args.workers)
     res = evaluate_reconstruction(model, cfg, dev)
@@ -100,6 +102,9 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
         print("  ".join(f"{k} {res[k]:.4f}" for k in keys) + f"  ({res['num_images']} images)")
         if len(res["psnr_per_scale"]) > 1:
             print("PSNR per scale: " + "  ".join(f"{s}px {v:.2f}" for s, v in res["psnr_per_scale"].items()))
+        if "codebook_usage" in res:
+            print(f"codebook usage {res['codebook_usage']:.1%}  entropy H_C {res['codebook_entropy_bits']:.3f} bits  "
+                  f"perplexity {res['codebook_perplexity']:.1f}")
         print(f"report: {report}")
     return 0
 

@@ -90,3 +90,23 @@ def test_compare_table_layout(tmp_path):
     assert "IS" not in [h.strip(" ↑↓") for h in text.splitlines()[0].split("|")]
     with pytest.raises(FileNotFoundError, match="hieratok eval"):
         compare_runs([tmp_path])
+
+
+def test_restok_recon_eval_reports_codebook_statistics():
+    from collections import Counter
+    import math
+
+    from hieratok.tokenizers import ResTok
+
+    torch.manual_seed(0)
+    model = ResTok.from_preset("restok-tiny").eval()
+    res = evaluate_reconstruction(model, ReconEvalConfig(num=4, batch_size=2, perceptual="none", fid=False, progress=False))
+    x = torch.stack([EmbeddedPhotos("heldout", 64)[i][0] for i in range(4)])
+    with torch.no_grad():
+        idx = model.encode(x)["indices"].flatten().tolist()
+    counts = Counter(idx)
+    n = len(idx)
+    entropy_bits = -sum(c / n * math.log2(c / n) for c in counts.values())
+    assert res["codebook_usage"] == pytest.approx(len(counts) / model.config.codebook_size)
+    assert res["codebook_entropy_bits"] == pytest.approx(entropy_bits, rel=1e-9)
+    assert list(res["psnr_per_scale"]) == [64]

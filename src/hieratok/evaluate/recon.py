@@ -62,10 +62,24 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _reconstruct(model: Any, x: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """(pyramid coarse to fine, code indices or None): HieraTok decodes the posterior mode at every
+    scale; a VQ tokenizer (ResTok) decodes its code indices, which also feed the codebook statistics."""
+    if hasattr(model, "decode_indices"):
+        idx = model.encode(x)["indices"]
+        return [model.decode_indices(idx)], idx
+    return model.decode(model.encode(x).mode(), all_scales=True), None
+
+
+def _output_sides(model: Any) -> list[int]:
+    c = model.config
+    return [s * c.patch_size for s in c.scales] if hasattr(c, "scales") else [c.image_size]
+
+
 @torch.no_grad()
 def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torch.device = "cpu",
                             inception: Optional[InceptionFeatures] = None) -> dict[str, Any]:
-    """Run the protocol on ``model`` (a HieraTok in eval mode on ``device``).
+    """Run the protocol on ``model`` (a HieraTok or ResTok in eval mode on ``device``).
 
     Returns:
         metrics (``rfid``, ``psnr``, ``ssim``, the perceptual distance under its own key, ``psnr_per_scale``),
@@ -88,8 +102,13 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         perceptual = perceptual.to(device)
     if cfg.fid and inception is None:
         inception = InceptionFeatures(cfg.inception_weights).to(device)
-    scales = list(model.config.scales)
-    sums = torch.zeros(3 + len(scales), dtype=torch.float64, device=device)  # psnr, ssim, perceptual, per-scale psnr
+    sides = _output_sides(model)
+    sums = torch.zeros(3 + len(sides), dtype=torch.float64, device=device)  # psnr, ssim, perceptual, per-scale psnr
+    usage = None
+    if hasattr(model, "decode_indices"):
+        from ..metrics import CodebookUsage
+
+        usage = CodebookUsage(model.config.codebook_size, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     real_stats, fake_stats = FeatureStats(), FeatureStats()
     kept_x: list[torch.Tensor] = []
@@ -108,7 +127,9 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             x = x[: math.ceil(n / world) - seen]
         if x.shape[0] == 0:
             break
-        pyr = model.decode(model.encode(x).mode(), all_scales=True)
+        pyr, idx = _reconstruct(model, x)
+        if usage is not None:
+            usage.update(idx)
         # metrics are computed on what a user would save: 8-bit images
         x_u8, rec_u8 = quantize_to_uint8(x), quantize_to_uint8(pyr[-1].float().clamp(-1, 1))
         sums[0] += psnr(rec_u8, x_u8, reduction="none").sum()
@@ -137,10 +158,14 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         raise ValueError(f"no readable images in {cfg.data or 'the embedded held-out photos'}")
     avg = (sums / total).tolist()
     out: dict[str, Any] = {"num_images": total, "psnr": avg[0], "ssim": avg[1],
-                           "psnr_per_scale": dict(zip([s * model.config.patch_size for s in scales], avg[3:])),
+                           "psnr_per_scale": dict(zip(sides, avg[3:])),
                            "perceptual_name": pname, "data": cfg.data or "embedded held-out photos"}
     if perceptual is not None:
         out[pname] = avg[2]
+    if usage is not None:  # ResTok Table: codebook usage and entropy H_C
+        st = usage.all_reduce_().compute()
+        out.update(codebook_usage=st.usage, codebook_entropy_bits=st.entropy_bits, codebook_perplexity=st.perplexity,
+                   codebook_normalized_entropy=st.normalized_entropy)
     if inception is not None:
         if world > 1:
             all_reduce_feature_stats(real_stats)
@@ -184,6 +209,9 @@ def write_recon_report(result: dict[str, Any], out_dir: str | Path, title: str =
         notes["note"] = result["rfid_note"]
     if info:
         notes.update(info)
+    if "codebook_usage" in result:
+        notes["codebook usage"] = f"{result['codebook_usage']:.1%}"
+        notes["codebook entropy H_C (bits)"] = round(result["codebook_entropy_bits"], 3)
     rep.add_key_values(notes, title="Protocol")
     s = result.get("samples") or {}
     if s.get("inputs") is not None:
