@@ -138,6 +138,16 @@ def _cmd_eval_fid(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .evaluate import compare_runs
 
+    if args.curves:  # training curves of the runs, overlaid (e.g. two DiTs on two tokenizers' latents)
+        from .report import plot_loss_curves
+
+        names = args.names or [Path(r).name for r in args.runs]
+        csvs = {n: Path(r) / "metrics.csv" for n, r in zip(names, args.runs)}
+        missing = [str(p) for p in csvs.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"no training log {missing[0]}")
+        print(f"curves: {plot_loss_curves(csvs, args.curves, keys=args.keys, log_y=True)}")
+        return 0
     table = compare_runs(args.runs, args.names, baseline=args.baseline)
     print(table.to_markdown() if args.markdown else table.to_text())
     return 0
@@ -353,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", default=None)
     p.add_argument("--baseline", type=int, default=0, help="index of the baseline run")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--curves", default=None, metavar="PNG", help="instead: overlay the runs' training curves (metrics.csv)")
+    p.add_argument("--keys", nargs="+", default=["loss"], help="columns to plot with --curves")
     p.set_defaults(func=_cmd_compare)
     return ap
 

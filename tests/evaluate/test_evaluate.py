@@ -110,3 +110,15 @@ def test_restok_recon_eval_reports_codebook_statistics():
     assert res["codebook_usage"] == pytest.approx(len(counts) / model.config.codebook_size)
     assert res["codebook_entropy_bits"] == pytest.approx(entropy_bits, rel=1e-9)
     assert list(res["psnr_per_scale"]) == [64]
+
+
+def test_compare_curves_overlays_training_logs(tmp_path, capsys):
+    for name, slope in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        rows = "\n".join(f"{s},{1.0 / (1 + slope * s)}" for s in range(1, 20))
+        (tmp_path / name / "metrics.csv").write_text("step,loss\n" + rows + "\n")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--curves", str(tmp_path / "c.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "c.png").size[0] > 100
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "zzz"), "--curves", str(tmp_path / "d.png")]) == 2
