@@ -129,7 +129,7 @@ class Trainer:
             for k, m in self.raw.items()
         }
         self.optims = {ph.name: torch.optim.AdamW(param_groups([self.wrapped[k] for k in ph.modules], ph.weight_decay),
-                                                  lr=ph.lr, betas=tuple(ph.betas), fused=dev.type == "cuda")
+                                                  lr=ph.lr, betas=tuple(ph.betas), fused=not cfg.fsdp)
                        for ph in self.phases}
         self.ema = EMA(unwrap(self.wrapped["model"]), cfg.ema_decay) if cfg.ema_decay > 0 else None
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # different noise (posterior, drop-path) per rank
