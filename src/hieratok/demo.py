@@ -66,15 +66,16 @@ def _train(c: DemoConfig, t_start: float) -> dict[str, Any]:
     trainers = {k: Trainer(v) for k, v in cfgs.items()}
     if c.steps is not None:
         steps = c.steps
-    else:  # calibrate on real steps of both runs, then fill the budget
-        calib = 5
+    else:  # calibrate on real steps of both runs (after warm-up steps), then fill the budget
+        warm, timed = 2, 8
         per_step = 0.0
         for t in trainers.values():
+            t.fit(max_steps=warm)  # first steps pay for allocation and lazy initialisation
             t0 = time.perf_counter()
-            t.fit(max_steps=calib)
-            per_step += (time.perf_counter() - t0) / calib
+            t.fit(max_steps=timed)
+            per_step += (time.perf_counter() - t0) / timed
         left = c.minutes * 60 - (time.perf_counter() - t_start) - c.eval_reserve_s
-        steps = max(calib + 1, calib + int(left / per_step))
+        steps = max(warm + timed + 1, warm + timed + int(left / per_step))
         log.info("%.2f s per step (both models): %d steps each fit the %.1f-minute budget", per_step, steps, c.minutes)
     for name, t in trainers.items():
         t.cfg.steps = steps  # the cosine schedule spans the steps actually run

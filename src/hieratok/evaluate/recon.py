@@ -113,6 +113,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     real_stats, fake_stats = FeatureStats(), FeatureStats()
     kept_x: list[torch.Tensor] = []
     kept_pyr: list[list[torch.Tensor]] = []
+    stride = max(1, math.ceil(n / world) // max(1, cfg.keep_images))  # keep images spread over the data
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -143,9 +144,10 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             real_stats.update(inception(x_u8))
             fake_stats.update(inception(rec_u8))
         count += x.shape[0]
-        if len(kept_x) * cfg.batch_size < cfg.keep_images:
-            kept_x.append(x.cpu())
-            kept_pyr.append([p.float().cpu() for p in pyr])
+        keep = [j for j in range(x.shape[0]) if (seen + j) % stride == 0]
+        if keep and sum(t.shape[0] for t in kept_x) < cfg.keep_images:
+            kept_x.append(x[keep].cpu())
+            kept_pyr.append([p[keep].float().cpu() for p in pyr])
         seen += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
