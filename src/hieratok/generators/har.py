@@ -262,12 +262,14 @@ def sample_layout(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     keep_logits: bool = False,
+    cfg_scales: Optional[Sequence[float]] = None,
 ) -> SampleResult:
     """Sample codes group by group with a KV cache: one forward pass per group of ``layout``.
 
     Guided logits are ``uncond + s * (cond - uncond)``; when ``cfg_scale != 1`` the null-class
     half runs in the same batch for every pass (also where the schedule uses s = 1), so its
-    cache stays complete.
+    cache stays complete. ``cfg_scales`` (one per pass) replaces the schedule, e.g. to replay
+    the scales another implementation used.
     """
     if model.training:
         raise ValueError("sampling needs model.eval() (dropout and class dropout are on in training mode)")
@@ -276,10 +278,14 @@ def sample_layout(
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule {cfg_schedule!r} is not one of {CFG_SCHEDULES}")
     _check(model, layout)
+    if cfg_scales is not None:
+        cfg_scales = [float(s) for s in cfg_scales]
+        if len(cfg_scales) != layout.num_steps or min(cfg_scales) < 0:
+            raise ValueError(f"cfg_scales needs {layout.num_steps} scales >= 0 (one per pass), got {cfg_scales}")
     B, N, V = labels_B.shape[0], layout.num_tokens, model.config.vocab_size
     device = model.tok_embed.weight.device
     labels_B = labels_B.to(device)
-    guided = cfg_scale != 1.0
+    guided = cfg_scale != 1.0 if cfg_scales is None else any(s != 1.0 for s in cfg_scales)
     labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
     cache = model.new_cache(labels_in.shape[0], N)
     mask_NN = layout.mask(device)
@@ -291,7 +297,10 @@ def sample_layout(
         else:
             tokens = layout.input_ids(codes_BN, V, s, e)
             logits = model(tokens.repeat(2, 1) if guided else tokens, mask=mask_NN[s:e, :e], cache=cache)
-        scale = cfg_scale_at(g, layout.num_steps, cfg_scale, cfg_schedule, cfg_start)
+        if cfg_scales is not None:
+            scale = cfg_scales[g]
+        else:
+            scale = cfg_scale_at(g, layout.num_steps, cfg_scale, cfg_schedule, cfg_start)
         if guided:
             cond, uncond = logits.chunk(2)
             use = uncond + scale * (cond - uncond)

@@ -14,6 +14,12 @@ token at sequence index i at position i (LlamaGen's own class-to-image model use
 Decoding uses :class:`KVCache`: preallocated keys and values per layer, a prefill and then steps
 of any number of new tokens, each with its own rows of the attention mask.
 
+Fast paths for sampling on CPU (:meth:`GPT.set_fast_paths` switches them to their reference
+paths; parity: tests/har/test_gpt_fast_paths.py): the linear layers send calls with few rows to
+oneDNN (:class:`hieratok.nn.linear.Linear`), RoPE rotates the channel pairs as one complex
+multiply (:func:`hieratok.nn.rope.rotate_pairs`), and a mask whose rows see every key so far
+(every step of a block-causal layout) runs as unmasked attention.
+
 Legend: B batch, L new tokens, T cached + new tokens, D width, H heads, K head dim, V vocabulary.
 """
 
@@ -30,6 +36,8 @@ from torch import nn
 from ..config import config_from_dict, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import attention
+from ..nn.linear import Linear
+from ..nn.rope import rotate_pairs
 
 __all__ = [
     "GPTConfig", "GPT", "KVCache", "RMSNorm", "SwiGLU", "GPT_PRESETS", "gpt_config", "gpt_preset_names",
@@ -152,9 +160,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = Linear(dim, hidden, bias=False)
+        self.up = Linear(dim, hidden, bias=False)
+        self.down = Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +176,14 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
     return ang.cos(), ang.sin()
 
 
-def apply_rope_1d(x_BHLK: torch.Tensor, cos_LK2: torch.Tensor, sin_LK2: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) by the angles of each position (LlamaGen layout)."""
+def apply_rope_1d(x_BHLK: torch.Tensor, cos_LK2: torch.Tensor, sin_LK2: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) by the angles of each position (LlamaGen layout).
+
+    ``fast`` uses :func:`hieratok.nn.rope.rotate_pairs` (a complex multiply for float32 inputs);
+    otherwise the rotation is spelled out in float32 (the reference path).
+    """
+    if fast:
+        return rotate_pairs(x_BHLK, cos_LK2, sin_LK2)
     xf = x_BHLK.float().unflatten(-1, (-1, 2))  # (B, H, L, K/2, 2)
     a, b = xf[..., 0], xf[..., 1]
     out = torch.stack((a * cos_LK2 - b * sin_LK2, b * cos_LK2 + a * sin_LK2), dim=-1)
@@ -194,8 +208,9 @@ class KVCache:
     def __init__(self, depth: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         shape = (batch_size, num_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        # uninitialised: positions at or after ``length`` are never read
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.max_len = max_len
         self.batch_size = batch_size
         self.length = 0
@@ -217,15 +232,16 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, resid_dropout: float = 0.0, backend: str = "sdpa") -> None:
         super().__init__()
         self.num_heads, self.backend = num_heads, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
         self.resid_dropout = nn.Dropout(resid_dropout)
+        self.fast_rope = True
 
-    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_LT: torch.Tensor,
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_LT: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope_1d(q, cos, sin), apply_rope_1d(k, cos, sin)  # each (B, H, L, K)
+        q, k = apply_rope_1d(q, cos, sin, self.fast_rope), apply_rope_1d(k, cos, sin, self.fast_rope)  # (B, H, L, K)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, T, K)
         o_BHLK = attention(q, k, v, mask_LT, self.backend)
@@ -243,7 +259,7 @@ class GPTBlock(nn.Module):
         hidden = swiglu_hidden_dim(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dim_multiplier)
         self.ffn = SwiGLU(cfg.dim, hidden, cfg.ffn_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 cache: Optional[KVCache], layer: int) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
@@ -272,7 +288,8 @@ class GPT(PretrainedMixin, nn.Module):
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.skip_full_masks = True
         cos, sin = rope_angles(torch.arange(cfg.max_seq_len), cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -288,6 +305,15 @@ class GPT(PretrainedMixin, nn.Module):
     @property
     def null_class(self) -> int:
         return self.config.null_class
+
+    def set_fast_paths(self, enabled: bool = True) -> None:
+        """Switch the sampling fast paths on (default) or to their reference paths (module docstring)."""
+        self.skip_full_masks = enabled
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.fast = enabled
+            elif isinstance(m, SelfAttention):
+                m.fast_rope = enabled
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every block to another attention backend (``"sdpa"`` or ``"reference"``)."""
@@ -370,8 +396,11 @@ class GPT(PretrainedMixin, nn.Module):
         elif mask.shape != (L, T) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape ({L}, {T}), got {mask.dtype} {tuple(mask.shape)}")
         cos, sin = self._rope(start, L, x_BLD.device)
+        attn_mask: Optional[torch.Tensor] = mask
+        if cache is not None and self.skip_full_masks and self.config.attn_backend == "sdpa" and bool(mask.all()):
+            attn_mask = None  # every query sees every key so far (a block-causal decoding step)
         for i, blk in enumerate(self.blocks):
-            x_BLD = blk(x_BLD, cos, sin, mask, cache, i)
+            x_BLD = blk(x_BLD, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.length = T
         return self.head(self.norm(x_BLD)).float()

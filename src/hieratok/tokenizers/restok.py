@@ -31,6 +31,17 @@
   code is then a linear map of ``D`` values gathered from all N tokens. With it off, latent
   n's code depends on token n only and the code hierarchy is strictly level-causal.
 
+Fast paths (inference speed on CPU; each has a switch giving its reference path, and
+:meth:`ResTok.set_fast_paths` flips them all; parity: tests/restok/test_restok_fast_paths.py):
+
+* encoder attention: the level-causal mask is run as a
+  :class:`~hieratok.nn.attention.SegmentedMask` (SDPA per run of query blocks over the key
+  prefix they see; no masked-out block is computed), ``_Stack.segment_masks``;
+* RoPE as a complex multiply (:func:`hieratok.nn.rope.apply_rope`), ``RoPEAttention.fast_rope``;
+* the CNN front / back end's fast paths (:mod:`hieratok.nn.conv_autoencoder`: channels-last on
+  CPU, in-place activations without autograd, upsample + conv at the low resolution) and the
+  in-place GELU of :class:`hieratok.nn.vit.Mlp`.
+
 Images are in [-1, 1] (the library convention); internally they are mapped to [0, 1] and
 ImageNet-normalised, and the decoder's [0, 1] output is mapped back, so released weights
 behave as trained.
@@ -54,10 +65,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import config_from_dict, runtime_field
 from ..hub import PretrainedMixin
-from ..nn.attention import ATTENTION_BACKENDS, MaskLike, attention
-from ..nn.conv_autoencoder import ConvDecoder, ConvEncoder
+from ..nn.attention import ATTENTION_BACKENDS, MaskLike, attention, segment_mask
+from ..nn.conv_autoencoder import ConvDecoder, ConvEncoder, ConvResBlock
 from ..nn.masks import block_causal_mask, block_causal_mask_mod
-from ..nn.rope import apply_rope, mixed_positions, rope_table
+from ..nn.rope import apply_rope, apply_rope_reference, mixed_positions, rope_table
 from ..nn.vit import Mlp
 from ..quantizers.vq import VectorQuantizer
 
@@ -339,13 +350,15 @@ class RoPEAttention(nn.Module):
         self.q_norm = nn.LayerNorm(dim // num_heads, eps=eps)
         self.k_norm = nn.LayerNorm(dim // num_heads, eps=eps)
         self.proj = nn.Linear(dim, dim)
+        self.fast_rope = True
 
     def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
         B, L, D = x_BLD.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x_BLD, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, K)
-        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        rotate = apply_rope if self.fast_rope else apply_rope_reference
+        q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
         o_BHLK = attention(q, k, v, mask, self.backend)
         return self.proj(o_BHLK.transpose(1, 2).reshape(B, L, D))
 
@@ -366,10 +379,10 @@ class ResTokBlock(nn.Module):
         self.layer_scale2 = nn.Parameter(torch.ones(dim))
 
     def attend(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
-        return x_BLD + self.layer_scale1 * self.attn(self.norm1(x_BLD), rope, mask)
+        return torch.addcmul(x_BLD, self.layer_scale1, self.attn(self.norm1(x_BLD), rope, mask))  # x + g1 * attn
 
     def feed_forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        return x_BLD + self.layer_scale2 * self.mlp(self.norm2(x_BLD))
+        return torch.addcmul(x_BLD, self.layer_scale2, self.mlp(self.norm2(x_BLD)))  # x + g2 * mlp
 
     def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
         return self.feed_forward(self.attend(x_BLD, rope, mask))
@@ -384,12 +397,20 @@ class _Stack(nn.Module):
                                     for _ in range(depth))
         self.head_dim, self.theta, self.backend = dim // heads, cfg.rope_theta, cfg.attn_backend
         self.grad_checkpointing = False
+        self.segment_masks = True
         self._cache: dict[Any, Any] = {}
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
         for b in self.blocks:
             b.attn.backend = backend
+        self._cache.clear()
+
+    def set_fast_paths(self, enabled: bool) -> None:
+        self.segment_masks = enabled
+        for b in self.blocks:
+            b.attn.fast_rope = enabled
+            b.mlp.inplace_act = enabled
         self._cache.clear()
 
     def _rope(self, key: Any, positions: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,7 +420,10 @@ class _Stack(nn.Module):
         return self._cache[k]
 
     def _mask(self, blocks: Sequence[int], device: torch.device) -> MaskLike:
-        key = ("mask", tuple(blocks), str(device), self.backend)
+        # segments need the mask's values (host syncs): not on the meta device, not inside a compiled graph
+        segmented = (self.segment_masks and self.backend == "sdpa" and torch.device(device).type != "meta"
+                     and not torch.compiler.is_compiling())
+        key = ("mask", tuple(blocks), str(device), self.backend, segmented)
         if key not in self._cache:
             L = sum(blocks)
             if self.backend == "flex":
@@ -407,7 +431,10 @@ class _Stack(nn.Module):
 
                 self._cache[key] = create_block_mask(block_causal_mask_mod(blocks, device), None, None, L, L, device=device)
             else:
-                self._cache[key] = block_causal_mask(blocks, device)
+                dense = block_causal_mask(blocks, device)
+                # a query block sees exactly the key prefix up to its own end: SDPA per run of blocks
+                seg = segment_mask(dense) if segmented else None
+                self._cache[key] = dense if seg is None else seg
         return self._cache[key]
 
     def _run(self, fn: Any, *args: Any) -> torch.Tensor:
@@ -622,6 +649,17 @@ class ResTok(PretrainedMixin, nn.Module):
         """Recompute transformer layers in the backward pass (less memory, same gradients)."""
         self.encoder.grad_checkpointing = enabled
         self.decoder.grad_checkpointing = enabled
+
+    def set_fast_paths(self, enabled: bool = True) -> None:
+        """Switch every inference fast path on (default) or to its reference path (see the module docstring)."""
+        self.encoder.set_fast_paths(enabled)
+        self.decoder.set_fast_paths(enabled)
+        for cnn in (self.pixel_encoder, self.pixel_decoder):
+            cnn.channels_last = enabled
+            for m in cnn.modules():
+                if isinstance(m, ConvResBlock):
+                    m.inplace_act = enabled
+        self.pixel_decoder.fused_upsample = enabled
 
     # ---- nested dropout -----------------------------------------------------------------------
     def nested_dropout(self, batch_size: int, generator: Optional[torch.Generator] = None,

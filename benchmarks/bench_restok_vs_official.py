@@ -1,0 +1,557 @@
+"""ResTok tokenizer and HAR generator: ours against the authors' implementation, same weights, one run.
+
+    python benchmarks/bench_restok_vs_official.py --official /tmp/restok-official [--batch 4] [--json out.json]
+
+``--official`` is a local checkout of github.com/Kwai-Kolors/ResTok (never vendored here; its
+commit is read from ``git`` or from a ``.commit`` file next to it). The script
+
+1. imports the authors' model classes from that checkout (``modeling/restok.py``,
+   ``autoregressive/models/gpt_har.py``, ``gpt_vanilla.py``, ``generate.py``);
+2. builds the release configurations from the checkout's own inference config
+   (``configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml``: the ``restok_l_128`` tokenizer and
+   the GPT-L HAR generator) with seeded random weights (their init; the GPT's zero-initialised
+   output head and all other weights are re-drawn so that logits are not constant);
+3. converts those weights into our modules with our converters
+   (:func:`hieratok.convert.restok.convert_restok_checkpoint`,
+   :func:`hieratok.convert.llamagen.convert_llamagen_state_dict`);
+4. checks that the outputs agree (codes of ``encode``, images of ``decode``, and the codes of
+   HAR / token-by-token sampling drawn from the same random stream; see "Parity" below);
+5. times, under ``torch.inference_mode`` and ``torch.set_num_threads(--threads)``, interleaved
+   round by round after a warm-up: tokenizer encode and decode of a batch (256 x 256), HAR
+   sampling of a batch with CFG (the published setting: cfg 3.75, "step" schedule from 0.25,
+   top-p 0.95) and token-by-token AR sampling with the same weights for reference;
+6. prints a table (official s, ours s, speed-up) and optionally writes JSON.
+
+Import shims (run time only, never written to disk). The authors' code imports third-party
+modules that are not dependencies of hieratok. Each one below is put into ``sys.modules`` only
+when the real package is not importable, and the JSON records which were shimmed:
+
+* ``timm`` (needs torchvision, which is unusable here): their model code uses only
+  ``timm.layers.Mlp`` (Linear - GELU - Linear with timm's ``fc1``/``fc2`` names, re-implemented
+  here), ``DropPath`` (identity: inference only), ``use_fused_attn`` (True), ``PatchEmbed`` (only
+  built without the CNN front end, which the release does not use; ours raises),
+  ``timm.models.layers.trunc_normal_`` (``torch.nn.init.trunc_normal_``) and the ImageNet
+  mean / std constants of ``timm.data``.
+* ``accelerate.utils.operations.gather``: identity (single process).
+* ``einops.rearrange`` / ``einops.layers.torch.Rearrange``: a small re-implementation of the
+  pattern syntax they use (named axes, parenthesised groups, literal ``1``).
+* ``omegaconf.OmegaConf``: ``create`` (dicts and dataclasses -> attribute dicts, ``${a.b}``
+  interpolations resolved) and ``to_container``.
+
+Their ``modeling/modules/__init__.py`` imports the training losses (torchvision); the packages
+``modeling``, ``modeling.modules``, ``modeling.quantizer``, ``autoregressive``,
+``autoregressive.models`` and ``utils`` are therefore registered as bare packages over the
+checkout's folders, so that only the model files themselves are executed.
+
+Parity. Encode: identical code indices (a mismatch can only come from a near-tie of two
+codebook distances; the script reports the distance gap of any mismatch). Decode: relative max
+error of the images. Sampling: both samplers draw every code with ``torch.multinomial`` over a
+(rows, V) probability matrix in the same row order, so with the same seed they consume the same
+random stream and must return the same codes. The release's CFG "step" schedule is not ours:
+their ratio is computed from a token counter with a quirk in the next-token phase, and the
+unguided scale is ``min_cfg_scale + 1e-4``. For the parity run the script records the scale
+their sampler used at every forward pass (by wrapping their ``step_schedule``) and passes that
+list to ours (``sample_layout(cfg_scales=...)``); timings use each side's own schedule (the
+work per pass is the same: both run the conditional and the null-class halves every pass).
+
+Legend: B batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Samples, machine_info, print_table, time_once, wait_for_quiet, write_json  # noqa: E402
+
+from hieratok.convert.llamagen import convert_llamagen_state_dict  # noqa: E402
+from hieratok.convert.restok import convert_restok_checkpoint, infer_restok_config  # noqa: E402
+from hieratok.generators.har import ar_layout, har_layout, sample_layout  # noqa: E402
+from hieratok.generators.llamagen import GPT, GPTConfig  # noqa: E402
+from hieratok.tokenizers.restok import ResTok  # noqa: E402
+
+INFER_CONFIG = "configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml"
+PUBLISHED = dict(cfg_scale=3.75, cfg_start=0.25, top_p=0.95, min_cfg_scale=1.0)  # README's FID command
+
+
+# ---------------------------------------------------------------------------------------------
+# import shims (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+def _module(name: str, **attrs: Any) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
+class _TimmMlp(nn.Module):
+    """timm.layers.Mlp as their blocks build it: fc1 -> act -> fc2 (dropout is off at inference)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 drop: float = 0.0, **_: Any) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _NoPatchEmbed(nn.Module):
+    def __init__(self, *_: Any, **__: Any) -> None:
+        raise NotImplementedError("timm PatchEmbed is not shimmed (the release uses the CNN front end)")
+
+
+def _parse_axes(side: str) -> list[list[str]]:
+    groups, cur = [], None
+    for tok in re.findall(r"\(|\)|[A-Za-z_][A-Za-z0-9_]*|\d+", side):
+        if tok == "(":
+            cur = []
+        elif tok == ")":
+            groups.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(tok)
+        else:
+            groups.append([tok])
+    return groups
+
+
+def _rearrange(x: torch.Tensor, pattern: str, **sizes: int) -> torch.Tensor:
+    """einops.rearrange for named axes, parenthesised groups and literal 1 (no ellipsis)."""
+    left, right = (_parse_axes(s) for s in pattern.split("->"))
+    if len(left) != x.ndim:
+        raise ValueError(f"pattern {pattern!r} does not fit a tensor of {x.ndim} dims")
+    known = dict(sizes)
+    for group, n in zip(left, x.shape):
+        names = [a for a in group if not a.isdigit()]
+        fixed = math.prod(int(a) for a in group if a.isdigit()) * math.prod(known[a] for a in names if a in known)
+        free = [a for a in names if a not in known]
+        if len(free) > 1:
+            raise ValueError(f"cannot infer {free} in {pattern!r}")
+        if free:
+            known[free[0]] = n // fixed
+    order = [a for g in left for a in g if not a.isdigit()]
+    flat = x.reshape([known[a] for a in order])
+    out_names = [a for g in right for a in g if not a.isdigit()]
+    flat = flat.permute([order.index(a) for a in out_names])
+    return flat.reshape([math.prod(1 if a.isdigit() else known[a] for a in g) for g in right])
+
+
+class _Rearrange(nn.Module):
+    def __init__(self, pattern: str, **sizes: int) -> None:
+        super().__init__()
+        self.pattern, self.sizes = pattern, sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rearrange(x, self.pattern, **self.sizes)
+
+
+class _Cfg(dict):
+    """Attribute access to a nested dict (what their code uses of OmegaConf's DictConfig)."""
+
+    def __getattr__(self, k: str) -> Any:
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __getitem__(self, k: str) -> Any:
+        v = dict.__getitem__(self, k)
+        return _Cfg(v) if isinstance(v, dict) and not isinstance(v, _Cfg) else v
+
+    def get(self, k: str, default: Any = None) -> Any:
+        return self[k] if k in self else default
+
+
+def _resolve(tree: Any, root: Optional[dict] = None) -> Any:
+    """Resolve ``${a.b.c}`` interpolations (whole-value references only)."""
+    root = tree if root is None else root
+    if isinstance(tree, dict):
+        return {k: _resolve(v, root) for k, v in tree.items()}
+    if isinstance(tree, str) and (m := re.fullmatch(r"\$\{([\w.]+)\}", tree)):
+        v: Any = root
+        for part in m.group(1).split("."):
+            v = v[part]
+        return _resolve(v, root)
+    return tree
+
+
+class _OmegaConf:
+    @staticmethod
+    def create(obj: Any) -> _Cfg:
+        if dataclasses.is_dataclass(obj):
+            obj = dataclasses.asdict(obj)
+        return _Cfg(_resolve(dict(obj)))
+
+    @staticmethod
+    def to_container(cfg: Any) -> dict:
+        return {k: _OmegaConf.to_container(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+
+
+def _shim_modules() -> dict[str, dict[str, types.ModuleType]]:
+    from torch.nn.init import trunc_normal_
+
+    def noop_gather(x: Any) -> Any:
+        return x
+
+    def fused() -> bool:
+        return True
+
+    timm = {
+        "timm": _module("timm"),
+        "timm.layers": _module("timm.layers", Mlp=_TimmMlp, DropPath=lambda *a, **k: nn.Identity(),
+                               PatchEmbed=_NoPatchEmbed, use_fused_attn=fused),
+        "timm.layers.mlp": _module("timm.layers.mlp", Mlp=_TimmMlp),
+        "timm.layers.drop": _module("timm.layers.drop", DropPath=lambda *a, **k: nn.Identity()),
+        "timm.models": _module("timm.models"),
+        "timm.models.layers": _module("timm.models.layers", trunc_normal_=trunc_normal_),
+        "timm.data": _module("timm.data", IMAGENET_DEFAULT_MEAN=(0.485, 0.456, 0.406),
+                             IMAGENET_DEFAULT_STD=(0.229, 0.224, 0.225)),
+    }
+    return {
+        "timm": timm,
+        "accelerate": {
+            "accelerate": _module("accelerate"),
+            "accelerate.utils": _module("accelerate.utils"),
+            "accelerate.utils.operations": _module("accelerate.utils.operations", gather=noop_gather),
+        },
+        "einops": {
+            "einops": _module("einops", rearrange=_rearrange),
+            "einops.layers": _module("einops.layers"),
+            "einops.layers.torch": _module("einops.layers.torch", Rearrange=_Rearrange),
+        },
+        "omegaconf": {"omegaconf": _module("omegaconf", OmegaConf=_OmegaConf)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# loading the official code
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Official:
+    root: Path
+    commit: Optional[str]
+    shimmed: list[str]
+    restok: types.ModuleType
+    gpt_har: types.ModuleType
+    gpt_vanilla: types.ModuleType
+    generate: types.ModuleType
+    config: Any
+
+
+def _commit_of(root: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    f = root / ".commit"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def load_official(path: str) -> Official:
+    """Import the authors' model code from a checkout (shims only for modules that are missing)."""
+    root = Path(path).expanduser().resolve()
+    if not (root / "modeling" / "restok.py").is_file() or not (root / "autoregressive" / "models" / "gpt_har.py").is_file():
+        raise SystemExit(f"{root} is not a checkout of Kwai-Kolors/ResTok (no modeling/restok.py)")
+    shimmed = []
+    for name, mods in _shim_modules().items():
+        if importlib.util.find_spec(name) is None:
+            sys.modules.update(mods)
+            shimmed.append(name)
+    for pkg in ("modeling", "modeling.modules", "modeling.quantizer", "autoregressive", "autoregressive.models", "utils"):
+        m = types.ModuleType(pkg)
+        m.__path__ = [str(root / pkg.replace(".", "/"))]
+        sys.modules[pkg] = m
+    sys.path.insert(0, str(root))
+    import yaml
+
+    omegaconf = importlib.import_module("omegaconf")
+    raw = yaml.safe_load((root / INFER_CONFIG).read_text())
+    cfg = omegaconf.OmegaConf.create(raw if "omegaconf" not in shimmed else _resolve(raw))
+    return Official(root, _commit_of(root), shimmed,
+                    importlib.import_module("modeling.restok"),
+                    importlib.import_module("autoregressive.models.gpt_har"),
+                    importlib.import_module("autoregressive.models.gpt_vanilla"),
+                    importlib.import_module("autoregressive.models.generate"), cfg)
+
+
+class ScaleRecorder:
+    """Wraps their ``step_schedule`` and records the guidance scale of every forward pass."""
+
+    def __init__(self, generate_module: types.ModuleType) -> None:
+        self.mod, self.orig, self.scales = generate_module, generate_module.step_schedule, []
+
+    def __enter__(self) -> "ScaleRecorder":
+        def wrapped(*a: Any, **k: Any) -> float:
+            s = self.orig(*a, **k)
+            self.scales.append(float(s))
+            return s
+
+        self.mod.step_schedule = wrapped
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mod.step_schedule = self.orig
+
+
+# ---------------------------------------------------------------------------------------------
+# models with the same weights
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizers(off: Official, seed: int) -> tuple[nn.Module, ResTok]:
+    torch.manual_seed(seed)
+    theirs = off.restok.ResTok(off.config).eval()
+    sd = theirs.state_dict()
+    cfg = infer_restok_config(sd, image_size=off.config.dataset.preprocessing.crop_size)
+    ours = ResTok(cfg)
+    ours.load_state_dict(convert_restok_checkpoint(sd, cfg))
+    return theirs, ours.eval()
+
+
+def _randomize_gpt(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def gpt_config_of(official_args: Any, num_placeholders: int) -> GPTConfig:
+    return GPTConfig(vocab_size=official_args.vocab_size, dim=official_args.dim, depth=official_args.n_layer,
+                     num_heads=official_args.n_head, num_classes=official_args.num_classes,
+                     num_placeholders=num_placeholders, ffn_multiple_of=official_args.multiple_of,
+                     ffn_dim_multiplier=official_args.ffn_dim_multiplier, norm_eps=official_args.norm_eps,
+                     rope_base=float(official_args.rope_base))
+
+
+def build_gpts(off: Official, seed: int, vanilla: bool) -> tuple[nn.Module, GPT]:
+    """Their GPT-L (HAR, or the plain next-token model) and ours with the same random weights."""
+    torch.manual_seed(seed)
+    models = off.gpt_vanilla.GPT_models if vanilla else off.gpt_har.GPT_models
+    theirs = models[off.config.model.generator.model_type](off.config).eval()
+    _randomize_gpt(theirs, seed)
+    cfg = gpt_config_of(theirs.config, 0 if vanilla else theirs.spe_token_num)
+    ours = GPT(cfg)
+    ours.load_state_dict(convert_llamagen_state_dict(theirs.state_dict(), cfg))
+    return theirs, ours.eval()
+
+
+def share_gpt_weights(src: nn.Module, vanilla: nn.Module) -> None:
+    """Give their vanilla GPT the HAR model's weights (all but the placeholder table)."""
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("spe_tok_embeddings.")}
+    missing, unexpected = vanilla.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(("kv_cache.k_cache", "kv_cache.v_cache"))]:
+        raise RuntimeError(f"vanilla GPT does not take the HAR weights: missing {missing}, unexpected {unexpected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the runs
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, wait_quiet: float) -> dict[str, Samples]:
+    """Interleaved rounds (every variant once per round) after ``warmup`` rounds; with
+    ``wait_quiet`` > 0 each round first waits (up to that many seconds) for other processes to
+    leave the CPUs alone."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out = {k: Samples() for k in fns}
+    for r in range(rounds):
+        if wait_quiet > 0:
+            wait_for_quiet(wait_quiet)
+        for k, fn in fns.items():
+            time_once(fn, "cpu", out[k])
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {v.seconds[-1]:.3f}s (others {v.other_cpu[-1] or 0:.0%})" for k, v in out.items()), flush=True)
+    return out
+
+
+def _row(what: str, res: dict[str, Samples], official: str, ours: str, per: int = 1, reference: Optional[str] = None) -> dict:
+    o, u = res[official].summary(), res[ours].summary()
+    row = {"what": what, "official": o["median"] / per, "ours": u["median"] / per, "speedup": o["median"] / u["median"],
+           "official_min": o["min"] / per, "ours_min": u["min"] / per, "speedup_min": o["min"] / u["min"], "n": o["n"],
+           "other_cpu": max(o["other_cpu_median"], u["other_cpu_median"]),
+           "samples": {k: res[k].seconds for k in (official, ours, reference) if k}}
+    if reference:
+        r = res[reference].summary()
+        row["ours_reference_paths"] = r["median"] / per
+    return row
+
+
+def tokenizer_section(off: Official, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    theirs, ours = build_tokenizers(off, args.seed)
+    x01 = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(args.seed))
+    x = x01 * 2 - 1
+    parity: dict[str, Any] = {}
+    with torch.inference_mode():
+        zq, rd = theirs.encode(x01)
+        idx_t = rd["min_encoding_indices"].reshape(args.batch, -1)
+        enc = ours.encode(x)
+        idx_o = enc["indices"]
+        same = idx_t == idx_o
+        parity["encode_codes_identical"] = f"{int(same.sum())}/{same.numel()}"
+        if not bool(same.all()):  # how close were the competing codebook distances?
+            d = rd["distances"].reshape(args.batch, -1, idx_t.shape[1]).transpose(1, 2)  # (B, N, K)
+            gap = (d.gather(-1, idx_o[..., None]) - d.gather(-1, idx_t[..., None])).squeeze(-1)[~same]
+            parity["encode_mismatch_distance_gap_max"] = float(gap.abs().max())
+        lat_t = zq.reshape(args.batch, zq.shape[1], -1).transpose(1, 2)
+        parity["encode_quantized_max_abs_diff"] = float((lat_t - enc["quantized"]).abs().max())
+        img_t = theirs.decode_tokens(idx_t.long())
+        img_o = ours.decode_indices(idx_t.long())
+        parity["decode_rel_max_err"] = float(((img_o + 1) / 2 - img_t).abs().max() / img_t.abs().max())
+    print(f"tokenizer parity: {parity}", flush=True)
+    codes = idx_t.long()
+
+    def with_paths(fast: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            ours.set_fast_paths(fast)
+            return fn()
+        return run
+
+    fns = {
+        "encode official": lambda: theirs.encode(x01),
+        "encode ours": with_paths(True, lambda: ours.encode(x)),
+        "decode official": lambda: theirs.decode_tokens(codes),
+        "decode ours": with_paths(True, lambda: ours.decode_indices(codes)),
+    }
+    if args.reference_paths:
+        fns["encode ours (reference paths)"] = with_paths(False, lambda: ours.encode(x))
+        fns["decode ours (reference paths)"] = with_paths(False, lambda: ours.decode_indices(codes))
+    with torch.inference_mode():
+        res = timed(fns, args.repeats, 1, args.wait_quiet)
+    ours.set_fast_paths(True)
+    ref = " (reference paths)" if args.reference_paths else None
+    rows = [_row(f"tokenizer {w}, per image (batch {args.batch})", res, f"{w} official", f"{w} ours", args.batch,
+                 f"{w} ours{ref}" if ref else None) for w in ("encode", "decode")]
+    del theirs, ours
+    return rows, parity
+
+
+def _their_generate(off: Official, fn_name: str, model: nn.Module, labels: torch.Tensor, n: int, *,
+                    sample: bool = True) -> torch.Tensor:
+    p = PUBLISHED
+    return getattr(off.generate, fn_name)(
+        model, labels, n, cfg_scale=p["cfg_scale"], cfg_interval=-1, cfg_schedule="step",
+        cfg_schedule_kwargs={"window_start": p["cfg_start"], "min_cfg_scale": p["min_cfg_scale"]},
+        ar_token_num=4, temperature=1.0, top_k=0, top_p=p["top_p"], sample_logits=sample)
+
+
+def _our_sample(model: GPT, labels: torch.Tensor, layout: Any, scales: Optional[list[float]] = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    p = PUBLISHED
+    return sample_layout(model, labels, layout, cfg_scale=p["cfg_scale"], cfg_schedule="step", cfg_start=p["cfg_start"],
+                         cfg_scales=scales, temperature=temperature, top_p=p["top_p"]).codes
+
+
+def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    theirs, ours = build_gpts(off, args.seed + 1, vanilla=False)
+    labels = torch.arange(args.batch) * 97 % 1000
+    N = theirs.block_size
+    parity: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name, sample in (("greedy", False), ("sampled", True)):
+            torch.manual_seed(args.seed)
+            with ScaleRecorder(off.generate) as rec:
+                ct = _their_generate(off, "generate_har", theirs, labels, N, sample=sample)
+            torch.manual_seed(args.seed)
+            co = _our_sample(ours, labels, har_layout(N, 4), rec.scales, temperature=1.0 if sample else 0.0)
+            parity[f"har_{name}_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
+        parity["official_har_cfg_scales"] = rec.scales
+    print(f"HAR parity: {parity}", flush=True)
+
+    def ours_with(fast: bool, layout: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            ours.set_fast_paths(fast)
+            return _our_sample(ours, labels, layout)
+        return run
+
+    fns = {"har official": lambda: _their_generate(off, "generate_har", theirs, labels, N),
+           "har ours": ours_with(True, har_layout(N, 4))}
+    if args.reference_paths:
+        fns["har ours (reference paths)"] = ours_with(False, har_layout(N, 4))
+    with torch.inference_mode():
+        res = timed(fns, args.repeats, 1, args.wait_quiet)
+    rows = [_row(f"HAR sampling, batch {args.batch} + CFG (9 passes)", res, "har official", "har ours",
+                 reference="har ours (reference paths)" if args.reference_paths else None)]
+    if args.ar_repeats > 0:
+        vanilla = off.gpt_vanilla.GPT_models[off.config.model.generator.model_type](off.config).eval()
+        share_gpt_weights(theirs, vanilla)
+        del theirs
+        with torch.inference_mode():
+            torch.manual_seed(args.seed)
+            with ScaleRecorder(off.generate) as rec:
+                ct = _their_generate(off, "generate", vanilla, labels, N)
+            torch.manual_seed(args.seed)
+            co = _our_sample(ours, labels, ar_layout(N), rec.scales)
+            parity["ar_sampled_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
+            print(f"AR parity: {parity['ar_sampled_codes_identical']}", flush=True)
+            fns = {"ar official": lambda: _their_generate(off, "generate", vanilla, labels, N),
+                   "ar ours": ours_with(True, ar_layout(N))}
+            res = timed(fns, args.ar_repeats, 0, args.wait_quiet)
+        rows.append(_row(f"token-by-token AR, batch {args.batch} + CFG ({N} passes)", res, "ar official", "ar ours"))
+    ours.set_fast_paths(True)
+    return rows, parity
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--official", required=True, help="path of a local checkout of github.com/Kwai-Kolors/ResTok")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of the tokenizer and HAR runs (median)")
+    ap.add_argument("--ar-repeats", type=int, default=1, help="timed rounds of token-by-token AR (0 skips it)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference-paths", action="store_true",
+                    help="also time ours with its fast paths switched off (set_fast_paths(False))")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each timed round wait up to this long for other processes to leave the CPUs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=("tokenizer", "sampling"), default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    off = load_official(args.official)
+    print(f"official checkout {off.root} @ {off.commit}; shimmed: {off.shimmed or 'none'}", flush=True)
+    rows, parity = [], {}
+    if args.only in (None, "tokenizer"):
+        r, p = tokenizer_section(off, args)
+        rows += r
+        parity.update(p)
+    if args.only in (None, "sampling"):
+        r, p = sampling_section(off, args)
+        rows += r
+        parity.update(p)
+    print()
+    print_table(rows, [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"), ("ours", "ours s", ".3f"),
+                       ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
+                       ("ours_reference_paths", "ours, reference paths s", ".3f"), ("other_cpu", "others' CPU", ".0%")])
+    write_json(args.json, {"machine": machine_info(), "official_commit": off.commit, "shimmed": off.shimmed,
+                           "args": vars(args), "published_setting": PUBLISHED, "rows": rows, "parity": parity})
+
+
+if __name__ == "__main__":
+    main()
