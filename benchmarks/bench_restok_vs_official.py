@@ -47,7 +47,8 @@ Parity. Encode: identical code indices (a mismatch can only come from a near-tie
 codebook distances; the script reports the distance gap of any mismatch). Decode: relative max
 error of the images. Sampling: both samplers draw every code with ``torch.multinomial`` over a
 (rows, V) probability matrix in the same row order, so with the same seed they consume the same
-random stream and must return the same codes. The release's CFG "step" schedule is not ours:
+random stream and must return the same codes (checked once sampled and once greedy). The
+release's CFG "step" schedule is not ours:
 their ratio is computed from a token counter with a quirk in the next-token phase, and the
 unguided scale is ``min_cfg_scale + 1e-4``. For the parity run the script records the scale
 their sampler used at every forward pass (by wrapping their ``step_schedule``) and passes that
@@ -64,7 +65,6 @@ import dataclasses
 import importlib
 import importlib.util
 import math
-import os
 import re
 import subprocess
 import sys
@@ -272,14 +272,15 @@ def _commit_of(root: Path) -> Optional[str]:
 def load_official(path: str) -> Official:
     """Import the authors' model code from a checkout (shims only for modules that are missing)."""
     root = Path(path).expanduser().resolve()
-    if not (root / "modeling" / "restok.py").is_file() or not (root / "autoregressive" / "models" / "gpt_har.py").is_file():
+    if not all((root / f).is_file() for f in ("modeling/restok.py", "autoregressive/models/gpt_har.py")):
         raise SystemExit(f"{root} is not a checkout of Kwai-Kolors/ResTok (no modeling/restok.py)")
     shimmed = []
     for name, mods in _shim_modules().items():
         if importlib.util.find_spec(name) is None:
             sys.modules.update(mods)
             shimmed.append(name)
-    for pkg in ("modeling", "modeling.modules", "modeling.quantizer", "autoregressive", "autoregressive.models", "utils"):
+    packages = ("modeling", "modeling.modules", "modeling.quantizer", "autoregressive", "autoregressive.models", "utils")
+    for pkg in packages:
         m = types.ModuleType(pkg)
         m.__path__ = [str(root / pkg.replace(".", "/"))]
         sys.modules[pkg] = m
@@ -391,7 +392,8 @@ def timed(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, wait_quie
     return out
 
 
-def _row(what: str, res: dict[str, Samples], official: str, ours: str, per: int = 1, reference: Optional[str] = None) -> dict:
+def _row(what: str, res: dict[str, Samples], official: str, ours: str, per: int = 1,
+         reference: Optional[str] = None) -> dict:
     o, u = res[official].summary(), res[ours].summary()
     row = {"what": what, "official": o["median"] / per, "ours": u["median"] / per, "speedup": o["median"] / u["median"],
            "official_min": o["min"] / per, "ours_min": u["min"] / per, "speedup_min": o["min"] / u["min"], "n": o["n"],
@@ -519,7 +521,8 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", required=True, help="path of a local checkout of github.com/Kwai-Kolors/ResTok")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds of the tokenizer and HAR runs (median)")
@@ -546,8 +549,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows += r
         parity.update(p)
     print()
-    print_table(rows, [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"), ("ours", "ours s", ".3f"),
-                       ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
+    print_table(rows, [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"),
+                       ("ours", "ours s", ".3f"), ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
                        ("ours_reference_paths", "ours, reference paths s", ".3f"), ("other_cpu", "others' CPU", ".0%")])
     write_json(args.json, {"machine": machine_info(), "official_commit": off.commit, "shimmed": off.shimmed,
                            "args": vars(args), "published_setting": PUBLISHED, "rows": rows, "parity": parity})

@@ -176,7 +176,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
     return ang.cos(), ang.sin()
 
 
-def apply_rope_1d(x_BHLK: torch.Tensor, cos_LK2: torch.Tensor, sin_LK2: torch.Tensor, fast: bool = True) -> torch.Tensor:
+def apply_rope_1d(x_BHLK: torch.Tensor, cos_LK2: torch.Tensor, sin_LK2: torch.Tensor,
+                  fast: bool = True) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) by the angles of each position (LlamaGen layout).
 
     ``fast`` uses :func:`hieratok.nn.rope.rotate_pairs` (a complex multiply for float32 inputs);

@@ -25,7 +25,8 @@ tests/restok/test_conv_fast_paths.py):
   channels-last tensors (oneDNN's native layout, about 20% faster there); outputs come back in
   the default layout.
 - ``ConvResBlock.inplace_act``: when no gradient is recorded (``torch.no_grad`` /
-  ``torch.inference_mode``), SiLU and the residual add run in place, which saves two full-resolution tensors (and their fresh-page faults) per block.
+  ``torch.inference_mode``), SiLU and the residual add run in place, which saves two
+  full-resolution tensors (and their fresh-page faults) per block.
 - ``ConvDecoder.fused_upsample``: nearest 2x upsampling followed by a 3x3 convolution equals,
   for each of the four output phases (row parity a, column parity b), a 2x2 convolution of the
   low-resolution map whose taps are sums of the 3x3 taps (:func:`upsample_conv_phase_weight`).
