@@ -1,13 +1,11 @@
-"""GPT sampling fast paths (oneDNN small-batch linear, complex RoPE, unmasked full-prefix steps)
+"""GPT sampling fast paths (prepacked linear weights, complex RoPE, unmasked full-prefix steps)
 against their reference paths, and replaying explicit per-pass guidance scales."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hieratok.generators.har import cfg_scale_at, har_layout, sample_layout, training_batch
 from hieratok.generators.llamagen import GPT, apply_rope_1d, gpt_config
-from hieratok.nn.linear import SMALL_ROWS, Linear, linear
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +16,6 @@ def model() -> GPT:
         for p in m.parameters():
             p.normal_(0, 0.2)
     return m
-
-
-@pytest.mark.parametrize("rows", [1, 8, SMALL_ROWS, SMALL_ROWS + 1])
-def test_linear_matches_f_linear(gen, rows):
-    x = torch.randn(rows, 48, generator=gen)
-    w, b = torch.randn(40, 48, generator=gen), torch.randn(40, generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(linear(x.view(rows, 1, 48), w, None), F.linear(x.view(rows, 1, 48), w))
-
-
-def test_linear_keeps_autograd_and_the_module_state_dict(gen):
-    lin = Linear(6, 4)
-    assert set(lin.state_dict()) == {"weight", "bias"}
-    x = torch.randn(3, 6, generator=gen, requires_grad=True)
-    lin(x).sum().backward()  # grad mode: the plain F.linear path
-    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 6))
 
 
 def test_rope_fast_path_matches_reference(gen):

@@ -161,3 +161,17 @@ def test_inplace_gelu_matches_reference(gen):
     mlp.act = torch.nn.GELU(approximate="tanh")
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh")))
+
+
+def test_mlp_row_chunks_match_one_pass(gen, monkeypatch):
+    mlp = Mlp(24, 96, bias=True)
+    x = torch.randn(5, 7, 24, generator=gen)
+    with torch.no_grad():
+        whole = mlp(x)
+        monkeypatch.setattr(Mlp, "CHUNK_BYTES", 96 * 4 * 6)  # 6 rows of hidden per chunk: 6 chunks
+        chunked = mlp(x)
+        mlp.inplace_act = False
+        ref = mlp(x)
+    assert chunked.shape == (5, 7, 24)
+    torch.testing.assert_close(chunked, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(whole, ref, atol=1e-6, rtol=1e-6)

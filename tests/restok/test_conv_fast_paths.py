@@ -89,3 +89,29 @@ def test_in_place_ops_stay_off_while_autograd_records(gen):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8
+
+
+def test_conv_add_equals_conv_then_add(gen):
+    from hieratok.nn.conv_autoencoder import conv_add_
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 9, 11, generator=gen).contiguous(memory_format=cl)
+    acc = torch.randn(2, 8, 9, 11, generator=gen).contiguous(memory_format=cl)
+    with torch.no_grad():
+        ref = acc + conv(x)
+        out = conv_add_(acc, x, conv)
+    assert out.data_ptr() == acc.data_ptr()  # written in place
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_res_block_overwrites_its_input_only_when_it_owns_it(gen):
+    blk = ConvResBlock(8, 8, groups=4).eval()
+    x = torch.randn(2, 8, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    with torch.no_grad():
+        ref = blk(x)
+        assert torch.equal(x, keep)  # not owned: untouched
+        out = blk(x, owns_input=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.data_ptr() == x.data_ptr()  # owned: the residual sum reused the input's memory

@@ -15,8 +15,8 @@ Decoding uses :class:`KVCache`: preallocated keys and values per layer, a prefil
 of any number of new tokens, each with its own rows of the attention mask.
 
 Fast paths for sampling on CPU (:meth:`GPT.set_fast_paths` switches them to their reference
-paths; parity: tests/har/test_gpt_fast_paths.py): the linear layers send calls with few rows to
-oneDNN (:class:`hieratok.nn.linear.Linear`), RoPE rotates the channel pairs as one complex
+paths; parity: tests/har/test_gpt_fast_paths.py): the linear layers keep their weights prepacked
+for MKL's gemm (:class:`hieratok.nn.linear.Linear`), RoPE rotates the channel pairs as one complex
 multiply (:func:`hieratok.nn.rope.rotate_pairs`), and a mask whose rows see every key so far
 (every step of a block-causal layout) runs as unmasked attention.
 
@@ -313,6 +313,8 @@ class GPT(PretrainedMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.fast = enabled
+                if not enabled:
+                    m.release_pack()
             elif isinstance(m, SelfAttention):
                 m.fast_rope = enabled
 

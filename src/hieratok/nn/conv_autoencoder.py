@@ -26,7 +26,10 @@ tests/restok/test_conv_fast_paths.py):
   the default layout.
 - ``ConvResBlock.inplace_act``: when no gradient is recorded (``torch.no_grad`` /
   ``torch.inference_mode``), SiLU and the residual add run in place, which saves two
-  full-resolution tensors (and their fresh-page faults) per block.
+  full-resolution tensors (and their fresh-page faults) per block. Inside the encoder / decoder
+  (whose intermediate maps nobody else holds) the second convolution of an identity block adds
+  its output straight into the block input (oneDNN's convolution with a "sum" post-op,
+  :func:`conv_add_`): one fewer full-resolution tensor and one fewer pass over it.
 - ``ConvDecoder.fused_upsample``: nearest 2x upsampling followed by a 3x3 convolution equals,
   for each of the four output phases (row parity a, column parity b), a 2x2 convolution of the
   low-resolution map whose taps are sums of the 3x3 taps (:func:`upsample_conv_phase_weight`).
@@ -45,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvResBlock", "ConvEncoder", "ConvDecoder", "upsample_conv_phase_weight", "upsample_conv"]
+_MKLDNN_CONV_ADD = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+__all__ = ["ConvResBlock", "ConvEncoder", "ConvDecoder", "upsample_conv_phase_weight", "upsample_conv", "conv_add_"]
 
 
 def _conv(c_in: int, c_out: int, k: int, bias: bool = True) -> nn.Conv2d:
@@ -64,13 +69,31 @@ class ConvResBlock(nn.Module):
         self.nin_shortcut = _conv(c_out, c_out, 1, bias=False) if c_in != c_out else None
         self.inplace_act = True
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BCHW: torch.Tensor, owns_input: bool = False) -> torch.Tensor:
+        """``owns_input``: the caller will not read ``x_BCHW`` again, so it may be overwritten."""
         inplace = self.inplace_act and not torch.is_grad_enabled()  # no graph records these tensors
         h = self.conv1(F.silu(self.norm1(x_BCHW), inplace=inplace))
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        if inplace and owns_input and self.nin_shortcut is None and _can_conv_add(x_BCHW, h):
+            return conv_add_(x_BCHW, h, self.conv2)
+        h = self.conv2(h)
         if self.nin_shortcut is not None:  # released-weights behaviour: shortcut of the branch output
             return h.add_(self.nin_shortcut(h)) if inplace else h + self.nin_shortcut(h)
         return h.add_(x_BCHW) if inplace else h + x_BCHW
+
+
+def _can_conv_add(acc: torch.Tensor, x: torch.Tensor) -> bool:
+    cl = torch.channels_last
+    return (_MKLDNN_CONV_ADD and acc.device.type == "cpu" and acc.dtype == x.dtype == torch.float32
+            and acc.is_contiguous(memory_format=cl) and x.is_contiguous(memory_format=cl))
+
+
+def conv_add_(acc_BCHW: torch.Tensor, x_BCHW: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``acc += conv(x)`` in place, as one oneDNN convolution with a sum post-op (CPU, float32,
+    channels-last, no autograd; ``acc`` must have the convolution's output shape)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        acc_BCHW, x_BCHW, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "add", None, None, [], None)
 
 
 def upsample_conv_phase_weight(weight_OI33: torch.Tensor) -> torch.Tensor:
@@ -144,11 +167,11 @@ class ConvEncoder(nn.Module):
         h = self.conv_in(_to_layout(x_BCHW, self.channels_last))
         for i, level in enumerate(self.down):
             for blk in level.block:
-                h = blk(h)
+                h = blk(h, owns_input=True)
             if i < len(self.down) - 1:
                 h = F.avg_pool2d(h, kernel_size=2, stride=2)
         for blk in self.mid:
-            h = blk(h)
+            h = blk(h, owns_input=True)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
@@ -183,10 +206,10 @@ class ConvDecoder(nn.Module):
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(_to_layout(z_BCHW, self.channels_last))
         for blk in self.mid:
-            h = blk(h)
+            h = blk(h, owns_input=True)
         for level in reversed(self.up):
             for blk in level.block:
-                h = blk(h)
+                h = blk(h, owns_input=True)
             if level.upsample_conv is not None:
                 if self.fused_upsample:
                     h = upsample_conv(h, level.upsample_conv)

@@ -1,0 +1,54 @@
+"""The prepacked-weight CPU path of hieratok.nn.linear.Linear against F.linear (its reference path)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hieratok.nn.linear import Linear, mkl_packing_available, pack_weight
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL packed gemm")
+
+
+@needs_mkl
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (8, 48), (513, 48), (3, 5, 48)])
+def test_packed_path_matches_f_linear(gen, bias, shape):
+    lin = Linear(48, 40, bias=bias)
+    x = torch.randn(*shape, generator=gen)
+    with torch.no_grad():
+        out = lin(x)
+        assert lin._pack is not None  # the packed path ran
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert out.shape == (*shape[:-1], 40)
+
+
+@needs_mkl
+def test_pack_follows_weight_updates(gen):
+    lin = Linear(16, 8)
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad():
+        lin(x)
+        first = lin._pack
+        lin.weight.mul_(-2.0)  # in-place update (an optimizer step): the version counter moves
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        assert lin._pack is not first
+        lin.load_state_dict({"weight": torch.randn(8, 16, generator=gen), "bias": torch.zeros(8)})
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_path_training_and_state_dict(gen):
+    lin = Linear(6, 4)
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 6, generator=gen, requires_grad=True)
+    lin(x).sum().backward()  # autograd on: plain F.linear, gradients flow
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 6))
+    assert lin._pack is None
+    lin.fast = False
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert lin._pack is None
+
+
+def test_pack_weight_declines_what_it_cannot_pack():
+    assert pack_weight(torch.randn(4, 3, dtype=torch.float64)) is None
+    assert pack_weight(torch.randn(2, 4, 3)) is None
