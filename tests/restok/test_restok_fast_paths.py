@@ -89,3 +89,28 @@ def test_training_step_is_unchanged_by_the_fast_paths(tiny, gen):
         tiny.set_fast_paths(True)
         tiny.eval()
         tiny.zero_grad(set_to_none=True)
+
+
+def test_last_layers_run_only_the_rows_that_are_read(tiny, gen):
+    """Codes-only encoding skips the image rows of the encoder's last layer, and the decoder's last
+    layer skips the latent rows: same codes, latents and images as computing every row."""
+    x = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        full = tiny.encode(x)  # image tokens wanted: every row of every layer
+        codes_only = tiny.encode(x, image_tokens=False)
+        assert codes_only["image_tokens"] == [] and "encoder_alignment" not in codes_only
+        torch.testing.assert_close(codes_only["latents"], full["latents"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(tiny.encode_indices(x), full["indices"])
+        dec = tiny.decoder
+        dec.last_layer_needed_rows = False
+        try:
+            ref = tiny.decode(full["quantized"])
+        finally:
+            dec.last_layer_needed_rows = True
+        torch.testing.assert_close(tiny.decode(full["quantized"]), ref, atol=1e-5, rtol=1e-5)
+    # the query-row mask is the tail of the full mask
+    blocks = [16, 32, 1, 1, 2, 4, 8, 16]
+    tail = tiny.encoder._mask(blocks, torch.device("cpu"), q_from=48)
+    dense = tail.dense if isinstance(tail, SegmentedMask) else tail
+    full_mask = tiny.encoder._mask(blocks, torch.device("cpu"))
+    assert torch.equal(dense, (full_mask.dense if isinstance(full_mask, SegmentedMask) else full_mask)[48:])

@@ -66,7 +66,7 @@ def _reconstruct(model: Any, x: torch.Tensor) -> tuple[list[torch.Tensor], Optio
     """(pyramid coarse to fine, code indices or None): HieraTok decodes the posterior mode at every
     scale; a VQ tokenizer (ResTok) decodes its code indices, which also feed the codebook statistics."""
     if hasattr(model, "decode_indices"):
-        idx = model.encode(x)["indices"]
+        idx = model.encode_indices(x)
         return [model.decode_indices(idx)], idx
     return model.decode(model.encode(x).mode(), all_scales=True), None
 

@@ -29,7 +29,7 @@ class LoadedTokenizer:
         """Latents (posterior mode) for HieraTok, code indices for ResTok."""
         if self.kind == "hieratok":
             return self.model.encode(x).mode()
-        return self.model.encode(x)["indices"]
+        return self.model.encode_indices(x)
 
 
 def load_any_tokenizer(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedTokenizer:

@@ -352,15 +352,18 @@ class RoPEAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fast_rope = True
 
-    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None,
+                q_from: int = 0) -> torch.Tensor:
+        """Attention of the queries ``x[:, q_from:]`` over all of ``x``; ``mask`` has those query rows."""
         B, L, D = x_BLD.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x_BLD, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, K)
         rotate = apply_rope if self.fast_rope else apply_rope_reference
-        q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
+        q = rotate(self.q_norm(q[:, :, q_from:]), (rope[0][q_from:], rope[1][q_from:]))
+        k = rotate(self.k_norm(k), rope)
         o_BHLK = attention(q, k, v, mask, self.backend)
-        return self.proj(o_BHLK.transpose(1, 2).reshape(B, L, D))
+        return self.proj(o_BHLK.transpose(1, 2).reshape(B, L - q_from, D))
 
 
 class ResTokBlock(nn.Module):
@@ -378,14 +381,17 @@ class ResTokBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=True)
         self.layer_scale2 = nn.Parameter(torch.ones(dim))
 
-    def attend(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
-        return torch.addcmul(x_BLD, self.layer_scale1, self.attn(self.norm1(x_BLD), rope, mask))  # x + g1 * attn
+    def attend(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None,
+               q_from: int = 0) -> torch.Tensor:
+        """``x + g1 * attn``; with ``q_from`` only the rows ``x[:, q_from:]`` (all rows still give keys)."""
+        return torch.addcmul(x_BLD[:, q_from:], self.layer_scale1, self.attn(self.norm1(x_BLD), rope, mask, q_from))
 
     def feed_forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x_BLD, self.layer_scale2, self.mlp(self.norm2(x_BLD)))  # x + g2 * mlp
 
-    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None) -> torch.Tensor:
-        return self.feed_forward(self.attend(x_BLD, rope, mask))
+    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: MaskLike = None,
+                q_from: int = 0) -> torch.Tensor:
+        return self.feed_forward(self.attend(x_BLD, rope, mask, q_from))
 
 
 class _Stack(nn.Module):
@@ -398,6 +404,7 @@ class _Stack(nn.Module):
         self.head_dim, self.theta, self.backend = dim // heads, cfg.rope_theta, cfg.attn_backend
         self.grad_checkpointing = False
         self.segment_masks = True
+        self.last_layer_needed_rows = True  # fast path: the last layer computes only the rows that are read
         self._cache: dict[Any, Any] = {}
 
     def set_backend(self, backend: str) -> None:
@@ -407,7 +414,7 @@ class _Stack(nn.Module):
         self._cache.clear()
 
     def set_fast_paths(self, enabled: bool) -> None:
-        self.segment_masks = enabled
+        self.segment_masks = self.last_layer_needed_rows = enabled
         for b in self.blocks:
             b.attn.fast_rope = enabled
             b.mlp.inplace_act = enabled
@@ -419,14 +426,19 @@ class _Stack(nn.Module):
             self._cache[k] = rope_table(positions(), [self.head_dim // 2, self.head_dim // 2], self.theta)
         return self._cache[k]
 
-    def _mask(self, blocks: Sequence[int], device: torch.device) -> MaskLike:
+    def _mask(self, blocks: Sequence[int], device: torch.device, q_from: int = 0) -> MaskLike:
+        """Block-causal mask over ``blocks``; with ``q_from`` only its query rows from there on."""
         # segments need the mask's values (host syncs): not on the meta device, not inside a compiled graph
         segmented = (self.segment_masks and self.backend == "sdpa" and torch.device(device).type != "meta"
                      and not torch.compiler.is_compiling())
-        key = ("mask", tuple(blocks), str(device), self.backend, segmented)
+        key = ("mask", tuple(blocks), str(device), self.backend, segmented, q_from)
         if key not in self._cache:
             L = sum(blocks)
-            if self.backend == "flex":
+            if q_from:
+                dense = block_causal_mask(blocks, device)[q_from:]
+                seg = segment_mask(dense) if segmented else None
+                self._cache[key] = dense if seg is None else seg
+            elif self.backend == "flex":
                 from torch.nn.attention.flex_attention import create_block_mask
 
                 self._cache[key] = create_block_mask(block_causal_mask_mod(blocks, device), None, None, L, L, device=device)
@@ -472,8 +484,12 @@ class ResTokEncoder(_Stack):
         lat_BND = residual_latent_init(map_BDGG, self.grids, self.residual_latent)
         return img_BLD + self.stage_embed[0], lat_BND + self._level_expand(self.latent_level_embed).to(lat_BND.dtype)
 
-    def forward_tokens(self, img_BLD: torch.Tensor, lat_BND: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_tokens(self, img_BLD: torch.Tensor, lat_BND: torch.Tensor,
+                       image_tokens: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The transformer part.
+
+        With ``image_tokens=False`` (codes only) the last layer runs the latent rows alone (image
+        tokens never attend to latents, so nothing else reads them) and no stages are returned.
 
         Returns:
             ``(latents (B, N, D) after the final norm, [image stages coarse..fine, each (B, n_s, D)])``.
@@ -485,12 +501,14 @@ class ResTokEncoder(_Stack):
             s = len(stages) - 1
             grids = [(G, G // 2 ** k) for k in reversed(range(s + 1))]
             rope = self._rope(("enc", s, N), lambda g=grids: mixed_positions(g, N, tokens_first=False, device=x.device), x.device)
-            mask = self._mask(stages + self.levels, x.device)
             if i in self.merge_layers:
-                x = self._run(self._merge_layer, blk, x, rope, mask, stages[0], s + 1)
+                x = self._run(self._merge_layer, blk, x, rope, self._mask(stages + self.levels, x.device), stages[0], s + 1)
                 stages.insert(0, stages[0] // 2)
+            elif i == len(self.blocks) - 1 and not image_tokens and self.last_layer_needed_rows and self.backend != "flex":
+                q_from = x.shape[1] - N
+                return self.norm_post(self._run(blk, x, rope, self._mask(stages + self.levels, x.device, q_from), q_from)), []
             else:
-                x = self._run(blk, x, rope, mask)
+                x = self._run(blk, x, rope, self._mask(stages + self.levels, x.device))
         img, out = x[:, :-N], []
         for n in stages:
             out.append(img[:, :n])
@@ -514,9 +532,9 @@ class ResTokEncoder(_Stack):
             start += n
         return torch.cat(out, dim=1)
 
-    def forward(self, feat_BZGG: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, feat_BZGG: torch.Tensor, image_tokens: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CNN map -> (pre-quantisation latents (B, N, d), image stages coarse-first)."""
-        lat_BND, stages = self.forward_tokens(*self.embed(feat_BZGG))
+        lat_BND, stages = self.forward_tokens(*self.embed(feat_BZGG), image_tokens=image_tokens)
         return self.project(lat_BND), stages
 
 
@@ -559,9 +577,12 @@ class ResTokDecoder(_Stack):
             queries = torch.cat((queries, self.align_query.expand(B, G * G, -1).to(lat_BND.dtype)), dim=0)
         x = self.norm_pre(torch.cat((lat_BND, queries), dim=1))
         rope = self._rope(("dec", N), lambda: mixed_positions([(G, G)], N, tokens_first=True, device=x.device), x.device)
-        for blk in self.blocks:
-            x = self._run(blk, x, rope, None)
-        img = x[:, N:]
+        for i, blk in enumerate(self.blocks):
+            if i == len(self.blocks) - 1 and self.last_layer_needed_rows:  # only the image rows are read after it
+                x = self._run(blk, x, rope, None, N)
+            else:
+                x = self._run(blk, x, rope, None)
+        img = x[:, -G * G:]
         align = None
         if with_alignment:
             img, feat = img.chunk(2, dim=0)
@@ -688,8 +709,9 @@ class ResTok(PretrainedMixin, nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"expected images of shape (B, 3, {s}, {s}) in [-1, 1], got {tuple(x.shape)}")
 
-    def encode(self, x_BCHW: torch.Tensor) -> dict[str, Any]:
-        """Images in [-1, 1] -> codes.
+    def encode(self, x_BCHW: torch.Tensor, image_tokens: bool = True) -> dict[str, Any]:
+        """Images in [-1, 1] -> codes (``image_tokens=False``: no image stages and no alignment
+        output, and the encoder's last layer runs its latent rows alone; see :meth:`encode_indices`).
 
         Returns:
             dict with ``indices`` (B, N) int64, ``quantized`` (B, N, d) (straight-through),
@@ -701,13 +723,17 @@ class ResTok(PretrainedMixin, nn.Module):
         self._check_images(x_BCHW)
         x01 = (x_BCHW + 1.0) / 2.0
         feat = self.pixel_encoder((x01 - self.pixel_mean) / self.pixel_std)  # (B, Z, G, G)
-        z_BNd, stages = self.encoder(feat)
+        z_BNd, stages = self.encoder(feat, image_tokens)
         vq = self.quantizer(z_BNd)
         out = {"indices": vq.indices, "quantized": vq.quantized, "latents": z_BNd, "vq_loss": vq.loss,
                "commitment_loss": vq.commitment_loss, "codebook_loss": vq.codebook_loss, "image_tokens": stages}
-        if self.encoder_align is not None:
+        if self.encoder_align is not None and stages:
             out["encoder_alignment"] = self.encoder_align(stages[0])
         return out
+
+    def encode_indices(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> code indices (B, N): only what the codes need (inference, code extraction)."""
+        return self.encode(x_BCHW, image_tokens=False)["indices"]
 
     def decode(self, quantized_BNd: torch.Tensor, keep: KeepLike = None, with_alignment: bool = False) -> Any:
         """Code vectors (B, N, d) -> images in [-1, 1]; ``keep`` masks all but a prefix (int or (B,)).
