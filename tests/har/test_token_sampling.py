@@ -72,3 +72,16 @@ def test_step_schedule_of_the_published_evaluation():
     assert [cfg_scale_at(i, 9, 3.75) for i in range(9)] == [3.75] * 9
     with pytest.raises(ValueError, match="cfg_schedule"):
         cfg_scale_at(0, 9, 2.0, "cosine")
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5, 3.0, 12.0])  # flat .. peaked distributions
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_partial_sort_nucleus_equals_the_full_sort(scale, top_p):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 2048, generator=g) * scale
+    fast = filter_logits(logits, top_p=top_p, probe=64)  # small probe: both sides and the fallback run
+    ref = filter_logits(logits, top_p=top_p, probe=0)
+    assert torch.equal(fast.isfinite(), ref.isfinite())
+    for row, f in zip(logits[:4].double(), fast[:4]):  # and both are the brute-force nucleus
+        kept = set(torch.nonzero(f.isfinite()).flatten().tolist())
+        assert kept == _nucleus_bruteforce(row.softmax(-1).tolist(), top_p)

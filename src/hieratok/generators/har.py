@@ -179,12 +179,19 @@ def sequence_loss(model: GPT, codes_BN: torch.Tensor, labels_B: torch.Tensor, la
 # --- sampling utilities ------------------------------------------------------------------------
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, probe: int = 1024) -> torch.Tensor:
     """Set logits outside the top-k and outside the nucleus to -inf (last axis).
 
     top-k keeps the k largest (ties with the k-th are kept); top-p keeps the smallest set of the
-    most probable entries whose probabilities sum to at least ``top_p`` (always at least one).
-    ``top_k=0`` and ``top_p=1`` switch the filters off.
+    most probable entries whose probabilities sum to at least ``top_p`` (always at least one; an
+    entry tied with the least probable kept one is kept too). ``top_k=0`` and ``top_p=1`` switch
+    the filters off.
+
+    Fast path (``probe > 0``): the nucleus boundary is looked for among the ``probe`` largest
+    entries (peaked distributions) and then among the ``probe`` smallest (flat ones, whose
+    dropped tail is short); only rows where it is in neither are fully sorted. ``probe=0`` sorts
+    every row (the reference path). Both give the same sets up to float rounding of the running
+    sums at the boundary (tests/har/test_token_sampling.py).
     """
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
@@ -193,14 +200,44 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = out.sort(dim=-1, descending=True)
-        probs = sorted_logits.float().softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked entries
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
+        out = out.masked_fill(out < _nucleus_cut(out, top_p, probe), float("-inf"))
     return out
+
+
+def _nucleus_cut(logits: torch.Tensor, top_p: float, probe: int) -> torch.Tensor:
+    """Per row (..., 1), the smallest logit inside the top-p nucleus (see :func:`filter_logits`).
+
+    In descending order entry j is kept iff the mass ranked before it is below ``top_p``. The
+    running sums are float64, so the two ways of summing (from the top, from the bottom) agree.
+    """
+    V = logits.shape[-1]
+    k = min(probe, V - 1)
+    if k < 1:
+        return _nucleus_cut_sorted(logits, top_p)
+    lse = logits.double().logsumexp(dim=-1, keepdim=True)
+    top = logits.topk(k, dim=-1).values  # descending
+    pt = (top.double() - lse).exp()
+    n_keep = ((pt.cumsum(dim=-1) - pt) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    cut = top.gather(-1, n_keep - 1)
+    found = n_keep < k  # the first dropped entry is among the top k
+    if bool(found.all()):
+        return cut
+    bottom = logits.topk(k, dim=-1, largest=False).values  # ascending
+    pb = (bottom.double() - lse).exp()
+    n_drop = ((1.0 - pb.cumsum(dim=-1)) >= top_p).sum(dim=-1, keepdim=True)  # mass before >= top_p
+    low = n_drop < k  # the least probable kept entry is among the bottom k
+    cut = torch.where(found, cut, bottom.gather(-1, n_drop.clamp(max=k - 1)))
+    rest = ~(found | low)
+    if bool(rest.any()):
+        cut = torch.where(rest, _nucleus_cut_sorted(logits, top_p), cut)
+    return cut
+
+
+def _nucleus_cut_sorted(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    probs = sorted_logits.double().softmax(dim=-1)
+    n_keep = ((probs.cumsum(dim=-1) - probs) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    return sorted_logits.gather(-1, n_keep - 1)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
