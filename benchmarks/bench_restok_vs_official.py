@@ -49,13 +49,11 @@ Parity. Encode: identical code indices (a mismatch can only come from a near-tie
 codebook distances; the script reports the distance gap of any mismatch). Decode: relative max
 error of the images. Sampling: both samplers draw every code with ``torch.multinomial`` over a
 (rows, V) probability matrix in the same row order, so with the same seed they consume the same
-random stream and must return the same codes (checked once sampled and once greedy). The
-release's CFG "step" schedule is not ours:
-their ratio is computed from a token counter with a quirk in the next-token phase, and the
-unguided scale is ``min_cfg_scale + 1e-4``. For the parity run the script records the scale
-their sampler used at every forward pass (by wrapping their ``step_schedule``) and passes that
-list to ours (``sample_layout(cfg_scales=...)``); timings use each side's own schedule (the
-work per pass is the same: both run the conditional and the null-class halves every pass).
+random stream and must return the same codes (checked once sampled and once greedy). Both
+sides use the release's CFG "step" schedule (ours: ``cfg_schedule="step-release"``,
+:func:`hieratok.generators.har.release_step_scales`; its ratio comes from a token counter, and
+the unguided scale is ``min_cfg_scale + 1e-4``); the script records the scale their sampler used
+at every forward pass (by wrapping their ``step_schedule``) and checks that ours used the same.
 
 Legend: B batch.
 """
@@ -466,11 +464,12 @@ def _their_generate(off: Official, fn_name: str, model: nn.Module, labels: torch
         ar_token_num=4, temperature=1.0, top_k=0, top_p=p["top_p"], sample_logits=sample)
 
 
-def _our_sample(model: GPT, labels: torch.Tensor, layout: Any, scales: Optional[list[float]] = None,
-                temperature: float = 1.0) -> torch.Tensor:
+def _our_sample(model: GPT, labels: torch.Tensor, layout: Any, temperature: float = 1.0) -> tuple[torch.Tensor, list]:
+    """The published setting with the release's schedule (``step-release``): codes and per-pass scales."""
     p = PUBLISHED
-    return sample_layout(model, labels, layout, cfg_scale=p["cfg_scale"], cfg_schedule="step", cfg_start=p["cfg_start"],
-                         cfg_scales=scales, temperature=temperature, top_p=p["top_p"]).codes
+    r = sample_layout(model, labels, layout, cfg_scale=p["cfg_scale"], cfg_schedule="step-release",
+                      cfg_start=p["cfg_start"], temperature=temperature, top_p=p["top_p"])
+    return r.codes, r.cfg_scales
 
 
 def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -484,9 +483,10 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
             with ScaleRecorder(off.generate) as rec:
                 ct = _their_generate(off, "generate_har", theirs, labels, N, sample=sample)
             torch.manual_seed(args.seed)
-            co = _our_sample(ours, labels, har_layout(N, 4), rec.scales, temperature=1.0 if sample else 0.0)
+            co, scales = _our_sample(ours, labels, har_layout(N, 4), temperature=1.0 if sample else 0.0)
             parity[f"har_{name}_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
         parity["official_har_cfg_scales"] = rec.scales
+        parity["step_release_schedule_equals_official"] = scales == rec.scales
     print(f"HAR parity: {parity}", flush=True)
 
     def ours_with(fast: bool, layout: Any) -> Callable[[], Any]:
@@ -512,8 +512,9 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
             with ScaleRecorder(off.generate) as rec:
                 ct = _their_generate(off, "generate", vanilla, labels, N)
             torch.manual_seed(args.seed)
-            co = _our_sample(ours, labels, ar_layout(N), rec.scales)
+            co, scales = _our_sample(ours, labels, ar_layout(N))
             parity["ar_sampled_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
+            parity["ar_step_release_schedule_equals_official"] = scales == rec.scales
             print(f"AR parity: {parity['ar_sampled_codes_identical']}", flush=True)
             fns = {"ar official": lambda: _their_generate(off, "generate", vanilla, labels, N),
                    "ar ours": ours_with(True, ar_layout(N))}

@@ -346,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--cfg-schedule", choices=["constant", "step"], default=None)
+    p.add_argument("--cfg-schedule", choices=["constant", "step", "step-release"], default=None,
+                   help="guidance per pass: constant, step (guided from 25%% of the passes on) or step-release "
+                        "(the ResTok release's token-based step schedule, for its published setting)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)

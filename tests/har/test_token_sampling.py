@@ -85,3 +85,15 @@ def test_partial_sort_nucleus_equals_the_full_sort(scale, top_p):
     for row, f in zip(logits[:4].double(), fast[:4]):  # and both are the brute-force nucleus
         kept = set(torch.nonzero(f.isfinite()).flatten().tolist())
         assert kept == _nucleus_bruteforce(row.softmax(-1).tolist(), top_p)
+
+
+def test_release_step_schedule_is_token_based():
+    from hieratok.generators.har import ar_layout, har_layout, release_step_scales
+
+    u, g = 1.0001, 3.75
+    # what the authors' sampler used per pass (recorded from their generate_har; BENCHMARKS.md)
+    assert release_step_scales(har_layout(128, 4), g, 0.25) == [u, u, g, g, u, u, u, g, g]
+    ar = release_step_scales(ar_layout(128), g, 0.25)  # token-by-token: guided from token 32 of 127 on
+    assert ar[:2] == [u, u] and ar.index(g) == 32 and set(ar[32:]) == {g}
+    assert release_step_scales(har_layout(128, 4), 1.0, 0.25) == [1.0] * 9  # no guidance at all
+    assert release_step_scales(har_layout(128, 4), g, 0.25, min_cfg_scale=2.0)[0] == 2.0

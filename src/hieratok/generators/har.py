@@ -39,11 +39,12 @@ from .llamagen import GPT
 
 __all__ = [
     "SequenceLayout", "grouped_layout", "har_layout", "ar_layout", "har_level_sizes", "training_batch",
-    "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "CFG_SCHEDULES", "SampleResult",
+    "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "release_step_scales", "CFG_SCHEDULES",
+    "SampleResult",
     "sample_layout", "har_sample", "ar_sample",
 ]
 
-CFG_SCHEDULES = ("constant", "step")
+CFG_SCHEDULES = ("constant", "step", "step-release")
 
 
 @dataclass(frozen=True)
@@ -259,14 +260,44 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str = "c
                  cfg_start: float = 0.25) -> float:
     """Guidance scale of forward pass ``step`` (0 = prefill) of ``num_steps``.
 
-    ``"step"`` (ResTok's evaluation) uses no guidance (scale 1) while ``step / (num_steps - 1)``
-    is below ``cfg_start`` and ``cfg_scale`` from there on; ``"constant"`` always ``cfg_scale``.
+    ``"step"`` uses no guidance (scale 1) while ``step / (num_steps - 1)`` is below ``cfg_start``
+    and ``cfg_scale`` from there on; ``"constant"`` always ``cfg_scale``. (``"step-release"``
+    depends on the layout: :func:`release_step_scales`.)
     """
-    if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule {schedule!r} is not one of {CFG_SCHEDULES}")
+    if schedule not in ("constant", "step"):
+        raise ValueError(f"cfg_schedule {schedule!r} is not one of ('constant', 'step')")
     if schedule == "constant" or num_steps <= 1:
         return cfg_scale
     return cfg_scale if step / (num_steps - 1) >= cfg_start else 1.0
+
+
+def release_step_scales(layout: SequenceLayout, cfg_scale: float, cfg_start: float = 0.25,
+                        min_cfg_scale: float = 1.0) -> list[float]:
+    """Per-pass guidance of the authors' released sampler for its "step" schedule.
+
+    The release measures progress by tokens, not passes: the prefill has ratio 0; the first
+    next-token step ``1 / (N - 1)``, the next-token step j > 0 ``(j + 1) / a`` (a: next-token
+    steps after the prefill, 3 for ResTok); a level starting at position s has ``s / (N - 1)``.
+    Passes with ratio >= ``cfg_start`` use ``cfg_scale``, the others ``min_cfg_scale`` (+1e-4
+    when that is 1). For ResTok's 128-token layout and ``cfg_start=0.25`` this is
+    ``[u, u, g, g, u, u, u, g, g]`` (u = 1.0001, g = ``cfg_scale``): not monotone, unlike ``"step"``.
+    """
+    N = layout.num_tokens
+    bounds = layout.group_bounds()
+    ar_steps = 0  # single-token passes right after the prefill
+    while ar_steps + 1 < len(bounds) and bounds[ar_steps + 1][1] - bounds[ar_steps + 1][0] == 1:
+        ar_steps += 1
+    low = min_cfg_scale + 1e-4 if min_cfg_scale == 1.0 else min_cfg_scale
+    out = []
+    for g, (s, e) in enumerate(bounds):
+        if g == 0:
+            ratio = 0.0
+        elif e - s == 1 and g <= ar_steps:
+            ratio = 1 / (N - 1) if g == 1 else g / ar_steps
+        else:
+            ratio = s / (N - 1)
+        out.append(cfg_scale if cfg_scale == 1.0 or ratio >= cfg_start else low)
+    return out
 
 
 @dataclass
@@ -315,6 +346,8 @@ def sample_layout(
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule {cfg_schedule!r} is not one of {CFG_SCHEDULES}")
     _check(model, layout)
+    if cfg_schedule == "step-release" and cfg_scales is None:
+        cfg_scales = release_step_scales(layout, cfg_scale, cfg_start)
     if cfg_scales is not None:
         cfg_scales = [float(s) for s in cfg_scales]
         if len(cfg_scales) != layout.num_steps or min(cfg_scales) < 0:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import config_from_dict, runtime_field
+from ..config import config_from_dict, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import attention
 from ..nn.linear import Linear
@@ -91,13 +91,11 @@ class GPTConfig:
     attn_backend: str = runtime_field("sdpa")
 
     def __post_init__(self) -> None:
+        require_positive_ints(self, ("vocab_size", "dim", "depth", "num_heads", "num_classes"))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size (RoPE)")
         if self.attn_backend not in GPT_BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {GPT_BACKENDS}")
-        for name in ("vocab_size", "depth", "num_classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_placeholders < 0:
             raise ValueError(f"num_placeholders must be >= 0, got {self.num_placeholders}")
 
@@ -313,8 +311,6 @@ class GPT(PretrainedMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.fast = enabled
-                if not enabled:
-                    m.release_pack()
             elif isinstance(m, SelfAttention):
                 m.fast_rope = enabled
 

@@ -10,8 +10,9 @@ traffic with ``F.linear`` and at the memory bandwidth with a prepacked weight (5
 :class:`Linear` packs its weight once (``torch.ops.mkl._mkl_reorder_linear_weight``, MKL's
 ``cblas_sgemm_pack``: what Inductor's CPU weight prepacking uses) when it is first called without
 autograd on a CPU float32 input, and calls ``torch.ops.mkl._mkl_linear`` with it. The pack is
-redone whenever the weight changes (its storage or version counter), checked on creation against
-``F.linear`` on a few rows, and dropped with ``fast = False`` (the reference path: ``F.linear``).
+redone whenever the weight changes (its storage or version counter) and checked on creation
+against ``F.linear`` on a few rows; ``fast = False`` is the reference path (``F.linear``; the pack
+is kept for when the fast path comes back, :meth:`Linear.release_pack` frees it).
 Training, other devices and dtypes, and builds without MKL always take ``F.linear``. Same
 parameters and state dict as :class:`torch.nn.Linear`; results agree up to float rounding
 (tests/nn/test_linear.py). The pack costs memory (about 1.7x the weight).
@@ -92,6 +93,4 @@ class Linear(nn.Linear):
             packed = self._packed()
             if packed is not None:
                 return packed_linear(x, packed, self.weight, self.bias)
-        elif not self.fast and self._pack is not None:
-            self.release_pack()
         return F.linear(x, self.weight, self.bias)

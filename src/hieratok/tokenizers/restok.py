@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_dict, runtime_field
+from ..config import config_from_dict, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import ATTENTION_BACKENDS, MaskLike, attention, segment_mask
 from ..nn.conv_autoencoder import ConvDecoder, ConvEncoder, ConvResBlock
@@ -244,10 +244,7 @@ class ResTokConfig:
         ints = ("image_size", "cnn_channels", "cnn_res_blocks", "cnn_z_channels", "cnn_groups", "encoder_width",
                 "encoder_depth", "encoder_heads", "decoder_width", "decoder_depth", "decoder_heads",
                 "hierarchy_stages", "num_latent_tokens", "min_latent_tokens", "codebook_size", "codebook_dim")
-        for name in ints:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ints)
         self.cnn_channel_mult = tuple(self.cnn_channel_mult)
         if not self.cnn_channel_mult or any(not isinstance(m, int) or m < 1 for m in self.cnn_channel_mult):
             raise ValueError(f"cnn_channel_mult must be positive integers, got {self.cnn_channel_mult!r}")
