@@ -214,27 +214,11 @@ def plot_uniformity(
     title: str = "",
     point_size: float = 2.0,
 ) -> None:
-    """Scatter the t-SNE embedding coloured by KDE density and save it as an image (PNG by extension).
-
-    Uses matplotlib's Agg canvas directly, so it works without a display and leaves pyplot's
-    global state alone.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Scatter the t-SNE embedding coloured by KDE density and save it as an image (PNG by extension);
+    the figure of :func:`hieratok.report.plot_tsne`, which the reports use."""
+    from ..report.plots import plot_tsne
 
     pts = np.asarray(points_2d)
     if pts.ndim != 2 or pts.shape[1] != 2 or len(densities) != len(pts):
         raise ValueError("points_2d must be (P, 2) with one density per point")
-    fig = Figure(figsize=(5, 5), dpi=150)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    order = np.argsort(densities)  # dense points on top
-    sc = ax.scatter(pts[order, 0], pts[order, 1], c=np.asarray(densities)[order], s=point_size,
-                    cmap="viridis", linewidths=0)
-    fig.colorbar(sc, ax=ax, label="KDE density")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
+    plot_tsne(pts, np.asarray(densities), path, title=title, point_size=point_size)
