@@ -180,7 +180,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from .generation import cache_latents
 
     _init_eval_dist()
-    meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, num=args.num, batch_size=args.batch_size,
+    meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, ten_crop=args.ten_crop,
+                         crop_range=args.crop_range, num=args.num, batch_size=args.batch_size,
                          shard_size=args.shard_size, device=_device(args.device), num_workers=args.workers)
     if meta:
         print(f"{meta['num']} {meta['kind']} of shape {meta['shape']} ({meta['num_labels']} labels) in {args.out}")
@@ -326,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="tokenizer: run, checkpoint or model folder (HieraTok or ResTok)")
     p.add_argument("--data", default=None, help="image folder (ADM centre crop; class folders give labels); default: embedded photos")
     p.add_argument("--out", required=True)
-    p.add_argument("--flip", action="store_true", help="also cache the horizontally flipped copy of every image")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--flip", action="store_true", help="also cache the horizontally flipped copy of every image")
+    views.add_argument("--ten-crop", action="store_true",
+                       help="LlamaGen / ResTok code extraction: ten TenCrop views per image (one drawn per access)")
+    p.add_argument("--crop-range", type=float, default=1.1, help="with --ten-crop: centre crop of crop-range x size first")
     p.add_argument("--num", type=int, default=None, help="at most this many images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=4096)

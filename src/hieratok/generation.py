@@ -1,6 +1,6 @@
 """Generation workflow: cache latents/codes, sample a trained generator, evaluate samples.
 
-    hieratok cache-latents --checkpoint TOK --data PATH --out CACHE [--flip]
+    hieratok cache-latents --checkpoint TOK --data PATH --out CACHE [--flip | --ten-crop]
     hieratok train --task dit --data CACHE --preset dit-xl          (or --task ar --preset gpt-l)
     hieratok sample --generator RUN --num 50000 --cfg 1.0 --seed 0 --out SAMPLES [--all-scales]
     hieratok eval gen SAMPLES --ref VIRTUAL_imagenet256_labeled.npz
@@ -36,12 +36,13 @@ def _world() -> tuple[int, int]:
 
 def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool = False, num: Optional[int] = None,
                   batch_size: int = 64, shard_size: int = 4096, device: str = "cpu", num_workers: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, ten_crop: bool = False, crop_range: float = 1.1) -> dict[str, Any]:
     """Encode a dataset with a tokenizer into a cache (latents for HieraTok, codes for ResTok).
 
     Images: ImageNet-style folders / shards with the ADM centre crop (labels from class folders);
     without ``data``, ``num`` (default 512) deterministic crops of the embedded training photos,
-    labelled by photo.
+    labelled by photo. ``ten_crop``: LlamaGen's code extraction (ResTok's release): the centre
+    crop is ``int(size * crop_range)`` and each image stores the ten ``TenCrop(size)`` views.
     """
     from torch.utils.data import Subset
 
@@ -52,24 +53,30 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
 
     tok = load_any_tokenizer(tokenizer, device=device)
     size = tok.model.config.image_size
+    if ten_crop and not crop_range >= 1.0:
+        raise ValueError(f"crop_range must be >= 1 (the crop before TenCrop is crop_range x {size}), got {crop_range}")
+    load = int(size * crop_range) if ten_crop else size
     if data is None:
-        ds = EmbeddedPhotos("train", size, length=num or 512, seed=0, hflip=False, short_side=2 * size)
+        ds = EmbeddedPhotos("train", load, length=num or 512, seed=0, hflip=False, short_side=2 * size)
     else:
-        ds = build_dataset(data, "eval", size)
+        ds = build_dataset(data, "eval", load)
         if num is not None and hasattr(ds, "__len__"):
             ds = Subset(ds, list(range(min(num, len(ds)))))
     if not hasattr(ds, "__len__"):
         raise ValueError(f"{data}: caching needs an indexable dataset (an image folder); shards are not supported yet")
     kind = "latents" if tok.kind == "hieratok" else "codes"
     rank, world = _world()
-    write_cache(tok.encode_for_cache, ds, out, kind=kind, flip=flip, shard_size=shard_size, batch_size=batch_size,
-                num_workers=num_workers, device=device, rank=rank, world_size=world, progress=progress)
+    write_cache(tok.encode_for_cache, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
+                shard_size=shard_size, batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
+                world_size=world, progress=progress)
     barrier()
     meta: dict[str, Any] = {}
     if rank == 0:
         meta = {"tokenizer": str(Path(tok.info["model_dir"]).resolve()), "tokenizer_type": tok.kind,
                 "tokenizer_weights": tok.info["weights"], "image_size": size, "flip": flip,
-                "data": data or "embedded photos (train)"}
+                "views": 10 if ten_crop else 1, "data": data or "embedded photos (train)"}
+        if ten_crop:
+            meta["ten_crop"] = {"crop_size": load, "crop_range": crop_range}
         if tok.kind == "restok":
             meta["codebook_size"] = tok.model.config.codebook_size
         meta = finalize_cache(out, meta)

@@ -112,10 +112,27 @@ def test_two_ranks_sample_the_same_images_as_one(dit_setup, tmp_path):
 
 
 def test_har_gpt_on_restok_codes(tmp_path):
+    """Ten-crop code extraction (the release's), then HAR training on one view per access, then sampling."""
+    from safetensors.torch import load_file
+
+    from hieratok.data import EmbeddedPhotos
+    from hieratok.data.latent_cache import LatentCacheDataset
+    from hieratok.data.transforms import ten_crop
+
     torch.manual_seed(0)
-    ResTok.from_preset("restok-tiny").save_pretrained(tmp_path / "tok")
-    meta = cache_latents(str(tmp_path / "tok"), None, str(tmp_path / "codes"), num=32, progress=False)
+    tok = ResTok.from_preset("restok-tiny").eval()
+    tok.save_pretrained(tmp_path / "tok")
+    meta = cache_latents(str(tmp_path / "tok"), None, str(tmp_path / "codes"), num=32, progress=False, ten_crop=True)
     assert meta["kind"] == "codes" and meta["shape"] == [32] and meta["codebook_size"] == 256
+    assert meta["views"] == 10 and meta["ten_crop"]["crop_size"] == 70  # int(64 * 1.1)
+    codes = load_file(str(tmp_path / "codes" / meta["shards"][0]))["codes"]
+    assert codes.shape == (32, 10, 32)
+    x = EmbeddedPhotos("train", 70, length=32, seed=0, hflip=False, short_side=128)[3][0]
+    with torch.no_grad():  # the stored centre view (index 4) is the code of the centre 64 x 64 crop
+        assert torch.equal(codes[3, 4], tok.encode_indices(ten_crop(x[None], 64)[0, 4:5])[0])
+    ds = LatentCacheDataset(tmp_path / "codes")
+    item, label = ds[3]
+    assert item.shape == (32,) and any(torch.equal(item, codes[3, v]) for v in range(10))
     cfg = load_config(overrides={**FAST, "task": "ar", "preset": "gpt-tiny", "data.path": str(tmp_path / "codes"),
                                  "out_dir": str(tmp_path / "har"), "steps": 30, "optim.lr": 3e-3, "optim.end_lr": 3e-3})
     hist = Trainer(cfg).fit()

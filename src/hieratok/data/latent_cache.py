@@ -4,7 +4,10 @@
     <cache>/shard-00000.safetensors    "latents" (n, C, H, W) float32 or "codes" (n, N) int64, and "labels" (n,)
 
 Shard ``k`` holds dataset items ``[k * shard_size, (k + 1) * shard_size)`` (and, with flips, their
-mirrored copies right after them), so the cache is deterministic. Under torchrun rank ``r``
+mirrored copies right after them), so the cache is deterministic. With ten-crop views (LlamaGen's
+code extraction: images centre-cropped to ``crop_range`` times the size, then torchvision's
+``TenCrop``) every item stores its ten encodings, "codes" (n, 10, N) / "latents" (n, 10, C, H, W),
+and :class:`LatentCacheDataset` returns one view per access, drawn uniformly. Under torchrun rank ``r``
 writes the shards ``k % world == r``; every shard is written under a temporary name and renamed,
 and shards already present are skipped, so an interrupted run resumes where it stopped.
 Per-channel mean and std of the latents are stored in ``cache.json``: the generator normalises
@@ -26,6 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .datasets import collate_drop_none
+from .transforms import ten_crop
 
 __all__ = ["write_cache", "finalize_cache", "read_cache_meta", "LatentCacheDataset", "CACHE_META"]
 
@@ -45,6 +49,7 @@ def write_cache(
     *,
     kind: str = "latents",
     flip: bool = False,
+    ten_crop_size: Optional[int] = None,
     shard_size: int = 4096,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -59,9 +64,13 @@ def write_cache(
         encode: images (B, 3, H, W) in [-1, 1] -> latents (B, C, H', W') or codes (B, N).
         kind: "latents" or "codes" (the tensor name in the shards).
         flip: also store the horizontally flipped copy of every image (same label).
+        ten_crop_size: store the ten ``TenCrop(ten_crop_size)`` views of every (larger) image
+            instead, as one item with a view axis.
     """
     if kind not in ("latents", "codes"):
         raise ValueError(f"kind must be 'latents' or 'codes', got {kind!r}")
+    if flip and ten_crop_size:
+        raise ValueError("flip and ten-crop views do not combine (ten-crop views already include the mirror)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
@@ -85,7 +94,12 @@ def write_cache(
             if batch is None:
                 continue
             x, y = batch[0].to(device), batch[1]
-            v = encode(x)
+            if ten_crop_size:
+                views = ten_crop(x, ten_crop_size)  # (B, 10, 3, s, s)
+                v = encode(views.flatten(0, 1).contiguous())
+                v = v.view(x.shape[0], views.shape[1], *v.shape[1:])
+            else:
+                v = encode(x)
             if flip:
                 vf = encode(x.flip(-1))
                 v = torch.stack([v, vf], 1).flatten(0, 1)  # each item followed by its mirror
@@ -115,12 +129,15 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{out}: no shards to finalise")
     total, max_label, shape = 0, -1, None
     s1 = s2 = None
+    views = int(meta.get("views", 1))
     for name in shards:
         with safe_open(str(out / name), "pt") as f:
             key = "latents" if "latents" in f.keys() else "codes"
             v, y = f.get_tensor(key), f.get_tensor("labels")
         total += v.shape[0]
         max_label = max(max_label, int(y.max()))
+        if views > 1:  # (n, views, ...): statistics over every view
+            v = v.flatten(0, 1)
         shape = list(v.shape[1:])
         if key == "latents":
             vd = v.double().transpose(0, 1).flatten(1)  # (C, n*H*W)
@@ -128,7 +145,7 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
             s2 = vd.square().sum(1) if s2 is None else s2 + vd.square().sum(1)
     meta = {**meta, "kind": key, "num": total, "shape": shape, "shards": shards, "num_labels": max_label + 1}
     if s1 is not None:
-        count = total * math.prod(shape[1:])
+        count = total * views * math.prod(shape[1:])
         mean = s1 / count
         meta["mean"] = mean.tolist()
         meta["std"] = (s2 / count - mean.square()).clamp_min(1e-12).sqrt().tolist()
@@ -152,6 +169,7 @@ class LatentCacheDataset(Dataset):
         self.root = Path(path)
         self.meta = read_cache_meta(self.root)
         self.key = self.meta["kind"]
+        self.views = int(self.meta.get("views", 1))
         self._files = [str(self.root / s) for s in self.meta["shards"]]
         sizes = []
         for f in self._files:
@@ -176,7 +194,10 @@ class LatentCacheDataset(Dataset):
         if k not in self._handles:  # opened lazily, per worker process
             self._handles[k] = safe_open(self._files[k], "pt")
         h = self._handles[k]
-        return h.get_slice(self.key)[j:j + 1][0], int(h.get_slice("labels")[j:j + 1][0])
+        v = h.get_slice(self.key)[j:j + 1][0]
+        if self.views > 1:  # one of the stored augmentation views, uniformly (LlamaGen's ten-crop sampling)
+            v = v[int(torch.randint(self.views, (1,)))]
+        return v, int(h.get_slice("labels")[j:j + 1][0])
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
         return {**self.__dict__, "_handles": {}}

@@ -5,6 +5,8 @@
 * :class:`RandomResizedCrop`: torchvision's ``RandomResizedCrop`` semantics (area scale, log-uniform
   aspect ratio, 10 tries then a central fallback), bicubic resampling.
 * :class:`RandomHorizontalFlip`, :func:`random_crop`, :class:`CenterCrop` and :class:`Compose`.
+* :func:`ten_crop`: torchvision's ``TenCrop`` on image tensors (LlamaGen's code-extraction
+  augmentation).
 
 Random transforms take their randomness from an explicit ``rng`` argument, either a
 ``torch.Generator`` or a ``random.Random``; ``None`` falls back to torch's global generator (which
@@ -25,6 +27,7 @@ from PIL import Image
 __all__ = [
     "Rng",
     "center_crop_arr",
+    "ten_crop",
     "resize_short_side",
     "random_crop",
     "upscale_to_cover",
@@ -242,3 +245,19 @@ class Compose:
 
     def __repr__(self) -> str:
         return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
+
+
+def ten_crop(x_BCHW: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision ``TenCrop(size)`` on a batch: (B, C, H, W) -> (B, 10, C, size, size).
+
+    Views in torchvision's order: top-left, top-right, bottom-left, bottom-right and centre crops
+    of the image, then the same five crops of its horizontal mirror. The centre crop starts at
+    ``round((H - size) / 2)``, ``round((W - size) / 2)``.
+    """
+    H, W = x_BCHW.shape[-2:]
+    if size > H or size > W:
+        raise ValueError(f"ten_crop size {size} exceeds the image size {H}x{W}")
+    top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    corners = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size), (top, left)]
+    views = [img[..., r:r + size, c:c + size] for img in (x_BCHW, x_BCHW.flip(-1)) for r, c in corners]
+    return torch.stack(views, dim=1)
