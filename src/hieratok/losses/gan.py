@@ -2,7 +2,8 @@
 
 * :class:`PatchDiscriminator` -- the PatchGAN ("NLayerDiscriminator") of pix2pix as used by
   taming-transformers (VQGAN) and LDM: a stack of 4x4 convolutions, LeakyReLU(0.2), one logit
-  per overlapping patch.
+  per overlapping patch. ``discriminator="dino"`` uses the frozen-DINO discriminator of ResTok's
+  release instead (:mod:`hieratok.losses.dino_disc`), usually with DiffAugment (``diffaug``).
 * Loss functions on raw logits: :func:`hinge_d_loss` / :func:`hinge_g_loss` and the
   non-saturating (logistic) pair, plus the LeCam regulariser (Tseng et al. 2021,
   :func:`lecam_regularizer` with :class:`LeCamEMA`).
@@ -45,6 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DISCRIMINATOR_NORMS = ("group", "batch", "none")
+DISCRIMINATORS = ("patch", "dino")
 GAN_LOSS_TYPES = ("hinge", "non_saturating")
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -336,6 +338,11 @@ class GANConfig:
         lecam_decay: decay of the logit EMAs used by LeCam.
         d_lr, d_betas, d_weight_decay: AdamW of the discriminator (betas from appendix E; the
             paper does not list the learning rate or weight decay).
+        discriminator: ``"patch"`` (PatchGAN) or ``"dino"`` (ResTok's release; needs the DINO
+            ViT-S/16 weights, ``dino_weights`` or ``$HIERATOK_DINO_WEIGHTS``).
+        dino_weights, dino_pretrained: see :class:`~hieratok.losses.dino_disc.DinoDiscriminator`.
+        diffaug: DiffAugment policy applied to reals and fakes before the discriminator ("" = off;
+            the release: ``"color,translation,cutout_0.2"``).
     """
 
     weight: float = 0.6
@@ -355,8 +362,14 @@ class GANConfig:
     d_lr: float = 1e-4
     d_betas: tuple[float, float] = (0.9, 0.95)
     d_weight_decay: float = 0.0
+    discriminator: str = "patch"
+    dino_weights: Optional[str] = None
+    dino_pretrained: bool = True
+    diffaug: str = ""
 
     def __post_init__(self) -> None:
+        if self.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
         if self.loss not in GAN_LOSS_TYPES:
             raise ValueError(f"GAN loss must be one of {GAN_LOSS_TYPES}, got {self.loss!r}")
         if self.norm not in DISCRIMINATOR_NORMS:
@@ -396,11 +409,21 @@ class GANLoss(nn.Module):
     def __init__(self, config: Optional[GANConfig] = None) -> None:
         super().__init__()
         self.config = config = config if config is not None else GANConfig()
-        self.discriminator = PatchDiscriminator(config.in_channels, config.ndf, config.n_layers, config.norm, config.num_groups)
+        if config.discriminator == "dino":
+            from .dino_disc import DinoDiscriminator
+
+            self.discriminator: nn.Module = DinoDiscriminator(config.dino_weights, config.dino_pretrained)
+        else:
+            self.discriminator = PatchDiscriminator(config.in_channels, config.ndf, config.n_layers, config.norm,
+                                                    config.num_groups)
+        if config.diffaug:
+            from .dino_disc import diff_augment
+
+            diff_augment(torch.zeros(1, 3, 8, 8), config.diffaug)  # check the policy now
         self.lecam = LeCamEMA(config.lecam_decay) if config.lecam_weight > 0 else None
         self._d_loss = _D_LOSSES[config.loss]
         self._g_loss = _G_LOSSES[config.loss]
-        d_min = self.discriminator.min_input_size
+        d_min = getattr(self.discriminator, "min_input_size", 1)
         if config.all_scales and config.min_size < d_min:
             raise ValueError(f"min_size {config.min_size} is below the discriminator's smallest input {d_min} px")
 
@@ -411,7 +434,7 @@ class GANLoss(nn.Module):
     def make_optimizer(self, params: Optional[Iterable[nn.Parameter]] = None) -> torch.optim.AdamW:
         """AdamW for the discriminator with the config's learning rate, betas and weight decay."""
         c = self.config
-        params = self.discriminator.parameters() if params is None else params
+        params = [p for p in self.discriminator.parameters() if p.requires_grad] if params is None else params
         return torch.optim.AdamW(params, lr=c.d_lr, betas=c.d_betas, weight_decay=c.d_weight_decay)
 
     # ---- scale selection ----
@@ -443,6 +466,13 @@ class GANLoss(nn.Module):
             raise ValueError(f"real images {tuple(real.shape)} are smaller than the reconstruction {tuple(fake.shape)}")
         return F.interpolate(real, size=fake.shape[-2:], mode="area")
 
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.diffaug:
+            return x
+        from .dino_disc import diff_augment
+
+        return diff_augment(x, self.config.diffaug)
+
     # ---- losses ----
 
     def generator_loss(
@@ -471,7 +501,7 @@ class GANLoss(nn.Module):
             zero = fakes[-1].new_zeros((), dtype=torch.float32)
             return zero, {"g_loss": zero, "g_weight": zero}
         idx = self._scale_indices(fakes)
-        g_loss = torch.stack([self._g_loss(self.discriminator(fakes[i]).float()) for i in idx]).mean()
+        g_loss = torch.stack([self._g_loss(self.discriminator(self._augment(fakes[i])).float()) for i in idx]).mean()
         if c.adaptive_weight:
             if rec_loss is None or last_layer is None:
                 raise ValueError("GANConfig.adaptive_weight needs rec_loss and last_layer in generator_loss")
@@ -514,8 +544,9 @@ class GANLoss(nn.Module):
             r = self._match_real(reals[i] if len(reals) > 1 else reals[0], f).detach()
             if r.shape != f.shape:
                 raise ValueError(f"real {tuple(r.shape)} and fake {tuple(f.shape)} differ in shape")
-            if self.config.norm == "batch":
-                # BatchNorm: separate passes as in taming, each batch normalised with its own stats
+            r, f = self._augment(r), self._augment(f)
+            if self.config.norm == "batch" or self.config.discriminator == "dino":
+                # batch statistics: separate passes as in taming / the release, each batch with its own
                 lg_real, lg_fake = disc(r).float(), disc(f).float()
             else:  # per-sample norms: one pass over both halves gives the same logits, faster
                 lg_real, lg_fake = disc(torch.cat([r, f])).float().chunk(2)

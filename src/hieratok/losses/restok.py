@@ -13,8 +13,9 @@
   alignment features and the foundation patch features at every grid position.
 * GAN (:func:`restok_gan_config`): hinge loss, generator weight 0.5 from step 20k, LeCam 1e-3
   with EMA decay 0.999, discriminator AdamW lr 1e-4, betas (0.9, 0.95), weight decay 1e-4. The
-  release uses a DINO-feature discriminator with DiffAugment; :class:`GANLoss` provides the
-  PatchGAN discriminator in its place.
+  release's discriminator is the frozen-DINO one with DiffAugment:
+  ``restok_gan_config(release_discriminator=True)`` (needs the DINO ViT-S/16 weights); the
+  default is the PatchGAN, which needs no download.
 
 Legend: B batch, A foundation feature width, G token grid side.
 """
@@ -33,10 +34,13 @@ from .gan import GANConfig, GANLoss
 __all__ = ["ResTokLossConfig", "ResTokLoss", "restok_gan_config", "cosine_margin_loss"]
 
 
-def restok_gan_config(**overrides: Any) -> GANConfig:
-    """The release's adversarial settings as a :class:`GANConfig` (see the module docstring)."""
+def restok_gan_config(release_discriminator: bool = False, **overrides: Any) -> GANConfig:
+    """The release's adversarial settings as a :class:`GANConfig` (see the module docstring);
+    ``release_discriminator`` adds its DINO discriminator and DiffAugment policy."""
     base: dict[str, Any] = dict(weight=0.5, start_step=20_000, loss="hinge", lecam_weight=1e-3, lecam_decay=0.999,
                                 d_lr=1e-4, d_betas=(0.9, 0.95), d_weight_decay=1e-4)
+    if release_discriminator:
+        base.update(discriminator="dino", diffaug="color,translation,cutout_0.2")
     return GANConfig(**{**base, **overrides})
 
 
