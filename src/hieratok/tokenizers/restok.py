@@ -39,8 +39,11 @@ Fast paths (inference speed on CPU; each has a switch giving its reference path,
   prefix they see; no masked-out block is computed), ``_Stack.segment_masks``;
 * RoPE as a complex multiply (:func:`hieratok.nn.rope.apply_rope`), ``RoPEAttention.fast_rope``;
 * the CNN front / back end's fast paths (:mod:`hieratok.nn.conv_autoencoder`: channels-last on
-  CPU, in-place activations without autograd, upsample + conv at the low resolution) and the
-  in-place GELU of :class:`hieratok.nn.vit.Mlp`.
+  CPU, in-place activations without autograd, conv + residual as one oneDNN call, upsample + conv
+  at the low resolution) and the in-place, row-chunked MLP of :class:`hieratok.nn.vit.Mlp`;
+* the last layer computes only the rows that are read afterwards (``_Stack.last_layer_needed_rows``):
+  the decoder's image rows, and the encoder's latent rows when no image tokens are asked for
+  (:meth:`ResTok.encode_indices`; image tokens never attend to latents).
 
 Images are in [-1, 1] (the library convention); internally they are mapped to [0, 1] and
 ImageNet-normalised, and the decoder's [0, 1] output is mapped back, so released weights
