@@ -47,3 +47,12 @@ def require_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def config_from_preset(cls: Type[T], presets: Mapping[str, Mapping[str, Any]], name: str,
+                       overrides: Mapping[str, Any], kind: str = "") -> T:
+    """``cls`` from the preset ``name`` of ``presets`` with field ``overrides``; a ValueError naming
+    the choices for an unknown name (``kind``, e.g. "DiT", goes into that message)."""
+    if name not in presets:
+        raise ValueError(f"unknown {kind + ' ' if kind else ''}preset {name!r}; choose one of {sorted(presets)}")
+    return config_from_dict(cls, {**presets[name], **overrides})

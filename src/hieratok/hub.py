@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Type, TypeVar
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_model
 
 from .config import architecture_diff, config_from_dict, config_to_dict
 
-__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "check_state_dict"]
+__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "check_state_dict", "state_dict_problems", "meta_shapes"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -50,20 +50,38 @@ def _resolve_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revi
         ) from None
 
 
+def state_dict_problems(got: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]], *,
+                        limit: Optional[int] = None, labels: Optional[Mapping[str, str]] = None) -> list[str]:
+    """The missing / unexpected / mis-shaped parts of an error comparing tensor shapes (``got``,
+    e.g. a checkpoint) with a model's (``want``); empty when they fit.
+
+    ``limit`` shortens each list; ``labels`` names a missing key differently (e.g. with its
+    official name). Shared by :func:`check_state_dict` and the checkpoint converters.
+    """
+    def show(items: list[str]) -> str:
+        cut = items if limit is None else items[:limit]
+        return f"({len(items)}): {cut}{' ...' if len(cut) < len(items) else ''}"
+
+    labels = labels or {}
+    missing = sorted(labels.get(k, k) for k in want if k not in got)
+    unexpected = sorted(k for k in got if k not in want)
+    shapes = [f"{k}: checkpoint {tuple(got[k])} vs model {tuple(want[k])}"
+              for k in sorted(want) if k in got and tuple(got[k]) != tuple(want[k])]
+    return [f"{what} {show(items)}" for what, items in
+            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if items]
+
+
+def meta_shapes(model_cls: Any, config: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of ``model_cls(config)``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
-    if unexpected:
-        problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    if shapes:
-        problems.append("shape mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+    problems = state_dict_problems({k: v.shape for k, v in sd.items()},
+                                   {k: v.shape for k, v in model.state_dict().items()}, limit=5)
     if problems:
         raise ValueError(f"weights in {where} do not fit this model: " + " | ".join(problems))
 

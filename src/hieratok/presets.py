@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import config_from_dict, config_to_dict
+from .config import config_from_preset, config_to_dict
 from .tokenizers.hieratok import HieraTokConfig
 
 __all__ = ["TOKENIZER_PRESETS", "build_config", "preset_names"]
@@ -42,9 +42,7 @@ def preset_names() -> list[str]:
 def build_config(name: str, **overrides: Any) -> HieraTokConfig:
     """Config of preset ``name`` with field ``overrides`` (``scales`` re-derives from the grid when
     ``image_size``/``patch_size`` change and no explicit scales are given)."""
-    if name not in TOKENIZER_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()}")
-    return config_from_dict(HieraTokConfig, {**TOKENIZER_PRESETS[name], **overrides})
+    return config_from_preset(HieraTokConfig, TOKENIZER_PRESETS, name, overrides)
 
 
 def describe(cfg: HieraTokConfig) -> dict[str, Any]:

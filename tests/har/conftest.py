@@ -9,3 +9,16 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny GPT with N(0, 0.2) weights (its zero-initialised head would give constant logits)."""
+    from hieratok.generators.llamagen import GPT, gpt_config
+
+    torch.manual_seed(0)
+    m = GPT(gpt_config("gpt-tiny")).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m

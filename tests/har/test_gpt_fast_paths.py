@@ -5,17 +5,7 @@ import pytest
 import torch
 
 from hieratok.generators.har import cfg_scale_at, har_layout, sample_layout, training_batch
-from hieratok.generators.llamagen import GPT, apply_rope_1d, gpt_config
-
-
-@pytest.fixture(scope="module")
-def model() -> GPT:
-    torch.manual_seed(0)
-    m = GPT(gpt_config("gpt-tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
+from hieratok.generators.llamagen import apply_rope_1d
 
 
 def test_rope_fast_path_matches_reference(gen):

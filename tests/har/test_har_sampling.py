@@ -9,16 +9,6 @@ from hieratok.generators.har import (
 from hieratok.generators.llamagen import GPT, gpt_config
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
-    torch.manual_seed(0)
-    m = GPT(gpt_config("gpt-tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
-
-
 def _full_logits(model, codes, labels, layout):
     inputs, _ = training_batch(codes, layout, model.config.vocab_size)
     return model(inputs, labels, mask=layout.mask())

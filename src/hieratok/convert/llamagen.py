@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..generators.llamagen import GPT, GPTConfig, swiglu_hidden_dim
+from ..hub import meta_shapes, state_dict_problems
 
 __all__ = ["llamagen_key_map", "convert_llamagen_state_dict", "to_official_gpt_state_dict",
            "gpt_config_from_official", "infer_gpt_config", "load_llamagen_gpt"]
@@ -78,12 +79,6 @@ def _unwrap(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = GPT(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def convert_llamagen_state_dict(state_dict: Mapping[str, Any], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Rename an official state dict to ours and check it against ``config``.
 
@@ -94,18 +89,10 @@ def convert_llamagen_state_dict(state_dict: Mapping[str, Any], config: GPTConfig
     sd = {k: v for k, v in _unwrap(state_dict).items() if not _IGNORED.match(k)}
     key_map = llamagen_key_map(config)
     unmatched = sorted(k for k in sd if k not in key_map)
-    missing = sorted(key_map[k] + f" (official {k})" for k in key_map if k not in sd)
     out = {key_map[k]: v for k, v in sd.items() if k in key_map}
-    shapes = _expected_shapes(config)
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}"
-           for k, v in out.items() if tuple(v.shape) != shapes[k]]
-    problems = []
-    if unmatched:
-        problems.append(f"{len(unmatched)} checkpoint key(s) match no GPT parameter: {unmatched}")
-    if missing:
-        problems.append(f"{len(missing)} GPT parameter(s) missing from the checkpoint: {missing}")
-    if bad:
-        problems.append(f"{len(bad)} shape mismatch(es): {bad}")
+    problems = [f"{len(unmatched)} checkpoint key(s) match no GPT parameter: {unmatched}"] if unmatched else []
+    problems += state_dict_problems({k: v.shape for k, v in out.items()}, meta_shapes(GPT, config),
+                                    labels={ours: f"{ours} (official {off})" for off, ours in key_map.items()})
     if problems:
         raise ValueError("official LlamaGen checkpoint does not fit this GPT config: " + "; ".join(problems))
     return out

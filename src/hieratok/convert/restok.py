@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from ..hub import meta_shapes, state_dict_problems
 from ..tokenizers.restok import ResTok, ResTokConfig, build_restok_config
 
 __all__ = [
@@ -191,12 +192,6 @@ def _map_official(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]
     return out, unmatched
 
 
-def _expected(config: ResTokConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = ResTok(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def convert_restok_checkpoint(source: Source, config: Optional[ResTokConfig] = None, **overrides: Any) -> StateDict:
     """Official ResTok weights -> a state dict for :class:`ResTok`.
 
@@ -219,20 +214,9 @@ def convert_restok_checkpoint(source: Source, config: Optional[ResTokConfig] = N
         config = infer_restok_config(sd, **overrides)
     elif overrides:
         raise ValueError("pass either a config or field overrides, not both")
-    want = _expected(config)
-    missing = sorted(set(want) - set(ours))
-    extra = sorted(set(ours) - set(want))
-    shapes = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(want[k])}"
-              for k in sorted(want) if k in ours and ours[k].shape != want[k]]
-    problems = []
-    if unmatched:
-        problems.append(f"official keys with no mapping ({len(unmatched)}): {sorted(unmatched)}")
-    if extra:
-        problems.append(f"mapped keys this configuration does not have ({len(extra)}): {extra}")
-    if missing:
-        problems.append(f"keys of our model the checkpoint does not provide ({len(missing)}): {missing}")
-    if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    want = meta_shapes(ResTok, config)
+    problems = [f"official keys with no mapping ({len(unmatched)}): {sorted(unmatched)}"] if unmatched else []
+    problems += state_dict_problems({k: v.shape for k, v in ours.items()}, want)
     if problems:
         raise ValueError("cannot convert this ResTok checkpoint: " + " | ".join(problems))
     return {k: ours[k].contiguous() for k in want}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_dict, require_positive_ints, runtime_field
+from ..config import config_from_preset, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn import Attention, PatchEmbed, unpatchify
 from .latents import LatentNormalizer, rand
@@ -128,9 +128,7 @@ def dit_preset_names() -> list[str]:
 def build_dit_config(name: str, **overrides: Any) -> DiTConfig:
     """Config of DiT preset ``name`` (``dit-b``, ``dit-l``, ``dit-xl``, ``dit-tiny``) with field overrides,
     e.g. ``build_dit_config("dit-xl", in_channels=32, patch_size=2)``."""
-    if name not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset {name!r}; choose one of {dit_preset_names()}")
-    return config_from_dict(DiTConfig, {**DIT_PRESETS[name], **overrides})
+    return config_from_preset(DiTConfig, DIT_PRESETS, name, overrides, "DiT")
 
 
 # ---- embeddings ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ Legend: B batch, N codes, L positions of one group, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -383,44 +383,20 @@ def sample_layout(
     return SampleResult(codes_BN, step_logits, scales)
 
 
-def har_sample(
-    model: GPT,
-    labels: torch.Tensor,
-    cfg_scale: float = 1.0,
-    cfg_schedule: str = "constant",
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    *,
-    num_tokens: int = 128,
-    num_ar_tokens: int = 4,
-    cfg_start: float = 0.25,
-) -> torch.Tensor:
+def har_sample(model: GPT, labels: torch.Tensor, cfg_scale: float = 1.0, *, num_tokens: int = 128,
+               num_ar_tokens: int = 4, **sampling: Any) -> torch.Tensor:
     """Next-hierarchy sampling (ResTok HAR); returns codes (B, N) in level order.
 
     N = 128 with 4 next-token codes takes 9 forward passes (``har_layout(128, 4).num_steps``).
-    The published setting is ``cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_p=0.95``.
+    ``sampling``: the keywords of :func:`sample_layout` (``cfg_schedule``, ``top_k``, ``top_p``,
+    ``temperature``, ``generator``, ...). The published setting is ``cfg_scale=3.75,
+    cfg_schedule="step-release", top_p=0.95``.
     """
-    layout = har_layout(num_tokens, num_ar_tokens)
-    return sample_layout(model, labels, layout, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, cfg_start=cfg_start,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator).codes
+    return sample_layout(model, labels, har_layout(num_tokens, num_ar_tokens), cfg_scale=cfg_scale, **sampling).codes
 
 
-def ar_sample(
-    model: GPT,
-    labels: torch.Tensor,
-    cfg_scale: float = 1.0,
-    cfg_schedule: str = "constant",
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    *,
-    num_tokens: int = 128,
-    cfg_start: float = 0.25,
-) -> torch.Tensor:
-    """Plain next-token sampling, one forward pass per code; returns codes (B, N)."""
-    return sample_layout(model, labels, ar_layout(num_tokens), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
-                         cfg_start=cfg_start, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator).codes
+def ar_sample(model: GPT, labels: torch.Tensor, cfg_scale: float = 1.0, *, num_tokens: int = 128,
+              **sampling: Any) -> torch.Tensor:
+    """Plain next-token sampling, one forward pass per code; returns codes (B, N) (``sampling``: as
+    for :func:`har_sample`)."""
+    return sample_layout(model, labels, ar_layout(num_tokens), cfg_scale=cfg_scale, **sampling).codes

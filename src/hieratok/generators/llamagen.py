@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import config_from_dict, require_positive_ints, runtime_field
+from ..config import config_from_preset, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import attention
 from ..nn.linear import Linear
@@ -126,9 +126,7 @@ def gpt_preset_names() -> list[str]:
 
 def gpt_config(name: str, **overrides: Any) -> GPTConfig:
     """Config of preset ``name`` with field ``overrides``."""
-    if name not in GPT_PRESETS:
-        raise ValueError(f"unknown GPT preset {name!r}; choose one of {gpt_preset_names()}")
-    return config_from_dict(GPTConfig, {**GPT_PRESETS[name], **overrides})
+    return config_from_preset(GPTConfig, GPT_PRESETS, name, overrides, "GPT")
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int, dim_multiplier: Optional[float] = None) -> int:

@@ -28,14 +28,16 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-__all__ = ["DinoDiscriminator", "FrozenDinoViT", "diff_augment", "find_dino_weights", "DINO_FILE", "DIFFAUG_POLICY"]
+__all__ = ["DinoDiscriminator", "FrozenDinoViT", "diff_augment", "diffaug_groups", "find_dino_weights", "DINO_FILE",
+           "DIFFAUG_POLICY"]
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ class DinoDiscriminator(nn.Module):
             return x[..., top:top + s, left:left + s]
         if (H, W) == (s, s):
             return x
-        return F.interpolate(x, size=(s, s), mode="area" if H > s else "bicubic", align_corners=None)
+        return F.interpolate(x, size=(s, s), mode="area" if H > s else "bicubic")
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x = ((x_BCHW.float() + 1) / 2 - self.mean) / self.std
@@ -241,6 +243,22 @@ def _cutout(x: torch.Tensor, g: Optional[torch.Generator], ratio: float) -> torc
     return x * (~inside)[:, None].to(x.dtype)
 
 
+def diffaug_groups(policy: str) -> list[Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]]:
+    """The augmentation of each comma-separated group of a DiffAugment policy (ValueError on unknown ones)."""
+    fns = []
+    for group in filter(None, policy.split(",")):
+        if group == "color":
+            fns.append(_color)
+        elif group == "translation":
+            fns.append(_translation)
+        elif group == "cutout" or group.startswith("cutout_"):
+            ratio = 0.5 if group == "cutout" else float(group.split("_", 1)[1])
+            fns.append(partial(_cutout, ratio=ratio))
+        else:
+            raise ValueError(f"unknown DiffAugment group {group!r} (color, translation, cutout, cutout_R)")
+    return fns
+
+
 def diff_augment(x_BCHW: torch.Tensor, policy: str = DIFFAUG_POLICY, prob: float = 0.5,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """DiffAugment of images in [-1, 1] (differentiable; see the module docstring).
@@ -248,19 +266,11 @@ def diff_augment(x_BCHW: torch.Tensor, policy: str = DIFFAUG_POLICY, prob: float
     ``policy``: comma-separated groups from ``color``, ``translation``, ``cutout`` (0.5 of the side)
     and ``cutout_R`` (R of the side); each group is applied with probability ``prob``.
     """
-    if not policy:
+    fns = diffaug_groups(policy)
+    if not fns:
         return x_BCHW
     x = (x_BCHW + 1) / 2
-    for group in policy.split(","):
-        if group == "color":
-            fn = _color
-        elif group == "translation":
-            fn = _translation
-        elif group == "cutout" or group.startswith("cutout_"):
-            ratio = 0.5 if group == "cutout" else float(group.split("_", 1)[1])
-            fn = lambda t, g, r=ratio: _cutout(t, g, r)  # noqa: E731
-        else:
-            raise ValueError(f"unknown DiffAugment group {group!r} (color, translation, cutout, cutout_R)")
+    for fn in fns:
         if float(torch.rand((), generator=generator)) <= prob:
             x = fn(x, generator)
     return x * 2 - 1

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dino_disc import DinoDiscriminator, diff_augment, diffaug_groups
+
 __all__ = [
     "DISCRIMINATOR_NORMS",
     "GAN_LOSS_TYPES",
@@ -370,6 +372,7 @@ class GANConfig:
     def __post_init__(self) -> None:
         if self.discriminator not in DISCRIMINATORS:
             raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
+        diffaug_groups(self.diffaug)  # an unknown group fails here, not at the first GAN step
         if self.loss not in GAN_LOSS_TYPES:
             raise ValueError(f"GAN loss must be one of {GAN_LOSS_TYPES}, got {self.loss!r}")
         if self.norm not in DISCRIMINATOR_NORMS:
@@ -410,16 +413,10 @@ class GANLoss(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else GANConfig()
         if config.discriminator == "dino":
-            from .dino_disc import DinoDiscriminator
-
             self.discriminator: nn.Module = DinoDiscriminator(config.dino_weights, config.dino_pretrained)
         else:
             self.discriminator = PatchDiscriminator(config.in_channels, config.ndf, config.n_layers, config.norm,
                                                     config.num_groups)
-        if config.diffaug:
-            from .dino_disc import diff_augment
-
-            diff_augment(torch.zeros(1, 3, 8, 8), config.diffaug)  # check the policy now
         self.lecam = LeCamEMA(config.lecam_decay) if config.lecam_weight > 0 else None
         self._d_loss = _D_LOSSES[config.loss]
         self._g_loss = _G_LOSSES[config.loss]
@@ -467,11 +464,7 @@ class GANLoss(nn.Module):
         return F.interpolate(real, size=fake.shape[-2:], mode="area")
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.config.diffaug:
-            return x
-        from .dino_disc import diff_augment
-
-        return diff_augment(x, self.config.diffaug)
+        return diff_augment(x, self.config.diffaug) if self.config.diffaug else x
 
     # ---- losses ----
 

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_dict, require_positive_ints, runtime_field
+from ..config import config_from_preset, require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import ATTENTION_BACKENDS, MaskLike, attention, segment_mask
 from ..nn.conv_autoencoder import ConvDecoder, ConvEncoder, ConvResBlock
@@ -328,9 +328,7 @@ def restok_preset_names() -> list[str]:
 
 def build_restok_config(name: str, **overrides: Any) -> ResTokConfig:
     """Config of a named ResTok preset with field overrides."""
-    if name not in RESTOK_PRESETS:
-        raise ValueError(f"unknown ResTok preset {name!r}; choose one of {restok_preset_names()}")
-    return config_from_dict(ResTokConfig, {**RESTOK_PRESETS[name], **overrides})
+    return config_from_preset(ResTokConfig, RESTOK_PRESETS, name, overrides, "ResTok")
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,16 +432,12 @@ class _Stack(nn.Module):
         key = ("mask", tuple(blocks), str(device), self.backend, segmented, q_from)
         if key not in self._cache:
             L = sum(blocks)
-            if q_from:
-                dense = block_causal_mask(blocks, device)[q_from:]
-                seg = segment_mask(dense) if segmented else None
-                self._cache[key] = dense if seg is None else seg
-            elif self.backend == "flex":
+            if self.backend == "flex" and not q_from:
                 from torch.nn.attention.flex_attention import create_block_mask
 
                 self._cache[key] = create_block_mask(block_causal_mask_mod(blocks, device), None, None, L, L, device=device)
             else:
-                dense = block_causal_mask(blocks, device)
+                dense = block_causal_mask(blocks, device)[q_from:]
                 # a query block sees exactly the key prefix up to its own end: SDPA per run of blocks
                 seg = segment_mask(dense) if segmented else None
                 self._cache[key] = dense if seg is None else seg
