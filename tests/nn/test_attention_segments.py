@@ -169,7 +169,11 @@ def test_mlp_row_chunks_match_one_pass(gen, monkeypatch):
     with torch.no_grad():
         whole = mlp(x)
         monkeypatch.setattr(Mlp, "CHUNK_BYTES", 96 * 4 * 6)  # 6 rows of hidden per chunk: 6 chunks
+        calls = []
+        hook = mlp.fc1.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
         chunked = mlp(x)
+        hook.remove()
+        assert calls == [6] * 5 + [5]  # 35 rows in 6 chunks
         mlp.inplace_act = False
         ref = mlp(x)
     assert chunked.shape == (5, 7, 24)

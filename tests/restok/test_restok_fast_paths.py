@@ -97,7 +97,11 @@ def test_last_layers_run_only_the_rows_that_are_read(tiny, gen):
     x = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
     with torch.no_grad():
         full = tiny.encode(x)  # image tokens wanted: every row of every layer
+        enc_rows = []
+        hook = tiny.encoder.blocks[-1].mlp.register_forward_hook(lambda m, a, out: enc_rows.append(a[0].shape[1]))
         codes_only = tiny.encode(x, image_tokens=False)
+        hook.remove()
+        assert enc_rows == [tiny.config.num_latent_tokens]  # the last encoder layer ran the latent rows only
         assert codes_only["image_tokens"] == [] and "encoder_alignment" not in codes_only
         torch.testing.assert_close(codes_only["latents"], full["latents"], atol=1e-5, rtol=1e-5)
         assert torch.equal(tiny.encode_indices(x), full["indices"])
@@ -107,7 +111,11 @@ def test_last_layers_run_only_the_rows_that_are_read(tiny, gen):
             ref = tiny.decode(full["quantized"])
         finally:
             dec.last_layer_needed_rows = True
+        rows = []
+        hook = dec.blocks[-1].mlp.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[1]))
         torch.testing.assert_close(tiny.decode(full["quantized"]), ref, atol=1e-5, rtol=1e-5)
+        hook.remove()
+        assert rows == [dec.grid ** 2]  # the last decoder layer ran the image rows only
     # the query-row mask is the tail of the full mask
     blocks = [16, 32, 1, 1, 2, 4, 8, 16]
     tail = tiny.encoder._mask(blocks, torch.device("cpu"), q_from=48)
