@@ -65,3 +65,39 @@ def test_missing_dir_and_wrong_model_type(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"model_type": "dit"}))
     with pytest.raises(ValueError, match="model_type is 'dit'"):
         HieraTok.from_pretrained(tmp_path)
+
+
+def test_repo_ids_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        raise huggingface_hub.utils.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such Hub repo in the local cache"):
+        HieraTok.from_pretrained("owner/model")
+    assert seen["repo_id"] == "owner/model" and seen["local_files_only"] is True
+
+
+def test_corrupt_files_and_unknown_overrides_are_one_line_errors(tmp_path):
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unknown HieraTokConfig field"):
+        HieraTok.from_pretrained(tmp_path, attn_backnd="reference")
+    w = tmp_path / WEIGHTS_NAME
+    w.write_bytes(w.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        HieraTok.from_pretrained(tmp_path)
+    w.unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        HieraTok.from_pretrained(tmp_path)
+    cfg = tmp_path / CONFIG_NAME
+    cfg.write_text(cfg.read_text()[:30])
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        HieraTok.from_pretrained(tmp_path)
+    cfg.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        HieraTok.from_pretrained(tmp_path)

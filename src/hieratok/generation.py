@@ -87,25 +87,21 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
 
 def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
     """A trained DiT or GPT (EMA weights when present) and its training config (objective, tokenizer)."""
-    from safetensors.torch import load_file
-
     from .evaluate.checkpoints import resolve_model_dir
     from .generators import DiT, GPT
-    from .hub import check_state_dict
+    from .hub import EMA_NAME, load_ema_weights, model_type_of, read_json
 
     d = resolve_model_dir(path)
-    kind = json.loads((d / "config.json").read_text()).get("model_type")
+    kind = model_type_of(d)
     classes = {"dit": DiT, "llamagen-gpt": GPT}
     if kind not in classes:
         raise ValueError(f"{d}: model_type {kind!r} is not a generator (dit or llamagen-gpt)")
     model = classes[kind].from_pretrained(d)
-    if ema and (d / "ema.safetensors").is_file():
-        sd = {**model.state_dict(), **load_file(str(d / "ema.safetensors"))}
-        check_state_dict(model, sd, str(d / "ema.safetensors"))
-        model.load_state_dict(sd)
+    if ema and (d / EMA_NAME).is_file():
+        load_ema_weights(model, d / EMA_NAME)
     train_cfg: dict[str, Any] = {}
     if (d / "trainer_state.json").is_file():
-        train_cfg = json.loads((d / "trainer_state.json").read_text()).get("train_config", {})
+        train_cfg = read_json(d / "trainer_state.json").get("train_config", {})
     return model.to(device).eval(), {"model_dir": str(d), "kind": kind, "train_config": train_cfg}
 
 

@@ -2,9 +2,9 @@
 
 A model directory holds ``config.json`` (the config dataclass plus ``model_type`` and the
 library version) and ``model.safetensors`` (the weights; no pickle anywhere). ``from_pretrained``
-takes a local directory or a Hub repo id; repo ids are resolved through ``huggingface_hub``'s
-cache (``cache_dir``, ``HF_HOME``, ``HF_HUB_OFFLINE`` work as usual), so on an offline machine a
-model that was placed in the cache or a local folder loads and nothing is downloaded.
+takes a local directory or a Hub repo id; repo ids are resolved from ``huggingface_hub``'s cache
+only (``cache_dir`` and ``HF_HOME`` work as usual): nothing is downloaded at run time. Fetch a
+model into the cache beforehand with ``huggingface-cli download <repo id>``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from safetensors.torch import load_file, save_model
 
 from .config import architecture_diff, config_from_dict, config_to_dict
 
-__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "check_state_dict", "state_dict_problems", "meta_shapes"]
+__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "EMA_NAME", "check_state_dict", "state_dict_problems",
+           "meta_shapes", "read_json", "read_safetensors", "model_type_of", "load_ema_weights"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"  # a training checkpoint's averaged trained parameters (hieratok.train.ema)
 M = TypeVar("M", bound="PretrainedMixin")
 
 
@@ -38,16 +40,53 @@ def _resolve_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revi
 
     try:
         return Path(
-            snapshot_download(
-                str(path_or_repo), revision=revision, cache_dir=cache_dir, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]
-            )
+            snapshot_download(str(path_or_repo), revision=revision, cache_dir=cache_dir,
+                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], local_files_only=True)
         )
-    except Exception as e:  # offline, unknown repo, no cache entry
+    except Exception as e:  # not in the cache
         raise FileNotFoundError(
-            f"{path_or_repo}: no such local directory and the Hub repo could not be resolved "
-            f"({type(e).__name__}); on an offline machine put {CONFIG_NAME} and {WEIGHTS_NAME} in a folder "
-            f"and pass its path"
+            f"{path_or_repo}: no such local directory and no such Hub repo in the local cache "
+            f"({type(e).__name__}); put {CONFIG_NAME} and {WEIGHTS_NAME} in a folder and pass its path, or "
+            f"fetch it beforehand with `huggingface-cli download {path_or_repo}` (nothing is downloaded at run time)"
         ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def model_type_of(directory: Path) -> Optional[str]:
+    """The ``model_type`` recorded in a model folder's ``config.json``."""
+    return read_json(Path(directory) / CONFIG_NAME).get("model_type")
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; FileNotFoundError / ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no {path.name}")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def load_ema_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load an EMA file (one tensor per trained parameter, as the trainer saves it) into ``model``;
+    buffers and frozen parameters keep their values. Every trained parameter must be in it."""
+    ema = read_safetensors(path)
+    want = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    problems = state_dict_problems({k: v.shape for k, v in ema.items()}, want, limit=5)
+    if problems:
+        raise ValueError(f"EMA weights in {path} do not fit this model: " + " | ".join(problems))
+    model.load_state_dict({**model.state_dict(), **ema})
 
 
 def state_dict_problems(got: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]], *,
@@ -112,7 +151,7 @@ class PretrainedMixin:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
-        meta = json.loads(path.read_text())
+        meta = read_json(path)
         mt = meta.pop("model_type", None)
         meta.pop("hieratok_version", None)
         if mt != cls.model_type:
@@ -136,12 +175,12 @@ class PretrainedMixin:
         """
         d = _resolve_dir(path_or_repo, cache_dir, revision)
         saved = cls.read_config(d)
-        cfg = cls.config_class(**{**config_to_dict(saved), **overrides}) if overrides else saved
+        cfg = config_from_dict(cls.config_class, {**config_to_dict(saved), **overrides}) if overrides else saved
         diff = architecture_diff(saved, cfg)
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{d} was saved with a different architecture ({desc})")
-        model = cls(cfg)
+        model = cls(cfg).to(map_location)
         model.load_pretrained_weights(d, map_location=map_location)
         return model
 
@@ -152,6 +191,7 @@ class PretrainedMixin:
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{d} holds weights of another configuration ({desc})")
-        sd = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
-        check_state_dict(self, sd, str(d / WEIGHTS_NAME))
+        path = d / WEIGHTS_NAME
+        sd = read_safetensors(path, map_location)
+        check_state_dict(self, sd, str(path))
         self.load_state_dict(sd)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import config_from_preset, config_to_dict
+from .config import config_from_preset
 from .tokenizers.hieratok import HieraTokConfig
 
 __all__ = ["TOKENIZER_PRESETS", "build_config", "preset_names"]
@@ -43,8 +43,3 @@ def build_config(name: str, **overrides: Any) -> HieraTokConfig:
     """Config of preset ``name`` with field ``overrides`` (``scales`` re-derives from the grid when
     ``image_size``/``patch_size`` change and no explicit scales are given)."""
     return config_from_preset(HieraTokConfig, TOKENIZER_PRESETS, name, overrides)
-
-
-def describe(cfg: HieraTokConfig) -> dict[str, Any]:
-    """The resolved config as a dict (what goes into checkpoints)."""
-    return config_to_dict(cfg)

@@ -24,6 +24,39 @@ def test_loss_is_the_weighted_sum_over_scales(gen):
     torch.testing.assert_close(out["loss"], ref)
 
 
+def test_perceptual_term_compares_each_scale_with_its_downsampled_target(gen):
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    recs = [torch.rand(2, 3, s, s, generator=gen) for s in (4, 8, 16)]
+    seen = []
+
+    class MeanAbs(torch.nn.Module):  # depends on both inputs and their order
+        def forward(self, a, b):
+            seen.append((a, b))
+            return (a - 2 * b).abs().flatten(1).mean(1)
+
+    cfg = ReconLossConfig(l1=0.0, mse=0.0, perceptual=2.0, kl=0.0, scale_weights=(1.0, 0.5, 0.25))
+    out = MultiScaleReconstructionLoss(cfg, 3, MeanAbs())(x, recs, None)
+    ref = sum(w * 2.0 * (r - 2 * F.adaptive_avg_pool2d(x, r.shape[-1])).abs().mean() for w, r in zip((1.0, 0.5, 0.25), recs))
+    torch.testing.assert_close(out["loss"], ref)
+    assert [a is r for (a, _), r in zip(seen, recs)] == [True] * 3
+
+
+def test_rec_loss_leaves_out_kl_and_keeps_its_graph(gen):
+    x = torch.rand(1, 3, 8, 8, generator=gen)
+    rec = torch.rand(1, 3, 8, 8, generator=gen, requires_grad=True)
+    post = DiagonalGaussian(torch.randn(1, 8, 2, 2, generator=gen))
+    out = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, kl=0.5), 1)(x, [rec], post)
+    torch.testing.assert_close(out["loss"] - out["rec_loss"], 0.5 * post.kl().mean())
+    assert out["rec_loss"].requires_grad
+
+
+def test_non_square_scales_get_non_square_targets(gen):
+    x = torch.rand(1, 3, 8, 16, generator=gen)
+    recs = [torch.rand(1, 3, 2, 4, generator=gen), x.clone()]
+    out = MultiScaleReconstructionLoss(ReconLossConfig(l1=1.0, mse=0.0, perceptual=0.0, kl=0.0), 2)(x, recs, None)
+    torch.testing.assert_close(out["loss"], F.l1_loss(recs[0], F.avg_pool2d(x, 4)))
+
+
 def test_perceptual_term_and_validation(gen):
     x = torch.rand(1, 3, 8, 8, generator=gen)
     recs = [x.clone()]
@@ -38,3 +71,11 @@ def test_perceptual_term_and_validation(gen):
         MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=(1.0, 1.0)), 3)
     with pytest.raises(ValueError, match="needs a perceptual module"):
         MultiScaleReconstructionLoss(ReconLossConfig(perceptual=1.0), 1)
+    with pytest.raises(ValueError, match="perceptual_kind='none' needs loss.perceptual=0"):
+        ReconLossConfig(perceptual_kind="none")
+    loss = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0), 3)
+    x = torch.rand(1, 3, 16, 16, generator=gen)
+    with pytest.raises(ValueError, match="2 reconstructions for a loss built for 3 scales"):
+        loss(x, [x[..., :8, :8], x], None)  # a missing scale is never silently dropped
+    with pytest.raises(ValueError, match="does not fit the input"):
+        loss(x, [x[..., :4, :4], x[..., :8, :8], torch.rand(1, 3, 32, 32)], None)

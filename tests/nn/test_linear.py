@@ -13,7 +13,7 @@ needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch b
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (8, 48), (513, 48), (3, 5, 48)])
 def test_packed_path_matches_f_linear(gen, bias, shape):
-    lin = Linear(48, 40, bias=bias)
+    lin = Linear(48, 40, bias=bias).eval()
     x = torch.randn(*shape, generator=gen)
     with torch.no_grad():
         out = lin(x)
@@ -24,7 +24,7 @@ def test_packed_path_matches_f_linear(gen, bias, shape):
 
 @needs_mkl
 def test_pack_follows_weight_updates(gen):
-    lin = Linear(16, 8)
+    lin = Linear(16, 8).eval()
     x = torch.randn(4, 16, generator=gen)
     with torch.no_grad():
         lin(x)
@@ -47,6 +47,36 @@ def test_reference_path_training_and_state_dict(gen):
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     assert lin._pack is None
+
+
+@needs_mkl
+def test_pack_is_dropped_in_training_mode_so_fused_adamw_steps_are_seen(gen):
+    lin = Linear(16, 8).eval()
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad():
+        lin(x)
+    assert lin._pack is not None
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)  # updates in place, version counter unmoved
+    lin.train()
+    assert lin._pack is None
+    lin(x).square().sum().backward()
+    opt.step()
+    lin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        lin.train()
+        lin(x)  # training mode: no pack is made, even without autograd
+    assert lin._pack is None
+
+
+@needs_mkl
+def test_autocast_takes_the_reference_path(gen):
+    lin = Linear(16, 8).eval()
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+        assert out.dtype == torch.bfloat16 and lin._pack is None
+        assert torch.equal(out, F.linear(x, lin.weight, lin.bias))
 
 
 def test_pack_weight_declines_what_it_cannot_pack():

@@ -122,6 +122,12 @@ def test_config_overrides_and_yaml(tmp_path):
     assert cfg.optim.betas == (0.9, 0.99) and cfg.model == {"scales": [8]}
     with pytest.raises(ValueError, match="has no field 'lrr'"):
         load_config(overrides={"optim.lrr": 1})
+    # nested configs check the overridden values, all keys applied first (order does not matter)
+    with pytest.raises(ValueError, match="perceptual_kind='none' needs loss.perceptual=0"):
+        load_config(overrides={"loss.perceptual_kind": "none"})
+    with pytest.raises(ValueError, match="unknown DiffAugment group 'colr'"):
+        load_config(overrides={"gan.diffaug": "colr"})
+    assert load_config(overrides={"loss.perceptual_kind": "none", "loss.perceptual": 0.0}).loss.perceptual == 0.0
 
 
 def test_gan_stage_two_optimizers_and_resume(tmp_path):

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
-
-from ..hub import CONFIG_NAME, check_state_dict
+from ..hub import CONFIG_NAME, EMA_NAME, load_ema_weights
 from ..tokenizers import HieraTok
 from ..train.checkpoint import latest_checkpoint
 
@@ -42,12 +40,8 @@ def load_tokenizer(path: str | Path, *, ema: bool = True, device: str | torch.de
     kw = {"attn_backend": attn_backend} if attn_backend else {}
     model = HieraTok.from_pretrained(d, **kw)
     weights = "model"
-    if ema and (d / "ema.safetensors").is_file():
-        sd = load_file(str(d / "ema.safetensors"))
-        own = model.state_dict()
-        sd = {**own, **sd}  # EMA covers parameters; buffers come from the model file
-        check_state_dict(model, sd, str(d / "ema.safetensors"))
-        model.load_state_dict(sd)
+    if ema and (d / EMA_NAME).is_file():
+        load_ema_weights(model, d / EMA_NAME)
         weights = "ema"
     log.info("tokenizer %s (%s weights)", d, weights)
     return model.to(device).eval(), {"model_dir": str(d), "weights": weights}

@@ -29,10 +29,16 @@ class ReconLossConfig:
     kl: float = 1e-6
     scale_weights: Optional[tuple[float, ...]] = None  # one per scale, coarse to fine; None = all 1
 
+    def __post_init__(self) -> None:
+        if self.perceptual_kind == "none" and self.perceptual > 0:
+            raise ValueError(f"loss.perceptual_kind='none' needs loss.perceptual=0 (got {self.perceptual})")
 
-def scale_targets(x_BCHW: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """The input downsampled by area interpolation to each size (the full size is ``x`` itself)."""
-    return [x_BCHW if s == x_BCHW.shape[-1] else F.interpolate(x_BCHW, size=(s, s), mode="area") for s in sizes]
+
+def scale_targets(x_BCHW: torch.Tensor, sizes: Sequence[int | tuple[int, int]]) -> list[torch.Tensor]:
+    """The input downsampled by area interpolation to each size, an int (square) or (h, w); the
+    full size is ``x`` itself."""
+    hw = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
+    return [x_BCHW if s == tuple(x_BCHW.shape[-2:]) else F.interpolate(x_BCHW, size=s, mode="area") for s in hw]
 
 
 class MultiScaleReconstructionLoss(nn.Module):
@@ -56,8 +62,17 @@ class MultiScaleReconstructionLoss(nn.Module):
         self.perceptual = perceptual
 
     def forward(self, x_BCHW: torch.Tensor, recs: Sequence[torch.Tensor], posterior: Optional[DiagonalGaussian]) -> dict[str, torch.Tensor]:
+        """``loss`` (to minimise), ``rec_loss`` (the same without KL), and detached logs: ``l1``,
+        ``mse``, ``perceptual`` (weighted sums over scales), ``l1_s{size}``, ``perceptual_s{size}``
+        and ``kl``. ``recs``: one reconstruction per scale, coarse to fine, each at most the input's size."""
         c = self.cfg
-        targets = scale_targets(x_BCHW, [r.shape[-1] for r in recs])
+        if len(recs) != len(self.scale_weights):
+            raise ValueError(f"{len(recs)} reconstructions for a loss built for {len(self.scale_weights)} scales")
+        H, W = x_BCHW.shape[-2:]
+        for r in recs:
+            if r.shape[:2] != x_BCHW.shape[:2] or r.shape[-2] > H or r.shape[-1] > W:
+                raise ValueError(f"reconstruction of shape {tuple(r.shape)} does not fit the input {tuple(x_BCHW.shape)}")
+        targets = scale_targets(x_BCHW, [tuple(r.shape[-2:]) for r in recs])
         logs: dict[str, torch.Tensor] = {}
         total = x_BCHW.new_zeros(())
         l1_sum, mse_sum, p_sum = x_BCHW.new_zeros(()), x_BCHW.new_zeros(()), x_BCHW.new_zeros(())
@@ -74,10 +89,10 @@ class MultiScaleReconstructionLoss(nn.Module):
             l1_sum, mse_sum = l1_sum + w * l1.detach(), mse_sum + w * mse.detach()
             logs[f"l1_s{rec.shape[-1]}"] = l1.detach()
         logs.update(l1=l1_sum, mse=mse_sum, perceptual=p_sum)
+        logs["rec_loss"] = total  # VQGAN's / VA-VAE's "nll": what adaptive GAN / VF weights balance against
         if posterior is not None:
             kl = posterior.kl().mean()
             logs["kl"] = kl.detach()
             total = total + c.kl * kl
-        logs["rec_loss"] = total.detach()
         logs["loss"] = total
         return logs

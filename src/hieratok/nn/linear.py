@@ -8,12 +8,14 @@ traffic with ``F.linear`` and at the memory bandwidth with a prepacked weight (5
 64 rows: 101 -> 72 ms; 512 rows: 507 -> 450 ms).
 
 :class:`Linear` packs its weight once (``torch.ops.mkl._mkl_reorder_linear_weight``, MKL's
-``cblas_sgemm_pack``: what Inductor's CPU weight prepacking uses) when it is first called without
-autograd on a CPU float32 input, and calls ``torch.ops.mkl._mkl_linear`` with it. The pack is
-redone whenever the weight changes (its storage or version counter) and checked on creation
-against ``F.linear`` on a few rows; ``fast = False`` is the reference path (``F.linear``; the pack
-is kept for when the fast path comes back, :meth:`Linear.release_pack` frees it).
-Training, other devices and dtypes, and builds without MKL always take ``F.linear``. Same
+``cblas_sgemm_pack``: what Inductor's CPU weight prepacking uses) when it is first called in eval
+mode without autograd or autocast on a CPU float32 input, and calls ``torch.ops.mkl._mkl_linear``
+with it. The pack is dropped by ``train()`` (optimizers such as fused AdamW update weights in
+place without moving their version counter) and redone whenever the weight changes (its storage
+or version counter); it is checked on creation against ``F.linear`` on a few rows. ``fast = False``
+is the reference path (``F.linear``; the pack is kept for when the fast path comes back,
+:meth:`Linear.release_pack` frees it). Training mode, autograd, autocast, other devices and
+dtypes, and builds without MKL always take ``F.linear``. Same
 parameters and state dict as :class:`torch.nn.Linear`; results agree up to float rounding
 (tests/nn/test_linear.py). The pack costs memory (about 1.7x the weight).
 
@@ -87,9 +89,14 @@ class Linear(nn.Linear):
         """Free the packed weight (it is rebuilt on the next fast call)."""
         self._pack = self._pack_key = None
 
+    def train(self, mode: bool = True) -> "Linear":
+        if mode:
+            self.release_pack()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fast and _MKL and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and x.numel() > 0):
+        if (self.fast and _MKL and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")):
             packed = self._packed()
             if packed is not None:
                 return packed_linear(x, packed, self.weight, self.bias)

@@ -7,6 +7,7 @@ The resolved config is written to ``<run>/train_config.yaml`` and into every che
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def _coerce(tp: Any, value: Any) -> Any:
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of ``cfg`` with dotted keys replaced (``optim.lr``, ``model.scales`` ...)."""
-    cfg = dataclasses.replace(cfg)
+    cfg = copy.copy(cfg)  # copies along each overridden path; checks run once all are applied
     for key, value in overrides.items():
         obj, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
@@ -136,10 +137,19 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
                 setattr(obj, part, _coerce(hints[part], value))
             else:
                 child = getattr(obj, part)
-                child = dict(child) if isinstance(child, dict) else dataclasses.replace(child)
+                child = copy.copy(child)
                 setattr(obj, part, child)
                 obj = child
-    return cfg
+    return _revalidated(cfg)
+
+
+def _revalidated(cfg: Any) -> Any:
+    """``cfg`` rebuilt bottom-up, so that every nested config's ``__post_init__`` checks run on the
+    overridden values."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    kids = {f.name: _revalidated(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    return dataclasses.replace(cfg, **kids)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

@@ -169,14 +169,14 @@ class TokenizerTask(Task):
         if self.gan is not None:
             disc = self.gan.discriminator
             disc.requires_grad_(False)  # the generator term must not leave gradients in the discriminator
-            g, glogs = self.gan.generator_loss(recs, step, rec_loss=logs["loss"], last_layer=model.decoder.head.weight)
+            g, glogs = self.gan.generator_loss(recs, step, rec_loss=logs["rec_loss"], last_layer=model.decoder.head.weight)
             disc.requires_grad_(True)
             logs["loss"] = logs["loss"] + g
             logs.update(glogs)
         if self.vf is not None:
             with torch.no_grad():
                 feats = self.vf_encoder(x)
-            v, vlogs = mods["vf_proj"](out["latent"], feats, rec_loss=logs["loss"],
+            v, vlogs = mods["vf_proj"](out["latent"], feats, rec_loss=logs["rec_loss"],
                                        last_layer=model.encoder.head.weight)
             logs["loss"] = logs["loss"] + v
             logs.update(vlogs)
