@@ -28,8 +28,10 @@ def test_round_trip_identical_outputs(tmp_path, gen):
 
 def test_runtime_override_allowed(tmp_path):
     HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
-    m = HieraTok.from_pretrained(tmp_path, attn_backend="reference", decoder_drop_path=0.0)
+    m = HieraTok.from_pretrained(tmp_path, attn_backend="reference", decoder_drop_path=0.0, init_std=0.01)
     assert m.config.attn_backend == "reference"
+    backends = {mod.backend for mod in m.modules() if hasattr(mod, "backend")}
+    assert backends == {"reference"}  # every attention layer, not only the config field
 
 
 def test_architecture_override_names_the_field(tmp_path):

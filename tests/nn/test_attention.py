@@ -74,12 +74,31 @@ def test_grad_checkpointing_same_gradients(gen):
     net.train()
     x = torch.randn(2, 21, 32, generator=gen)
     m = dense_mask("scale_causal", (1, 2, 4))
-    res = []
+    calls, attn_forward = [], net.blocks[0].attn.forward
+    net.blocks[0].attn.forward = lambda *a, **k: calls.append(1) or attn_forward(*a, **k)
+    res, runs = [], []
     for ckpt in (False, True):
         net.grad_checkpointing = ckpt
         net.zero_grad()
+        calls.clear()
         torch.manual_seed(123)  # same drop-path draws
         net(x, m).square().mean().backward()
         res.append([p.grad.clone() for p in net.parameters()])
+        runs.append(len(calls))
+    assert runs == [1, 2]  # checkpointing really recomputes the block in the backward pass
     for a, b in zip(*res):
         torch.testing.assert_close(a, b)
+
+
+def test_per_sample_masks_bypass_segmentation(gen):
+    net = Transformer(depth=1, dim=16, num_heads=2).eval()
+    x = torch.randn(2, 7, 16, generator=gen)
+    m4 = torch.rand(2, 1, 7, 7, generator=gen) > 0.3
+    m4 |= torch.eye(7, dtype=torch.bool)
+    with torch.no_grad():
+        out = net(x, m4)  # a (B, 1, L, L) mask: one mask per sample
+        for b in range(2):  # each sample alone with its own 2-d mask (which is segmented)
+            torch.testing.assert_close(out[b:b + 1], net(x[b:b + 1], m4[b, 0]), atol=1e-6, rtol=1e-5)
+    with pytest.raises(TypeError, match="takes a BlockMask"):
+        net.set_backend("flex")
+        net(x, m4[0, 0])

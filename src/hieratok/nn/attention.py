@@ -158,6 +158,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike,
     if backend == "flex":
         if flex_attention is None:
             raise RuntimeError("attention backend 'flex' needs torch >= 2.5")
+        if isinstance(mask, torch.Tensor):
+            raise TypeError("attention backend 'flex' takes a BlockMask (torch.nn.attention.flex_attention."
+                            "create_block_mask) or None, not a dense tensor mask")
         return _flex(q, k, v, mask)
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
 

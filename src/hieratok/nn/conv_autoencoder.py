@@ -159,10 +159,6 @@ class ConvEncoder(nn.Module):
         self.conv_out = _conv(c_mid, z_channels, 1)
         self.channels_last = True
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.down) - 1)
-
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(_to_layout(x_BCHW, self.channels_last))
         for i, level in enumerate(self.down):

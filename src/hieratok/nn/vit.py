@@ -22,7 +22,10 @@ __all__ = ["DropPath", "Mlp", "Block", "Transformer"]
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``.
+
+    The draws come from torch's global generator (``torch.manual_seed`` makes training runs
+    repeatable); in eval mode it is the identity."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -132,8 +135,8 @@ class Transformer(nn.Module):
 
     def _block_mask(self, mask: MaskLike) -> MaskLike:
         """The mask the blocks get: the segmented form of a dense bool mask where it has one."""
-        if not (self.segment_masks and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
-            return mask
+        if not (self.segment_masks and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 2):
+            return mask  # per-sample / per-head masks go to the backend as they are
         if mask.is_meta or torch.compiler.is_compiling():  # no data to analyse / keep graphs free of host syncs
             return mask
         if self._segmented is None or self._segmented[0] is not mask:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import require_positive_ints
 from ..metrics.codebook import CodebookStats, CodebookUsage
 
 __all__ = ["VQOutput", "VectorQuantizer"]
@@ -73,12 +74,10 @@ class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, dim: int, l2_normalized: bool = True, beta: float = 0.25,
                  track_usage: bool = False) -> None:
         super().__init__()
-        for name, v in (("num_codes", num_codes), ("dim", dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.num_codes, self.dim = num_codes, dim
+        require_positive_ints(self, ("num_codes", "dim"))
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        self.num_codes, self.dim = num_codes, dim
         self.l2_normalized, self.beta = l2_normalized, float(beta)
         self.embedding = nn.Embedding(num_codes, dim)
         self.reset_parameters()

@@ -69,7 +69,7 @@ class HieraTokConfig:
     qkv_bias: bool = False
     mlp_bias: bool = False
     norm_eps: float = 1e-6
-    init_std: float = 0.02
+    init_std: float = runtime_field(0.02)  # only the initialisation: loaded weights do not depend on it
     encoder_drop_path: float = runtime_field(0.0)
     decoder_drop_path: float = runtime_field(0.1)
     attn_backend: str = runtime_field("sdpa")
@@ -104,6 +104,13 @@ class HieraTokConfig:
         for name, w, h in (("encoder", self.encoder_width, self.encoder_heads), ("decoder", self.decoder_width, self.decoder_heads)):
             if w % h:
                 raise ValueError(f"{name}_width {w} is not divisible by {name}_heads {h}")
+        if self.downsample_width is not None:
+            require_positive_ints(self, ("downsample_width",))
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for name in ("encoder_drop_path", "decoder_drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def grid(self) -> int:
@@ -137,7 +144,9 @@ class ConvDownsampler(nn.Module):
     For every scale s, from the full latent map: a strided conv d -> W that brings G x G to s x s,
     a 3x3 conv W -> W, and a 1x1 conv W -> d, with LayerNorm2d + GELU between them. The convs run
     at the decoder width W: with the paper's f16d16 model this adds 52.9M parameters, putting the
-    total at 399.3M against the paper's 401.18M (the single-scale twin is 346.4M vs 346.25M).
+    total at 399.4M against the paper's 401.18M (the single-scale twin is 346.5M vs 346.25M). The
+    forward FLOPs come out 7.5% above the paper's (247.7 vs 230.45 G; single scale 184.7 vs 182.36
+    G): the paper does not say how it counted (README, "The model").
     """
 
     def __init__(self, latent_channels: int, width: int, grid: int, scales: Sequence[int], eps: float = 1e-6) -> None:
@@ -183,12 +192,12 @@ class Encoder(nn.Module):
                                   cfg.mlp_bias, cfg.encoder_drop_path, cfg.norm_eps, cfg.attn_backend)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, 2 * cfg.latent_channels)
-        self.grid = cfg.grid
+        self.grid, self.out_channels = cfg.grid, 2 * cfg.latent_channels
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_BLD = self.patch_embed(x_BCHW) + self.pos_embed
         h = self.head(self.norm(self.blocks(x_BLD)))  # (B, G*G, 2d)
-        return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)  # (B, 2d, G, G)
+        return h.transpose(1, 2).reshape(h.shape[0], self.out_channels, self.grid, self.grid)  # (B, 2d, G, G)
 
 
 class Decoder(nn.Module):
@@ -255,8 +264,8 @@ class HieraTok(PretrainedMixin, nn.Module):
         if not config.multiscale:
             self.downsampler: Optional[nn.Module] = None
         elif config.downsample == "conv":
-            self.downsampler = ConvDownsampler(config.latent_channels, config.downsample_width or config.decoder_width,
-                                               config.grid, config.scales, config.norm_eps)
+            width = config.decoder_width if config.downsample_width is None else config.downsample_width
+            self.downsampler = ConvDownsampler(config.latent_channels, width, config.grid, config.scales, config.norm_eps)
         else:
             self.downsampler = InterpDownsampler(config.scales)
         self.decoder = Decoder(config)
@@ -282,9 +291,7 @@ class HieraTok(PretrainedMixin, nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` ("sdpa", "reference" or "flex")."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attn_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
-        self.config = dataclasses.replace(self.config, attn_backend=backend)
+        self.config = dataclasses.replace(self.config, attn_backend=backend)  # checks the name
         self.encoder.blocks.set_backend(backend)
         self.decoder.set_backend(backend)
 
