@@ -28,6 +28,26 @@ def test_demo_end_to_end_small_budget(tmp_path):
     assert (out / "multi" / "metrics.csv").read_text().count("\n") == (out / "single" / "metrics.csv").read_text().count("\n")
 
 
+def test_demo_time_budget_leaves_the_real_runs_their_whole_schedule(tmp_path):
+    """Calibration runs on throw-away trainers: the real runs start at step 0 with the warm-up LR."""
+    import time
+
+    from hieratok.demo import _data_text, _train
+    from hieratok.train import lr_at
+
+    c = DemoConfig(minutes=0.0, eval_reserve_s=-8.0, out=str(tmp_path / "demo"), batch_size=2, progress=False)
+    trainers = _train(c, time.perf_counter())  # about 8 s of budget after the calibration
+    steps = trainers["multi"].step
+    assert steps >= 1 and trainers["single"].step == steps
+    for t in trainers.values():
+        assert t.cfg.steps == steps and t.history[-1]["step"] == steps
+        assert t.history[0]["step"] == min(5, steps)  # no calibration rows in the run's log (log_every=5)
+        o = t.cfg.optim
+        assert t.history[0]["lr"] == pytest.approx(sum(lr_at(s, steps, o.lr, o.end_lr, o.warmup_ratio)
+                                                      for s in range(min(5, steps))) / min(5, steps), rel=1e-5)
+    assert _data_text(DemoConfig()) == "the embedded photos" and "my/imgs" in _data_text(DemoConfig(data="my/imgs"))
+
+
 def test_reconstruct_crop_and_tile(tmp_path, capsys):
     HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).save_pretrained(tmp_path / "tok")
     rng = np.random.default_rng(0)
@@ -40,6 +60,25 @@ def test_reconstruct_crop_and_tile(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "photo.jpg"), "--checkpoint", str(tmp_path / "tok"), "--mode", "tile",
                  "--out", str(tmp_path / "tiles")]) == 0
     assert Image.open(tmp_path / "tiles" / "photo.recon.png").size == (150, 100)  # the whole image, own size
+
+
+def test_tile_mode_is_the_crop_reconstruction_of_each_tile():
+    import torch
+
+    from hieratok.reconstruct import reconstruct_image
+
+    torch.manual_seed(0)
+    model = HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).eval()
+    x = torch.rand(3, 100, 150) * 2 - 1  # 2 x 3 tiles of 64; the last row and column reach into the padding
+    xp = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 28), (0, 42)), mode="reflect"))
+    tiled = reconstruct_image(model, x, "tile", batch_size=4)
+    assert [tuple(t.shape) for t in tiled] == [(3, round(100 * s / 64), round(150 * s / 64)) for s in (8, 16, 32, 64)]
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 2)):
+        crop = reconstruct_image(model, xp[:, 64 * i:64 * (i + 1), 64 * j:64 * (j + 1)], "crop")
+        for t, c in zip(tiled, crop):
+            s = c.shape[-1]
+            want = c[:, : t.shape[1] - s * i, : t.shape[2] - s * j]  # the part inside the image
+            torch.testing.assert_close(t[:, s * i:s * (i + 1), s * j:s * (j + 1)], want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("content,match", [(None, "no such file"), (b"not an image", "cannot read image")])

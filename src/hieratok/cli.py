@@ -51,7 +51,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import Trainer, load_config
+    from .train import NonFiniteLossError, Trainer, load_config
 
     overrides = parse_overrides(args.overrides)
     for flag, key in ((args.task, "task"), (args.preset, "preset"), (args.data, "data.path"), (args.out, "out_dir"),
@@ -61,7 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.fsdp:
         overrides["fsdp"] = True
     cfg = load_config(args.config, overrides)
-    Trainer(cfg).fit(resume=args.resume)
+    try:
+        Trainer(cfg).fit(resume=args.resume)
+    except NonFiniteLossError as e:  # a training outcome, not a bug: one line, no traceback
+        print(f"hieratok train: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -377,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import os
+
+    # under torchrun, info lines from rank 0 only (the other ranks would repeat them); warnings from all
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     # key=value overrides may follow options too (argparse only takes positionals before them)

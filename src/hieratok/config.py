@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Mapping, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field", "require_positive_ints"]
+__all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field", "require_positive_ints",
+           "coerce_value"]
 
 T = TypeVar("T")
 
@@ -26,7 +27,65 @@ def config_from_dict(cls: Type[T], d: Mapping[str, Any]) -> T:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
-    return cls(**d)
+    hints = get_type_hints(cls)
+    # strings (YAML / command-line values such as "1e-4") are converted to the field's type
+    return cls(**{k: coerce_value(k, hints[k], v) if isinstance(v, str) and hints[k] is not str else v
+                  for k, v in d.items()})
+
+
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """``value`` as ``tp`` (bool, int, float or str); ValueError/TypeError if it is not one."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _BOOLS:
+            raise ValueError
+        return _BOOLS[str(value).lower()]
+    if isinstance(value, (bool, list, tuple, dict)) or value is None:
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        f = float(value)  # "1e3" (PyYAML reads exponents without a dot as strings)
+        if not f.is_integer():
+            raise ValueError
+        return int(f)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp}")  # pragma: no cover (a new field type)
+
+
+def coerce_value(key: str, tp: Any, value: Any) -> Any:
+    """``value`` (from YAML or the command line, so numbers may arrive as strings such as ``"2e-4"``)
+    converted to the field type ``tp``; a ValueError naming ``key`` if it does not convert."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        raise ValueError(f"config key {key!r} is a section: set its fields, e.g. {key}.<field>=value")
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
+        return value
+    if origin is tuple:
+        n = None if args[-1] is Ellipsis else len(args)
+        if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n):
+            raise ValueError(f"config key {key!r} expects a list of {n or 'any number of'} values, got {value!r}")
+        return tuple(coerce_value(f"{key}[{i}]", args[0 if n is None else i], v) for i, v in enumerate(value))
+    try:
+        return _scalar(tp, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} expects {tp.__name__}, got {value!r}") from None
 
 
 def architecture_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:

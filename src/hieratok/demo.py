@@ -1,8 +1,8 @@
 """``hieratok demo``: the paper's multi- vs single-scale ablation (Table 2) in miniature.
 
 Trains the tiny multi-scale HieraTok and its single-scale twin with the same seed, steps and data
-order on the embedded photos, evaluates both on held-out photos they never saw, and writes a
-self-contained report (table with differences, reconstruction grids, pyramid, loss curves, t-SNE).
+order on the embedded photos (or ``--data``), evaluates both on held-out photos they never saw, and
+writes a self-contained report (table with differences, reconstruction grids, pyramid, loss curves, t-SNE).
 """
 
 from __future__ import annotations
@@ -43,45 +43,58 @@ class DemoConfig:
     progress: bool = True
 
 
-def _train_configs(c: DemoConfig) -> dict[str, Any]:
+def _train_configs(c: DemoConfig, steps: int, out: str | Path) -> dict[str, Any]:
     from .train import load_config
 
     common = {"data.path": c.data, "seed": c.seed, "batch_size": c.batch_size, "optim.lr": c.lr,
               "optim.end_lr": c.lr / 10, "log_every": 5, "image_every": 0, "ckpt_every": 0, "keep_last": 1,
               "ema_decay": 0.99, "progress": c.progress, "tensorboard": False, "data.short_side": None,
-              "steps": 10**6}
+              "steps": steps}
     if c.data is None:  # embedded photos: crops see more of each scene at twice the crop size
         from .presets import build_config
 
         common["data.short_side"] = 2 * build_config(c.preset).image_size
-    return {name: load_config(overrides={**common, "preset": preset, "out_dir": str(Path(c.out) / name)})
+    return {name: load_config(overrides={**common, "preset": preset, "out_dir": str(Path(out) / name)})
             for name, preset in (("multi", c.preset), ("single", f"{c.preset}-single"))}
+
+
+def _budget_steps(c: DemoConfig, t_start: float) -> int:
+    """Steps per model that fit the time budget, timed on throw-away trainers of both twins (so the
+    real runs get their whole warm-up and cosine schedule over exactly the steps they run)."""
+    import tempfile
+
+    from .train import Trainer
+
+    warm, timed = 2, 8
+    per_step = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in _train_configs(c, 10**6, tmp).values():
+            t = Trainer(cfg)
+            t.fit(max_steps=warm)  # first steps pay for allocation and lazy initialisation
+            t0 = time.perf_counter()
+            t.fit(max_steps=timed)
+            per_step += (time.perf_counter() - t0) / timed
+    left = c.minutes * 60 - (time.perf_counter() - t_start) - c.eval_reserve_s
+    steps = max(1, int(left / per_step))
+    log.info("%.2f s per step (both models): %d steps each fit the %.1f-minute budget", per_step, steps, c.minutes)
+    return steps
 
 
 def _train(c: DemoConfig, t_start: float) -> dict[str, Any]:
     """Train both twins for the same number of steps; returns the trainers."""
     from .train import Trainer
 
-    cfgs = _train_configs(c)
-    trainers = {k: Trainer(v) for k, v in cfgs.items()}
-    if c.steps is not None:
-        steps = c.steps
-    else:  # calibrate on real steps of both runs (after warm-up steps), then fill the budget
-        warm, timed = 2, 8
-        per_step = 0.0
-        for t in trainers.values():
-            t.fit(max_steps=warm)  # first steps pay for allocation and lazy initialisation
-            t0 = time.perf_counter()
-            t.fit(max_steps=timed)
-            per_step += (time.perf_counter() - t0) / timed
-        left = c.minutes * 60 - (time.perf_counter() - t_start) - c.eval_reserve_s
-        steps = max(warm + timed + 1, warm + timed + int(left / per_step))
-        log.info("%.2f s per step (both models): %d steps each fit the %.1f-minute budget", per_step, steps, c.minutes)
+    steps = c.steps if c.steps is not None else _budget_steps(c, t_start)
+    trainers = {k: Trainer(v) for k, v in _train_configs(c, steps, c.out).items()}
     for name, t in trainers.items():
-        t.cfg.steps = steps  # the cosine schedule spans the steps actually run
         log.info("training %s (%s) for %d steps", name, t.cfg.preset, steps)
         t.fit()
     return trainers
+
+
+def _data_text(c: DemoConfig) -> str:
+    """How the report names the training images."""
+    return "the embedded photos" if c.data is None else f"the images of {c.data}"
 
 
 def _model_from(trainer: Any) -> torch.nn.Module:
@@ -154,10 +167,11 @@ def run_demo(c: DemoConfig) -> dict[str, Any]:
     steps = trainers["multi"].step
 
     rep = Report("HieraTok demo: multi-scale vs single-scale, in miniature")
+    held = "crops of held-out photos they never saw" if c.eval_data is None else f"images of {c.eval_data}"
     rep.add_paragraph(
         f"Both tokenizers ({c.preset} and {c.preset}-single: identical encoders, {size}x{size} crops) were trained "
-        f"for {steps} steps of {c.batch_size} images with the same seed and data order on the embedded photos, "
-        f"then evaluated on {results['multi']['num_images']} crops of held-out photos they never saw. "
+        f"for {steps} steps of {c.batch_size} images with the same seed and data order on {_data_text(c)}, "
+        f"then evaluated on {results['multi']['num_images']} {held}. "
         "The layout follows the paper's Table 2 (rFID, PSNR, perceptual, SSIM) and Table 5 (latent uniformity). "
         f"The perceptual column is {pname}" + (" (not LPIPS: the LPIPS VGG weights are not on this machine)."
                                                if pname != "lpips-vgg" else "."))

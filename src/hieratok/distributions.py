@@ -24,9 +24,13 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Reparameterised sample mean + std * eps; ``generator`` makes it reproducible."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        """Reparameterised sample mean + std * eps; ``generator`` makes it reproducible.
+
+        eps is drawn on ``generator``'s device (a CPU generator also serves a CUDA latent) and moved.
+        """
+        src = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=src, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         """The mean (the latent used for generation and evaluation)."""

@@ -68,7 +68,9 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
     rank, world = _world()
     write_cache(tok.encode_for_cache, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
                 shard_size=shard_size, batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
-                world_size=world, progress=progress)
+                world_size=world, progress=progress,
+                source={"tokenizer": str(Path(tok.info["model_dir"]).resolve()), "tokenizer_weights": tok.info["weights"],
+                        "data": None if data is None else str(Path(data).resolve()), "crop_range": crop_range if ten_crop else None})
     barrier()
     meta: dict[str, Any] = {}
     if rank == 0:
@@ -127,11 +129,27 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     tok = load_any_tokenizer(tok_path, device=device)
     if all_scales and tok.kind != "hieratok":
         raise ValueError("--all-scales needs a multi-scale HieraTok tokenizer")
+    if info["kind"] != "dit":  # a GPT over codes: N is the code count of the ResTok that decodes them
+        from .generators.har import ARObjective, sample_layout
+
+        if tok.kind != "restok":
+            raise ValueError(f"{tok_path}: a GPT generator samples codes, which only a ResTok tokenizer decodes")
+        ar_obj = ARObjective.from_dict(tc.get("objective", {}))
+        layout = ar_obj.sequence_layout(tok.model.config.num_latent_tokens)
+        ar_kw = ar_obj.sampling_kwargs(top_p=top_p, top_k=top_k, temperature=temperature, cfg_schedule=cfg_schedule)
     out_dir = Path(out)
+    rank, world = _world()
+    settings = {"generator": info["model_dir"], "tokenizer": str(tok_path), "num": num, "cfg_scale": cfg_scale,
+                "seed": seed, "batch_size": batch_size, "steps": steps, "all_scales": all_scales, "top_p": top_p,
+                "top_k": top_k, "temperature": temperature, "cfg_schedule": cfg_schedule,
+                "objective": tc.get("objective", {})}
+    _check_resume(out_dir, settings)  # every rank, before rank 0 writes
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if all_scales:
         (out_dir / "pyramids").mkdir(exist_ok=True)
-    rank, world = _world()
+    if rank == 0:
+        _write_atomic(out_dir / "sampling.json", lambda p: p.write_text(json.dumps(settings, indent=2)))
+    barrier()
     num_classes = model.config.num_classes
     batches = [b for b in range((num + batch_size - 1) // batch_size) if b % world == rank]
     bar = None
@@ -151,18 +169,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
             obj = GeneratorObjective(**tc.get("objective", {}))
             z = sample_latents(model, obj, labels, cfg_scale, g, num_steps=steps)
         else:
-            from .generators.har import ar_layout, har_layout, sample_layout
-
-            opts = {"layout": "har", "num_ar_tokens": 4, "num_tokens": 128, **tc.get("objective", {})}
-            N = opts["num_tokens"]
-            if tc.get("data", {}).get("path") and Path(tc["data"]["path"]).is_dir():
-                N = read_cache_meta(tc["data"]["path"])["shape"][0]
-            layout = har_layout(N, opts["num_ar_tokens"]) if opts["layout"] == "har" else ar_layout(N)
-            kw = {k: v for k, v in dict(top_p=top_p if top_p is not None else opts.get("top_p"),
-                                        top_k=top_k if top_k is not None else opts.get("top_k"),
-                                        temperature=temperature if temperature is not None else opts.get("temperature"),
-                                        cfg_schedule=cfg_schedule or opts.get("cfg_schedule")).items() if v is not None}
-            z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **kw).codes
+            z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **ar_kw).codes
         if all_scales:
             pyr = tok.decode_latents_or_codes(z, all_scales=True)
             imgs = pyr[-1]
@@ -172,8 +179,9 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
                 pyramid_strip([p[j:j + 1].float().cpu() for p in pyr], out_dir / "pyramids" / f"{i:06d}.png")
         else:
             imgs = tok.decode_latents_or_codes(z)
-        for j, i in enumerate(idx):
-            tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu()).save(out_dir / "images" / f"{i:06d}.png")
+        for j, i in enumerate(idx):  # atomic: a killed run never leaves a truncated PNG that counts as done
+            img = tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu())
+            _write_atomic(out_dir / "images" / f"{i:06d}.png", lambda p: img.save(p, format="PNG"))
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
@@ -182,11 +190,37 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     npz = out_dir / "samples.npz"
     if rank == 0:
         write_npz(out_dir / "images", npz, num, labels=[i % num_classes for i in range(num)])
-        (out_dir / "sampling.json").write_text(json.dumps(
-            {"generator": info["model_dir"], "tokenizer": str(tok_path), "num": num, "cfg_scale": cfg_scale,
-             "seed": seed, "batch_size": batch_size, "steps": steps, "objective": tc.get("objective", {})}, indent=2))
     barrier()
     return npz
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` next to ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add samples to a folder whose images came from other settings (``num`` may differ).
+
+    Raises:
+        ValueError: naming the differing keys of ``sampling.json``, or when ``images/`` holds PNGs
+            but there is no ``sampling.json`` to tell where they came from.
+    """
+    path = out_dir / "sampling.json"
+    if not path.is_file():
+        if any((out_dir / "images").glob("*.png")):
+            raise ValueError(f"{out_dir / 'images'} holds PNGs but {path} is missing, so resuming cannot check they "
+                             "come from the same generator and settings; sample into an empty folder")
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(settings))  # tuples -> lists, as stored
+    diff = sorted(k for k in new.keys() | old.keys() if k != "num" and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(f"{out_dir} holds samples made with other settings ({', '.join(diff)} differ: "
+                         + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                         + "); sample into another folder")
 
 
 def write_npz(folder: Path, path: Path, num: int, labels: Optional[list[int]] = None) -> Path:

@@ -89,6 +89,42 @@ def test_sampling_is_deterministic_and_npz_round_trips(dit_setup, tmp_path):
     assert len(list((tmp_path / "a" / "pyramids").glob("*.png"))) == 5
 
 
+def test_sampling_resumes_after_a_kill_and_refuses_other_settings(dit_setup, tmp_path, monkeypatch):
+    """A run killed inside a PNG write leaves no truncated image; the resumed folder equals a clean
+    run; resuming with another seed or cfg is refused with the differing keys named."""
+    root, _, _ = dit_setup
+    kw = dict(num=5, batch_size=2, steps=4, progress=False)
+    gen = str(root / "dit")
+    clean = np.load(sample_to_folder(gen, str(tmp_path / "clean"), seed=3, **kw))["arr_0"]
+    real_save, calls = Image.Image.save, []
+
+    def dying_save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 3:  # the third image: half a file, then the process dies
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG\r\n")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        sample_to_folder(gen, str(tmp_path / "run"), seed=3, **kw)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "run" / "images").glob("*.png")) == ["000000.png", "000001.png"]
+    resumed = np.load(sample_to_folder(gen, str(tmp_path / "run"), seed=3, **kw))["arr_0"]
+    assert np.array_equal(resumed, clean)
+    with pytest.raises(ValueError, match="seed") as e:
+        sample_to_folder(gen, str(tmp_path / "run"), seed=4, cfg_scale=2.0, **kw)
+    assert "cfg_scale" in str(e.value) and "num" not in str(e.value).split("(")[1]
+    assert json.loads((tmp_path / "run" / "sampling.json").read_text())["seed"] == 3  # nothing overwritten
+    # more samples with the same settings is a resume, not a conflict
+    more = np.load(sample_to_folder(gen, str(tmp_path / "run"), seed=3, **{**kw, "num": 6}))["arr_0"]
+    assert np.array_equal(more[:4], clean[:4]) and more.shape[0] == 6
+    (tmp_path / "run" / "sampling.json").unlink()
+    with pytest.raises(ValueError, match="sampling.json"):
+        sample_to_folder(gen, str(tmp_path / "run"), seed=3, **kw)
+
+
 def _sample_worker(rank: int, port: int, gen: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
@@ -139,6 +175,13 @@ def test_har_gpt_on_restok_codes(tmp_path):
     assert hist[-1]["loss"] < hist[0]["loss"]
     npz = sample_to_folder(str(tmp_path / "har"), str(tmp_path / "s"), num=3, batch_size=2, progress=False)
     assert np.load(npz)["arr_0"].shape == (3, 64, 64, 3)
+    # N comes from the tokenizer, so sampling works without the code cache (it used to fall back to 128)
+    import shutil
+
+    shutil.rmtree(tmp_path / "codes")
+    again = sample_to_folder(str(tmp_path / "har"), str(tmp_path / "s2"), tokenizer=str(tmp_path / "tok"), num=3,
+                             batch_size=2, progress=False)
+    assert np.array_equal(np.load(again)["arr_0"], np.load(npz)["arr_0"])
 
 
 def test_generator_task_without_cache_is_a_clear_error():

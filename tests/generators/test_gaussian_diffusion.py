@@ -139,6 +139,58 @@ def test_space_timesteps():
         space_timesteps(10, "11")
 
 
+def openai_space_timesteps(num_timesteps, section_counts):
+    """improved-diffusion's respace.space_timesteps (OpenAI, used by DiT), transcribed as written."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired_count = int(section_counts[len("ddim"):])
+            for i in range(1, num_timesteps):
+                if len(range(0, num_timesteps, i)) == desired_count:
+                    return set(range(0, num_timesteps, i))
+            raise ValueError(f"cannot create exactly {num_timesteps} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        if section_count <= 1:
+            frac_stride = 1
+        else:
+            frac_stride = (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        taken_steps = []
+        for _ in range(section_count):
+            taken_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken_steps
+        start_idx += size
+    return set(all_steps)
+
+
+def test_space_timesteps_matches_openai_for_every_count():
+    for n in range(1, 1001):
+        assert space_timesteps(1000, str(n)) == sorted(openai_space_timesteps(1000, str(n))), n
+    assert space_timesteps(1000, "21") != sorted({round(k * 999 / 20) for k in range(21)})  # accumulation matters
+    for spec in ("10,15,20", "1,1,1", "7,3", "100,5", "ddim1000", "ddim50", "ddim2"):
+        assert space_timesteps(1000, spec) == sorted(openai_space_timesteps(1000, spec)), spec
+    for spec in ("ddim1", "ddim999"):
+        with pytest.raises(ValueError):
+            openai_space_timesteps(1000, spec)
+        with pytest.raises(ValueError):
+            space_timesteps(1000, spec)
+
+
+def test_respacing_to_t0_alone_is_refused():
+    """One respaced step keeps only t = 0 (OpenAI's spacing): sampling it would return the noise."""
+    with pytest.raises(ValueError, match="only t=0"):
+        GaussianDiffusion.linear(1000).respace("1")
+    assert GaussianDiffusion.linear(1000).respace("2").timestep_map.tolist() == [0, 999]
+
+
 @pytest.mark.parametrize("spacing", ["250", "ddim50", "7,3"])
 def test_respacing_keeps_alphas_cumprod(spacing):
     base = GaussianDiffusion.linear(1000)
@@ -200,3 +252,36 @@ def test_sampling_is_deterministic_under_a_generator():
         return d.sample_loop(model, torch.randn(2, 1, 2, 2, generator=g), g)
 
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_fixed_variance_is_beta_with_posterior_variance_at_t0():
+    """learn_sigma=False is DDPM's "fixed large": log beta_t, with beta~_1 at t = 0 (OpenAI's
+    ``np.append(posterior_variance[1], betas[1:])``)."""
+    d = GaussianDiffusion.linear(1000, learn_sigma=False)
+    betas, abar = np_schedule()
+    post1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
+    want = np.log(np.append(post1, betas[1:]))
+    t = torch.tensor([0, 1, 2, 500, 999])
+    x = torch.randn(5, 2, 3, 3)
+    out = d.p_mean_variance(torch.zeros_like(x), x, t)
+    np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].double().numpy(), want[t.numpy()], rtol=1e-6)
+    assert not np.allclose(want[t.numpy()][1:], np.log(betas[t.numpy()][1:] * (1 - abar[t.numpy() - 1][1:])
+                                                       / (1 - abar[t.numpy()][1:])))  # beta != beta~ there
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_noise_is_eta_times_the_posterior_std(eta):
+    """Song et al. eq. 16: sigma_t = eta * sqrt(beta~_t); eta = 1 is ancestral DDPM's variance."""
+    d = GaussianDiffusion.linear(1000, learn_sigma=False)
+    betas, abar = np_schedule()
+    t = torch.tensor([1, 500, 999])
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float32)
+    eps = torch.randn(3, 2, 3, 3)
+    got = d.ddim_sample(lambda x_, t_: eps, x, t, torch.Generator().manual_seed(5), eta=eta)["sample"].double()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).double()
+    ab, ab_prev = abar[t.numpy()], abar[t.numpy() - 1]
+    sigma2 = eta ** 2 * betas[t.numpy()] * (1 - ab_prev) / (1 - ab)
+    v = lambda a: torch.from_numpy(a).view(-1, 1, 1, 1)  # noqa: E731
+    x0 = (x.double() - v(np.sqrt(1 - ab)) * eps.double()) / v(np.sqrt(ab))
+    want = x0 * v(np.sqrt(ab_prev)) + v(np.sqrt(1 - ab_prev - sigma2)) * eps.double() + v(np.sqrt(sigma2)) * noise
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

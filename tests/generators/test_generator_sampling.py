@@ -15,7 +15,7 @@ FLOW = GeneratorObjective(kind="flow")
 def make(objective: GeneratorObjective, seed: int = 0, **kw) -> DiT:
     torch.manual_seed(seed)
     m = DiT(DiTConfig(**{**TOY, "learn_sigma": objective.kind == "diffusion", **kw}))
-    with torch.no_grad():  # leave the zero init so outputs depend on inputs
+    with torch.no_grad():  # perturb every parameter: the zero-initialised adaLN / output layers would give constant outputs
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return m.eval()
@@ -158,3 +158,23 @@ def test_objective_validation():
         sample_latents(m, DIFF, torch.tensor([0]), sampler="euler", num_steps=2)
     with pytest.raises(ValueError, match="exceeds"):
         sample_latents(m, DIFF, torch.tensor([0]), num_steps=2000)
+
+
+def test_step_and_batch_counts_are_checked():
+    """No silent defaults: 0 steps or batch 0 is an error; 1 diffusion step (t = 0 on pure noise) too."""
+    m = make(DIFF)
+    y = torch.tensor([0])
+    for steps in (0, 1, -3):
+        with pytest.raises(ValueError, match="num_steps"):
+            sample_latents(m, DIFF, y, num_steps=steps)
+    with pytest.raises(ValueError, match="num_steps"):
+        sample_latents(make(FLOW), FLOW, y, num_steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_latents(m, DIFF, y, num_steps=2, batch_size=0)
+    # one flow step is one Euler step from t = 1 to t = 0: x0 = noise - v(noise, 1)
+    f = make(FLOW)
+    noise = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        v = f(noise, build_process(FLOW).model_time(torch.ones(1)), y)
+    got = sample_latents(f, FLOW, y, num_steps=1, sampler="euler", noise_BCHW=noise, denormalize=False)
+    torch.testing.assert_close(got, noise - v)

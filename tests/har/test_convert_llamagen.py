@@ -86,3 +86,16 @@ def test_config_from_shapes_and_from_the_authors_config(tmp_path, model):
     torch.testing.assert_close(loaded(tokens, labels), m(tokens, labels), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="c2i"):
         gpt_config_from_official(dict(official, model_type="t2i"))
+
+
+def test_authors_config_fields_for_the_sequence_are_checked():
+    """cls_token_num, block_size and ar_token_num are not dropped: 128 codes with 4 next-token codes
+    need 63 placeholders (har_layout), and the RoPE table covers block_size positions."""
+    official = dict(dim=1024, n_layer=24, n_head=16, vocab_size=8192, num_classes=1000, spe_token_num=127,
+                    multiple_of=256, cls_token_num=1, block_size=128, ar_token_num=4)
+    assert gpt_config_from_official(official).max_seq_len == 128
+    assert gpt_config_from_official(dict(official, spe_token_num=63)).num_placeholders == 63
+    for bad, match in [(dict(cls_token_num=120), "cls_token_num"), (dict(spe_token_num=62), "needs 63 placeholders"),
+                       (dict(block_size=100), "power of 2"), (dict(ar_token_num=0), "num_ar_tokens")]:
+        with pytest.raises(ValueError, match=match):
+            gpt_config_from_official(dict(official, **bad))

@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from hieratok.generators.har import ar_layout, grouped_layout, har_layout, har_level_sizes, training_batch
+from hieratok.generators.har import (ARObjective, ar_layout, grouped_layout, har_layout, har_level_sizes,
+                                    training_batch)
 from hieratok.nn.masks import block_causal_mask, block_causal_mask_mod, block_ids
 
 
@@ -85,3 +86,33 @@ def test_bad_layouts():
         grouped_layout([2, 2])
     with pytest.raises(ValueError, match=r"\(B, 128\)"):
         training_batch(torch.zeros(2, 64, dtype=torch.long), har_layout(), 10)
+
+
+def test_ar_objective_is_validated_once_for_training_and_sampling():
+    """The config's objective dict: typos and unknown layouts are errors, not a silent plain AR."""
+    assert ARObjective.from_dict({}).sequence_layout(128) == har_layout(128, 4)
+    assert ARObjective.from_dict({"layout": "ar"}).sequence_layout(32) == ar_layout(32)
+    assert ARObjective.from_dict({"num_ar_tokens": 2}).sequence_layout(32) == har_layout(32, 2)
+    for bad, match in [({"layout": "HAR"}, "layout"), ({"layout": "nar"}, "layout"), ({"num_ar_token": 2}, "num_ar_token"),
+                       ({"num_tokens": 128}, "num_tokens"), ({"num_ar_tokens": 0}, "num_ar_tokens"),
+                       ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"), ({"temperature": -1.0}, "temperature"),
+                       ({"cfg_schedule": "linear"}, "cfg_schedule")]:
+        with pytest.raises(ValueError, match=match):
+            ARObjective.from_dict(bad)
+    obj = ARObjective.from_dict({"top_p": 0.95, "cfg_schedule": "step-release"})
+    assert obj.sampling_kwargs() == {"top_p": 0.95, "cfg_schedule": "step-release"}
+    assert obj.sampling_kwargs(top_p=0.5, top_k=None, temperature=0.0) == {"top_p": 0.5, "temperature": 0.0,
+                                                                          "cfg_schedule": "step-release"}
+    with pytest.raises(ValueError, match="top_p"):
+        obj.sampling_kwargs(top_p=2.0)
+
+
+def test_codes_outside_the_codebook_are_rejected():
+    """Codes in [V, V + placeholders) would otherwise be embedded as placeholders without a word."""
+    V, layout = 16, har_layout(8, 2)
+    ok = torch.randint(0, V, (2, 8))
+    inputs, targets = training_batch(ok, layout, V)
+    assert int(inputs.max()) < V + layout.num_placeholders and torch.equal(targets, ok)
+    for bad, match in [(ok + V, r"\[0, 16\)"), (ok - V, r"\[0, 16\)"), (ok.float(), "integer")]:
+        with pytest.raises(ValueError, match=match):
+            training_batch(bad, layout, V)

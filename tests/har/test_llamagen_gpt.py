@@ -119,6 +119,18 @@ def test_placeholder_ids_use_their_own_table_and_bad_ids_are_rejected():
         m.embed_tokens(torch.tensor([[V + 127]]))
 
 
+def test_bad_labels_are_clear_errors():
+    m = _tiny()
+    C = m.config.num_classes
+    tok = torch.zeros(2, 3, dtype=torch.long)
+    assert m(tok, torch.tensor([0, C])).shape == (2, 4, m.config.vocab_size)  # C: the null class
+    for labels, match in [(torch.tensor([0, C + 1]), r"\[0, %d\]" % C), (torch.tensor([-1, 0]), "lie in"),
+                          (torch.tensor([0.0, 1.0]), "integer"), (torch.tensor([True, False]), "integer"),
+                          (torch.tensor([0, 1, 2]), r"\(B,\)"), (torch.zeros(2, 1, dtype=torch.long), r"\(B,\)")]:
+        with pytest.raises(ValueError, match=match):
+            m(tok, labels)
+
+
 def test_class_dropout_uses_the_generator():
     m = _tiny(class_dropout=0.5)
     labels = torch.arange(10).repeat(20)

@@ -22,6 +22,7 @@ from hieratok.losses.gan import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
+from hieratok.losses.restok import restok_gan_config
 
 
 def _images(b: int, size: int, gen: torch.Generator, offset: float = 0.0) -> torch.Tensor:
@@ -144,6 +145,32 @@ def test_gan_loss_lecam_term(gen: torch.Generator) -> None:
     assert loss.item() == pytest.approx(hinge_d_loss(lr_, lf_).item() + 1e-3 * reg.item(), rel=1e-5)
 
 
+class _Logits(nn.Module):
+    """A stand-in discriminator whose logits are its input pixels (a closed form for the losses)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_lecam_mean_form_is_the_releases(gen: torch.Generator) -> None:
+    # ResTok's release (TiTok's compute_lecam_loss): batch-mean logits against averages taken
+    # before this step's update, both starting at 0: relu(m_r - e_f)^2 + relu(e_r - m_f)^2
+    gan = GANLoss(GANConfig(ndf=8, n_layers=2, lecam_weight=0.1, lecam_decay=0.9, lecam_form="mean"))
+    e_r = e_f = 0.0
+    for offset_r, offset_f in ((0.5, -0.5), (-0.2, 0.4), (0.1, 0.3)):
+        real, fake = _images(2, 32, gen, offset_r), _images(2, 32, gen, offset_f)
+        loss, logs = gan.discriminator_loss(real, fake, step=0, discriminator=_Logits())
+        m_r, m_f = real.mean().item(), fake.mean().item()
+        want = max(m_r - e_f, 0.0) ** 2 + max(e_r - m_f, 0.0) ** 2
+        assert logs["lecam"].item() == pytest.approx(want, rel=1e-5, abs=1e-9)
+        assert loss.item() == pytest.approx(hinge_d_loss(real, fake).item() + 0.1 * want, rel=1e-5)
+        e_r, e_f = 0.9 * e_r + 0.1 * m_r, 0.9 * e_f + 0.1 * m_f
+    assert logs["lecam"].item() > 0
+    assert restok_gan_config().lecam_form == "mean" and GANConfig().lecam_form == "elementwise"
+    with pytest.raises(ValueError, match="lecam_form"):
+        GANConfig(lecam_form="batch")
+
+
 # ---- adaptive weight ----
 
 
@@ -210,9 +237,8 @@ def test_generator_loss_zero_before_start(gen: torch.Generator, monkeypatch) -> 
 
 def test_discriminator_loss_decreases_on_toy_data(gen: torch.Generator) -> None:
     torch.manual_seed(0)
-    gan = GANLoss(GANConfig(ndf=8, n_layers=2, d_lr=2e-3))
-    opt = gan.make_optimizer()
-    assert opt.defaults["betas"] == (0.9, 0.95)
+    gan = GANLoss(GANConfig(ndf=8, n_layers=2))
+    opt = torch.optim.AdamW(gan.discriminator.parameters(), lr=2e-3, betas=gan.config.d_betas)
     losses, acc = [], None
     for _ in range(15):
         real, fake = _images(4, 32, gen, 0.4), _images(4, 32, gen, -0.4)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -125,6 +124,31 @@ def test_lpips_missing_vgg_error_names_file_and_hub_path(tmp_path, monkeypatch):
     assert VGG16_FILE in msg
     assert str(tmp_path / "hub" / "checkpoints") in msg
     assert "effnet-lite0-perceptual" in msg
+
+
+def test_corrupt_or_foreign_weight_files_are_one_line_errors(vgg_torch_home, tmp_path):
+    vgg = vgg_torch_home / "hub" / "checkpoints" / VGG16_FILE
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint " * 20)
+    for build in (lambda p: LPIPS(p), lambda p: LPIPS(vgg, p), lambda p: load_effnet_lite0(p)):
+        with pytest.raises(ValueError, match="garbage.pth is not a readable PyTorch weight file") as e:
+            build(garbage)
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, wrong)  # 26 tensors in the trunk
+    with pytest.raises(ValueError, match="wrong.pth.*do not fit") as e:
+        LPIPS(wrong)
+    assert "\n" not in str(e.value) and "missing (25)" in str(e.value)
+    assert "0.weight: checkpoint (8, 3, 3, 3) vs model (64, 3, 3, 3)" in str(e.value)
+    torch.save({f"lin{k}.model.1.weight": torch.zeros(1, 3, 1, 1) for k in range(5)}, wrong)
+    with pytest.raises(ValueError, match="wrong.pth.*lin heads.*shape mismatch") as e:
+        LPIPS(vgg, wrong)
+    assert "\n" not in str(e.value)
+    sd = EfficientNetLite0().state_dict()
+    del sd["_fc.weight"], sd["_conv_stem.weight"]
+    torch.save(sd, wrong)
+    with pytest.raises(ValueError, match=r"wrong.pth do not fit.*missing \(2\): \['_conv_stem.weight', '_fc.weight'\]$"):
+        load_effnet_lite0(wrong)
 
 
 def test_lpips_lin_heads_from_package_file(lpips_module):
@@ -263,3 +287,12 @@ def test_build_auto_prefers_lpips_when_present(vgg_torch_home, monkeypatch):
     assert isinstance(module, EfficientNetPerceptual)
     with pytest.raises(ValueError):
         build_perceptual("vgg")
+
+
+def test_build_rejects_weight_paths_the_kind_does_not_use(tmp_path):
+    with pytest.raises(ValueError, match="'effnet-lite0' does not use vgg_weights, lpips_lin_weights"):
+        build_perceptual("effnet-lite0", vgg_weights=tmp_path / "v.pth", lpips_lin_weights=tmp_path / "l.pth")
+    with pytest.raises(ValueError, match="'lpips-vgg' does not use effnet_weights"):
+        build_perceptual("lpips-vgg", effnet_weights=tmp_path / "e.pth")
+    with pytest.raises(MissingWeightsError, match="typo.pth"):  # "auto" does not fall back past a wrong path
+        build_perceptual("auto", vgg_weights=tmp_path / "typo.pth")

@@ -55,7 +55,23 @@ def test_matches_scipy_sqrtm_on_well_conditioned():
         mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
         ref = _classic_fid(mu1, s1, mu2, s2)
         got = frechet_distance(mu1, s1, mu2, s2)
-        assert abs(got - ref) / abs(ref) < 1e-6
+        assert abs(got - ref) / abs(ref) < 1e-12  # measured 1e-15
+
+
+def test_wide_spectrum_is_unbiased():
+    # Eigenvalues over 7 decades, as Inception feature covariances have: squaring the condition
+    # number (eigenvalues of S1^1/2 S2 S1^1/2) loses the small ones and biased FID(S, S) by 5e-5.
+    rng = np.random.default_rng(5)
+    d = 512
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a = 3 * np.logspace(0, -7, d)
+    b = rng.permutation(a) * rng.uniform(0.5, 2, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s = (q * a) @ q.T
+    assert frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), abs=1e-10)
+    # commuting covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, s, mu2, (q * b) @ q.T) == pytest.approx(expected, rel=1e-12)
 
 
 def test_rank_deficient_is_finite():
@@ -174,3 +190,23 @@ def test_all_reduce_without_process_group_is_identity():
     assert all_reduce_feature_stats(s) is s and s.count == 3
     u = CodebookUsage(4).update(torch.tensor([1, 1, 2]))
     assert u.all_reduce_().counts.tolist() == [0, 2, 1, 0]
+
+
+def test_corrupt_sources_name_the_file(tmp_path):
+    from hieratok.data import ImageFolderDataset
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "._0.png").write_bytes(b"macOS resource fork")  # hidden: skipped, as the datasets skip it
+    assert sum(b.shape[0] for b in iter_image_folder(folder)) == len(ImageFolderDataset(folder)) == 2
+    good = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    with pytest.raises(ValueError, match=r"1\.png: unreadable image"):
+        list(iter_image_folder(folder))
+    bad = tmp_path / "stats.npz"
+    bad.write_bytes(b"<html>not found</html>")  # e.g. a failed download
+    for call in (npz_kind, GaussianStats.load, stats_from_source, lambda p: list(iter_npz_images(p))):
+        with pytest.raises(ValueError, match=r"stats\.npz: not a readable \.npz"):
+            call(bad)

@@ -58,9 +58,9 @@ def test_ssim_matches_skimage():
     np.testing.assert_allclose(ours.numpy(), ref, atol=1e-8)
     assert ssim(pred, target).item() == pytest.approx(np.mean(ref), abs=1e-8)
     assert ssim(target, target).item() == pytest.approx(1.0, abs=1e-12)
-    # float32 arithmetic stays within 1e-4 of the float64 result
+    # float32 arithmetic stays within 1e-5 of the float64 result (the docstring's claim; measured 1.1e-6)
     f32 = ssim(pred, target, reduction="none", dtype=torch.float32)
-    np.testing.assert_allclose(f32.double().numpy(), ref, atol=1e-4)
+    np.testing.assert_allclose(f32.double().numpy(), ref, atol=1e-5)
 
 
 def test_ssim_matches_torchmetrics_valid_region():
@@ -88,3 +88,29 @@ def test_bad_inputs():
         quantize_to_uint8(pred, (1.0, -1.0))
     with pytest.raises(ValueError):
         psnr(pred, target, reduction="sum")
+
+
+def test_nan_and_inf_images_raise():
+    # NaN used to quantise to 0: a NaN reconstruction of a black image scored PSNR inf
+    black = -torch.ones(1, 3, 16, 16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        rec = black.clone()
+        rec[0, 1, 3, 4] = bad
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            quantize_to_uint8(rec)
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            psnr(rec, black)
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            ssim(black, rec)
+
+
+def test_psnr_floor_for_exact_matches():
+    pred, target = _pair(3)
+    exact = psnr(target, target, reduction="none", floor_mse=True)
+    c, h, w = target.shape[1:]
+    # one value off by one level: MSE 1 / (C H W)
+    torch.testing.assert_close(exact, torch.full((3,), 10 * np.log10(255.0**2 * c * h * w), dtype=torch.float64))
+    off = quantize_to_uint8(target).clone()
+    off[:, 0, 0, 0] += torch.where(off[:, 0, 0, 0] < 255, 1, -1).to(torch.uint8)
+    torch.testing.assert_close(psnr(off, target, reduction="none"), exact)
+    torch.testing.assert_close(psnr(pred, target, floor_mse=True), psnr(pred, target))  # inexact: unchanged

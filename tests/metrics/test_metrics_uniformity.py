@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hieratok.metrics import density_cv, gini_coefficient, latent_uniformity, normalized_entropy, plot_uniformity
+from hieratok.metrics import density_cv, gini_coefficient, latent_uniformity, normalized_entropy
 from hieratok.metrics.uniformity import sample_latent_vectors
 
 
@@ -49,7 +49,7 @@ def test_sampling_is_seeded_and_normalised():
         sample_latent_vectors(z, 151, seed=0)
 
 
-def test_clustered_latents_are_less_uniform(tmp_path):
+def test_clustered_latents_are_less_uniform():
     rng = np.random.default_rng(0)
     n, c, h, w = 20, 8, 4, 4
     iso = torch.from_numpy(rng.normal(size=(n, c, h, w)))
@@ -67,6 +67,18 @@ def test_clustered_latents_are_less_uniform(tmp_path):
     assert r_clu.gini[0] > r_iso.gini[0]
     assert r_clu.entropy[0] < r_iso.entropy[0]
     assert 0 < r_iso.entropy[0] <= 1 and 0 <= r_iso.gini[0] < 1
-    out = tmp_path / "tsne.png"
-    plot_uniformity(r_clu.points_2d, r_clu.densities, out, title="clustered")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collapsed_latents_raise_before_tsne(monkeypatch):
+    import hieratok.metrics.uniformity as uni
+
+    def no_tsne(*a, **k):  # scikit-learn's t-SNE crashed the process on identical points
+        raise AssertionError("t-SNE ran on degenerate data")
+
+    monkeypatch.setattr(uni, "_tsne", no_tsne)
+    with pytest.raises(ValueError, match="all identical"):
+        latent_uniformity(torch.full((4, 8, 4, 4), 0.1), num_points=50, num_runs=1)
+    z = torch.randn(4, 8, 4, 4)
+    z[1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        latent_uniformity(z, num_points=50, num_runs=1)

@@ -99,7 +99,29 @@ def test_report_html_is_valid_and_self_contained(sample, tmp_path):
     assert "multi-scale <ms> & co" in "".join(p.text)
     # writing again is idempotent (no grid_1.png pile-up)
     report.write(out)
-    assert sorted(x.name for x in (out / "images").iterdir()) == ["grid.png"]
+    assert sorted(x.name for x in (out / "images").iterdir() if x.suffix == ".png") == ["grid.png"]
+
+
+def test_copies_never_overwrite_files_they_do_not_own(tmp_path):
+    out = tmp_path / "out"
+    mine, other, third = out / "images" / "a.png", tmp_path / "src" / "a.png", tmp_path / "x" / "b.png"
+    save_image_grid([[torch.zeros(3, 2, 2)]], mine)
+    save_image_grid([[torch.ones(3, 4, 4)]], other)
+    save_image_grid([[torch.ones(3, 3, 3)]], third)
+    unreferenced = out / "images" / "b.png"  # the user's file, in no block
+    unreferenced.write_bytes(b"user data")
+    mine_bytes = mine.read_bytes()
+    # the outside a.png comes first: the in-folder reference must still be reserved
+    r = Report("x").add_image(other, "outside").add_image(mine, "inside").add_image(third, "b")
+    p = _check(r.write(out).read_text())
+    srcs = [i["src"] for i in p.imgs]
+    assert srcs[1] == "images/a.png" and len(set(srcs)) == 3
+    assert mine.read_bytes() == mine_bytes and unreferenced.read_bytes() == b"user data"
+    assert (out / srcs[0]).read_bytes() == other.read_bytes()
+    assert (out / srcs[2]).read_bytes() == third.read_bytes()
+    # a second write reuses its own copies instead of piling up new names
+    assert [i["src"] for i in _check(r.write(out).read_text()).imgs] == srcs
+    assert len(list((out / "images").glob("*.png"))) == 4
 
 
 def test_markdown_twin_has_same_numbers(sample, tmp_path):
@@ -111,7 +133,7 @@ def test_markdown_twin_has_same_numbers(sample, tmp_path):
     numbers = lambda s: sorted(re.findall(r"[-+\u00b1]?\d+\.\d+", s))  # noqa: E731
     body = html_text.split("<main>")[1]
     assert numbers(md) == numbers(re.sub(r"<[^>]+>", " ", body))
-    assert "| multi-scale \\<ms\\> & co | 1.07 (-0.40) | 23.8 (-0.6) | \u2013 |" in md
+    assert "| multi-scale \\<ms\\> \\& co | 1.07 (-0.40) | 23.8 (-0.6) | \u2013 |" in md
     assert "![pyramid | grid](<images/grid.png>)" in md
     assert "\\# not a heading" in md  # plain text stays plain
     assert md.startswith("# Demo \\<report\\>")

@@ -123,3 +123,20 @@ def test_pyramid_strip_and_samples_grid(tmp_path, gen):
     samples = save_samples_grid(torch.rand(7, 3, 6, 6, generator=gen) * 2 - 1, tmp_path / "s.png", nrow=3)
     assert [len(r) for r in samples.image_boxes] == [3, 3, 3] and samples.image_boxes[2][1] is None
     assert Image.open(tmp_path / "s.png").size == (samples.array.shape[1], samples.array.shape[0])
+
+
+def test_nan_pixels_are_black_and_logged(tmp_path, caplog):
+    x = _solid((200, 100, 50), 4, 4)
+    x[:, 1, 2] = float("nan")
+    x[0, 0, 0] = float("inf")
+    with caplog.at_level("WARNING", logger="hieratok.report.images"):
+        out = to_uint8(x)
+    assert "4 of 48 image values are NaN or infinite" in caplog.text
+    assert out[1, 2].tolist() == [0, 0, 0] and out[0, 0].tolist() == [255, 100, 50]
+    assert out[3, 3].tolist() == [200, 100, 50]
+    caplog.clear()
+    save_image_grid([[x]], tmp_path / "g.png")  # what a report saves goes through the same check
+    assert "NaN or infinite" in caplog.text
+    caplog.clear()
+    to_uint8(_solid((1, 2, 3), 2, 2))
+    assert not caplog.text

@@ -1,8 +1,12 @@
 import math
+import re
 
+import numpy as np
 import pytest
+import torch
 
-from hieratok.report import MISSING, MetricSpec, comparison_table, markdown_table, table2_metrics
+from hieratok.report import MISSING, MetricSpec, comparison_table, markdown_table, simple_table, table2_metrics
+from hieratok.report.table import _md_escape, _md_text
 
 # paper Table 2, f16d16 / KL 1e-6 (the multi-scale row without its generation numbers)
 ROWS = {
@@ -75,3 +79,30 @@ def test_markdown_table_generic_rows():
     ]
     named = markdown_table({"multi": {"psnr": 23.8123}}, floatfmt=".2f", index_header="run")
     assert named.splitlines()[2] == "| multi | 23.81 |"
+
+
+def test_numpy_and_tensor_numbers_are_formatted_like_floats():
+    python = {"psnr": 23.8125, "lpips": 0.5, "fid": math.nan, "n": 3, "ok": True}
+    other = {"psnr": np.float32(23.8125), "lpips": torch.tensor(0.5), "fid": np.float32("nan"), "n": np.int64(3),
+             "ok": np.bool_(True)}
+    want = simple_table([python], floatfmt=".2f")
+    got = simple_table([other], floatfmt=".2f")
+    assert got.rows == want.rows == [["23.81", "0.50", MISSING, "3", "True"]]
+    assert got.align == want.align == ["right", "right", "right", "right", "left"]
+    assert simple_table([{"v": [np.float64(0.125), None]}], floatfmt=".1f").rows == [["0.1, " + MISSING]]
+
+
+def test_markdown_escapes_keep_plain_text_plain():
+    cases = {
+        "1. not a list": "1\\. not a list",
+        "12) neither": "12\\) neither",
+        "1.5 dB": "1.5 dB",
+        "snake_case & R&amp;D": "snake\\_case \\& R\\&amp;D",
+        "~~no strike~~ *no em*": "\\~\\~no strike\\~\\~ \\*no em\\*",
+        "# no heading": "\\# no heading",
+        "<b>x</b> [a](b) `c` |": "\\<b\\>x\\</b\\> \\[a\\](b) \\`c\\` \\|",
+    }
+    for text, want in cases.items():
+        assert _md_text(text) == want
+        assert re.sub(r"\\(.)", r"\1", _md_text(text)) == text  # only escapes were added
+    assert _md_escape("a_b & 1. c") == "a\\_b \\& 1. c"  # a table cell never starts a list

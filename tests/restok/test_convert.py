@@ -182,3 +182,16 @@ def test_pickles_are_read_weights_only(tiny, tmp_path):
     torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
         convert_restok_checkpoint(tmp_path / "evil.pt")
+
+
+def test_incomplete_checkpoint_names_every_absent_key(tiny):
+    """Tensors the config is read from are checked up front: one ValueError, not a KeyError."""
+    official = to_official_state_dict(tiny.state_dict())
+    gone = ["pixel_encoder.down.1.block.0.conv1.weight", "encoder.blocks.0.mlp.fc1.weight",
+            "encoder.latent_token_level_embedding.0"]
+    assert all(k in official for k in gone)
+    broken = {k: v for k, v in official.items() if k not in gone}
+    for fn in (infer_restok_config, convert_restok_checkpoint, load_official_restok):
+        with pytest.raises(ValueError, match="missing") as e:
+            fn(broken, **TINY_OVERRIDES)
+        assert all(k in str(e.value) for k in gone), fn.__name__

@@ -153,6 +153,29 @@ def test_nested_dropout_keeps_a_prefix_and_fills_the_mask_code(tiny, gen):
         torch.testing.assert_close(tiny.decode_indices(idx[:, :8]), tiny.decode(tiny.quantizer.decode(idx), keep=8))
 
 
+def test_keep_accepts_integers_and_rejects_bools_and_floats(tiny, gen):
+    import numpy as np
+
+    q = F.normalize(torch.randn(2, 32, 8, generator=gen), dim=-1)
+    with torch.no_grad():
+        ref = tiny.decode(q, keep=torch.tensor([8, 8]))
+        torch.testing.assert_close(tiny.decode(q, keep=np.int64(8)), ref, rtol=0, atol=0)
+        torch.testing.assert_close(tiny.decode(q, keep=8), ref, rtol=0, atol=0)
+        for bad in (True, 8.0, torch.tensor([8.0, 8.0]), torch.tensor([True, True])):
+            with pytest.raises(ValueError, match="keep must be an integer"):
+                tiny.decode(q, keep=bad)
+
+
+def test_alignment_asked_of_a_model_without_the_head_is_an_error(gen):
+    torch.manual_seed(0)
+    m = ResTok.from_preset("restok-tiny", decoder_alignment=False).eval()
+    x = _images(gen)
+    with torch.no_grad():
+        assert "decoder_alignment" not in m(x)  # default (eval): no alignment asked
+        with pytest.raises(ValueError, match="decoder alignment"):
+            m(x, return_alignment=True)
+
+
 def test_training_forward_draws_keep_with_the_generator(tiny, gen):
     x = _images(gen, B=4)
     tiny.train()

@@ -16,7 +16,11 @@ LlamaGen's parameter names. The mapping is one-to-one (no tensor is split or tra
 ``torch.compile`` / DDP prefixes (``_orig_mod.``, ``module.``) are stripped; the RoPE table
 ``freqs_cis``, KV-cache buffers and cached masks, which some checkpoints carry, are ignored.
 Both models use 1D RoPE on adjacent channel pairs with the class token at position 0 (ResTok's
-variant; LlamaGen's own image-grid models with 2D RoPE are not supported).
+variant). LlamaGen's own image-grid models use 2D RoPE and are not supported; their weights have
+the same names and shapes, so nothing here can tell them apart: such a checkpoint loads, but its
+samples are wrong. The authors' ``config.json`` is checked: one class token (``cls_token_num``)
+and, for HAR, ``block_size`` codes laid out with ``ar_token_num`` next-token codes must fit the
+``spe_token_num`` placeholders; ``block_size`` sets the RoPE table length.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ..generators.har import har_layout
 from ..generators.llamagen import GPT, GPTConfig, swiglu_hidden_dim
 from ..hub import meta_shapes, state_dict_problems
 
@@ -113,6 +118,13 @@ def gpt_config_from_official(official: Mapping[str, Any], **overrides: Any) -> G
         raise ValueError("grouped-query attention (n_kv_head != n_head) is not supported")
     if official.get("model_type", "c2i") != "c2i":
         raise ValueError(f"only class-conditional (c2i) models are supported, got {official.get('model_type')!r}")
+    if official.get("cls_token_num", 1) != 1:
+        raise ValueError(f"cls_token_num={official['cls_token_num']}: only one class token (position 0) is supported")
+    block, ar, spe = official.get("block_size"), official.get("ar_token_num"), official.get("spe_token_num", 0)
+    if ar is not None and block is not None and spe:
+        need = har_layout(block, ar).num_placeholders  # ValueError unless block_size = ar_token_num * 2^k
+        if need > spe:
+            raise ValueError(f"block_size={block} with ar_token_num={ar} needs {need} placeholders, spe_token_num={spe}")
     fields = dict(
         vocab_size=official.get("vocab_size", 16384), dim=official.get("dim", 4096),
         depth=official.get("n_layer", 32), num_heads=official.get("n_head", 32),
@@ -120,6 +132,8 @@ def gpt_config_from_official(official: Mapping[str, Any], **overrides: Any) -> G
         ffn_multiple_of=official.get("multiple_of", 256), ffn_dim_multiplier=official.get("ffn_dim_multiplier"),
         norm_eps=official.get("norm_eps", 1e-5), rope_base=float(official.get("rope_base", 10000)),
     )
+    if block is not None:
+        fields["max_seq_len"] = block
     return GPTConfig(**{**fields, **overrides})
 
 

@@ -209,11 +209,11 @@ def convert_restok_checkpoint(source: Source, config: Optional[ResTokConfig] = N
     dropped = sorted(k for k in raw if k.startswith(DROPPED_PREFIXES))
     if dropped:
         logger.info("ResTok conversion: dropped %d foundation-model tensors (%s...)", len(dropped), dropped[0])
-    ours, unmatched = _map_official(sd)
     if config is None:
         config = infer_restok_config(sd, **overrides)
     elif overrides:
         raise ValueError("pass either a config or field overrides, not both")
+    ours, unmatched = _map_official(sd)
     want = meta_shapes(ResTok, config)
     problems = [f"official keys with no mapping ({len(unmatched)}): {sorted(unmatched)}"] if unmatched else []
     problems += state_dict_problems({k: v.shape for k, v in ours.items()}, want)
@@ -264,14 +264,15 @@ def infer_restok_config(sd: Mapping[str, torch.Tensor], image_size: int = 256, *
     ``min_latent_tokens``) take the release's values unless overridden.
     """
     sd = _clean(sd)
+    n_res = _count(sd, r"pixel_encoder\.down\.(\d+)\.")
     need = ["pixel_encoder.conv_in.weight", "encoder.ln_pre.weight", "decoder.ln_pre.weight",
             "encoder.blocks.0.attn.q_norm.weight", "decoder.blocks.0.attn.q_norm.weight", "quantize.embedding.weight",
-            "encoder.patch_embed.weight"]
-    absent = [k for k in need if k not in sd]
+            "encoder.patch_embed.weight", "encoder.blocks.0.mlp.fc1.weight", "encoder.latent_token_level_embedding.0",
+            *(f"pixel_encoder.down.{i}.block.0.conv1.weight" for i in range(max(n_res, 1)))]
+    absent = [k for k in need if k not in sd]  # every tensor read below, so that none is a KeyError
     if absent:
-        raise ValueError(f"not an official ResTok state dict (missing {absent})")
+        raise ValueError(f"not a complete official ResTok state dict: missing {absent}")
     ch = sd["pixel_encoder.conv_in.weight"].shape[0]
-    n_res = _count(sd, r"pixel_encoder\.down\.(\d+)\.")
     mult = tuple(int(sd[f"pixel_encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch for i in range(n_res))
     enc_w, dec_w = sd["encoder.ln_pre.weight"].shape[0], sd["decoder.ln_pre.weight"].shape[0]
     K, d = sd["quantize.embedding.weight"].shape

@@ -636,6 +636,7 @@ def build_dataset(
     world_size: Optional[int] = None,
     crops_per_photo: int = 4,
     short_side: Optional[int] = None,
+    on_error: Literal["next", "none"] = "next",
 ) -> Union[EmbeddedPhotos, ImageFolderDataset, WebDatasetShards]:
     """Pick the dataset a data specification names.
 
@@ -657,6 +658,9 @@ def build_dataset(
         crops_per_photo: held-out crops per photo of the embedded photos.
         short_side: embedded photos only: rescale each photo's short side to this first, so a
             crop covers more of the scene at small sizes.
+        on_error: image folders only: ``"next"`` serves the next readable image in place of an
+            unreadable one (training); ``"none"`` returns ``None`` for it, so every image is
+            seen at most once (evaluation; batch with :func:`collate_drop_none`).
 
     Raises:
         ValueError: unknown split, or ``spec`` is neither a folder nor a shard specification.
@@ -673,7 +677,7 @@ def build_dataset(
                                 shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size)
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        return ImageFolderDataset(spec, transform, seed=seed)
+        return ImageFolderDataset(spec, transform, seed=seed, on_error=on_error)
     if _looks_like_shards(spec):
         return WebDatasetShards(spec, transform, seed=seed, shuffle_shards=train,
                                 shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size)

@@ -1,6 +1,7 @@
 """Latent / code caches: a dataset encoded once by a tokenizer, for generator training.
 
     <cache>/cache.json                 what was encoded, by which tokenizer, shapes, statistics
+    <cache>/cache_plan.json            the settings the shards are written with (checked on resume)
     <cache>/shard-00000.safetensors    "latents" (n, C, H, W) float32 or "codes" (n, N) int64, and "labels" (n,)
 
 Shard ``k`` holds dataset items ``[k * shard_size, (k + 1) * shard_size)`` (and, with flips, their
@@ -31,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .datasets import collate_drop_none
 from .transforms import ten_crop
 
-__all__ = ["write_cache", "finalize_cache", "read_cache_meta", "LatentCacheDataset", "CACHE_META"]
+__all__ = ["write_cache", "finalize_cache", "read_cache_meta", "LatentCacheDataset", "CACHE_META", "CACHE_PLAN"]
 
 log = logging.getLogger(__name__)
 CACHE_META = "cache.json"
+CACHE_PLAN = "cache_plan.json"
 
 
 def _shard_path(out: Path, k: int) -> Path:
@@ -57,8 +59,13 @@ def write_cache(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    source: Optional[dict[str, Any]] = None,
 ) -> list[Path]:
     """Encode ``dataset`` ((image, label) items) into shards; returns the shards this rank wrote.
+
+    The first call writes ``cache_plan.json`` (``source``, kind, views, shard size, item count);
+    a call into a folder whose plan differs is a ValueError, so an interrupted cache resumes only
+    with the settings it was started with and two caches never mix.
 
     Args:
         encode: images (B, 3, H, W) in [-1, 1] -> latents (B, C, H', W') or codes (B, N).
@@ -66,6 +73,8 @@ def write_cache(
         flip: also store the horizontally flipped copy of every image (same label).
         ten_crop_size: store the ten ``TenCrop(ten_crop_size)`` views of every (larger) image
             instead, as one item with a view axis.
+        source: JSON-ready identity of what is encoded (tokenizer path and weights, data path),
+            part of the plan.
     """
     if kind not in ("latents", "codes"):
         raise ValueError(f"kind must be 'latents' or 'codes', got {kind!r}")
@@ -75,6 +84,8 @@ def write_cache(
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
+    _check_plan(out, {**(source or {}), "kind": kind, "flip": flip, "ten_crop_size": ten_crop_size,
+                      "shard_size": shard_size, "num_items": n})
     mine = [k for k in range(num_shards) if k % world_size == rank and not _shard_path(out, k).is_file()]
     if len(mine) < len([k for k in range(num_shards) if k % world_size == rank]):
         log.info("resuming the cache in %s: %d shards of this rank left", out, len(mine))
@@ -120,13 +131,36 @@ def write_cache(
     return written
 
 
+def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+    """Write ``out/cache_plan.json``, or check that the one there is ``plan``."""
+    path = out / CACHE_PLAN
+    plan = json.loads(json.dumps(plan))  # as it reads back (tuples -> lists)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds a cache made with other settings ({'; '.join(diff)}): "
+                             "use a new folder, or the settings it was started with to resume it")
+        return
+    if any(out.glob("shard-*.safetensors")):
+        raise ValueError(f"{out} holds shards without a {CACHE_PLAN} (another or an older cache): use a new folder")
+    tmp = out / f".{CACHE_PLAN}.{os.getpid()}"  # every rank writes the same plan; the rename is atomic
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Collect the shards into ``cache.json`` with counts, shapes, label range and (for latents)
-    per-channel mean and std (computed in float64 over every cached latent)."""
+    """Collect the shards the plan of :func:`write_cache` lists into ``cache.json`` with counts,
+    shapes, label range and (for latents) per-channel mean and std (computed in float64 over every
+    cached latent). A missing shard or plan is a ValueError."""
     out = Path(out_dir)
-    shards = sorted(p.name for p in out.glob("shard-*.safetensors"))
-    if not shards:
-        raise ValueError(f"{out}: no shards to finalise")
+    if not (out / CACHE_PLAN).is_file():
+        raise ValueError(f"{out}: no {CACHE_PLAN}; write the shards with write_cache first")
+    plan = json.loads((out / CACHE_PLAN).read_text())
+    shards = [_shard_path(out, k).name for k in range(math.ceil(plan["num_items"] / plan["shard_size"]))]
+    missing = [s for s in shards if not (out / s).is_file()]
+    if missing or not shards:
+        raise ValueError(f"{out}: shards missing ({', '.join(missing[:3]) or 'the dataset was empty'}): run the caching again")
     total, max_label, shape = 0, -1, None
     s1 = s2 = None
     views = int(meta.get("views", 1))

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..report import MetricSpec, comparison_table
+from ..train.checkpoint import latest_checkpoint
 
 __all__ = ["compare_runs", "load_metrics"]
 
+log = logging.getLogger(__name__)
+
+_METRIC_FILES = ("metrics.json", "latents.json", "gen_metrics.json")
+
 
 def load_metrics(path: str | Path) -> dict[str, Any]:
-    """Merge the metric files of a run or evaluation folder (recon, latents, generation)."""
+    """Merge the metric files (recon ``metrics.json``, ``latents.json``, ``gen_metrics.json``) of a
+    metrics file, an evaluation folder or a run: ``path``, ``path/eval`` and, for a run, the
+    ``eval`` folder of its latest checkpoint (where ``hieratok eval recon --checkpoint RUN``
+    writes). A file name found in several of these folders is read from the last one (warned)."""
     p = Path(path)
-    files = [p] if p.is_file() else [f for name in ("metrics.json", "latents.json", "gen_metrics.json")
-                                     for f in [p / name, p / "eval" / name] if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"{p}: no metrics.json / latents.json / gen_metrics.json (run `hieratok eval` first)")
+    if p.is_file():
+        return json.loads(p.read_text())
+    folders = [p, p / "eval"]
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        folders.append(ckpt / "eval")
     out: dict[str, Any] = {}
-    for f in files:
-        out.update(json.loads(f.read_text()))
+    files = [[d / name for d in folders if (d / name).is_file()] for name in _METRIC_FILES]
+    for found in files:
+        if len(found) > 1:
+            log.warning("%s found in %s; using %s", found[-1].name, ", ".join(map(str, found[:-1])), found[-1])
+        if found:
+            out.update(json.loads(found[-1].read_text()))
+    if not any(files):
+        raise FileNotFoundError(f"{p}: no {' / '.join(_METRIC_FILES)} in it, its eval/ or its latest checkpoint's "
+                                "eval/ (run `hieratok eval` first)")
     return out
 
 

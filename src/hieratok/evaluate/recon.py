@@ -3,9 +3,16 @@
 Default protocol (what tokenizer papers report): ImageNet val, 50k images, ADM centre crop to the
 model's size, reconstructions from the posterior mode, both images quantised to uint8 before every
 metric; rFID between the Inception statistics of the originals and of the reconstructions, with
-the standard FID Inception weights (the source is recorded); PSNR and SSIM per image, averaged;
+the standard FID Inception weights (the source is recorded); PSNR and SSIM per image, averaged
+(an exact 8-bit match, inf dB by definition, is scored as one value off by one level,
+``psnr(floor_mse=True)``, and counted in ``psnr_exact_matches``, so the mean stays finite);
 LPIPS-VGG when its weights exist, else the offline EfficientNet-Lite0 distance under its own name.
 For multi-scale models, PSNR of every scale against the input area-downsampled to that scale.
+
+The ``num`` images are spread evenly over the whole data set (:func:`eval_indices`), not the first
+``num`` in sorted order (which would cover only the first classes of a class-sorted folder).
+Unreadable images are skipped (each is logged; the count is ``num_skipped``), never replaced by
+another image, which would then be scored twice.
 
 Under torchrun every rank evaluates a disjoint shard; sums and feature statistics are all-reduced.
 """
@@ -14,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -62,6 +68,14 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def eval_indices(length: int, num: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's evaluation images among ``length``: ``n = min(num, length)`` indices spread evenly
+    over the whole set (``i * length // n``; all of them when ``num >= length``), of which rank ``r``
+    takes every ``world``-th from ``r``: ``n // world + (r < n % world)`` each, ``n`` in all."""
+    n = min(num, length)
+    return [i * length // n for i in range(rank, n, world)]
+
+
 def _reconstruct(model: Any, x: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
     """(pyramid coarse to fine, code indices or None): HieraTok decodes the posterior mode at every
     scale; a VQ tokenizer (ResTok) decodes its code indices, which also feed the codebook statistics."""
@@ -83,16 +97,24 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
 
     Returns:
         metrics (``rfid``, ``psnr``, ``ssim``, the perceptual distance under its own key, ``psnr_per_scale``),
-        the names of the networks used, the number of images, and ``samples`` (kept originals and
-        pyramids, CPU tensors) for reports.
+        the names of the networks used, the number of images (``num_images``; ``num_skipped``
+        unreadable ones for a folder or the embedded photos), and ``samples`` (kept originals and
+        pyramids, CPU tensors) for reports. ``cfg.fid=False`` computes no rFID even when an
+        ``inception`` extractor is passed.
     """
     device = torch.device(device)
     rank, world = _world()
     size = model.config.image_size
-    ds = build_dataset(cfg.data, "eval", size, crops_per_photo=cfg.crops_per_photo, short_side=cfg.short_side)
-    n = min(cfg.num, len(ds)) if hasattr(ds, "__len__") else cfg.num
-    if hasattr(ds, "__len__"):
-        ds = Subset(ds, list(range(rank, n, world)))
+    # on_error="none": an unreadable image becomes None (dropped by the collate), not its neighbour
+    ds = build_dataset(cfg.data, "eval", size, crops_per_photo=cfg.crops_per_photo, short_side=cfg.short_side,
+                       on_error="none")
+    indexable = hasattr(ds, "__len__")
+    if indexable:
+        length = len(ds)
+        ds = Subset(ds, eval_indices(length, cfg.num, rank, world))
+        quota = len(ds)
+    else:  # a shard stream: every rank reads its share of cfg.num from its own shards
+        quota = cfg.num // world + (rank < cfg.num % world)
     loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_drop_none)
     perceptual, pname = None, "none"
     if cfg.perceptual != "none":
@@ -100,10 +122,13 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
 
         perceptual, pname = build_perceptual(cfg.perceptual)
         perceptual = perceptual.to(device)
-    if cfg.fid and inception is None:
+    if not cfg.fid:
+        inception = None
+    elif inception is None:
         inception = InceptionFeatures(cfg.inception_weights).to(device)
     sides = _output_sides(model)
-    sums = torch.zeros(3 + len(sides), dtype=torch.float64, device=device)  # psnr, ssim, perceptual, per-scale psnr
+    # psnr, ssim, perceptual, exact matches, per-scale psnr
+    sums = torch.zeros(4 + len(sides), dtype=torch.float64, device=device)
     usage = None
     if hasattr(model, "decode_indices"):
         from ..metrics import CodebookUsage
@@ -113,33 +138,35 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     real_stats, fake_stats = FeatureStats(), FeatureStats()
     kept_x: list[torch.Tensor] = []
     kept_pyr: list[list[torch.Tensor]] = []
-    stride = max(1, math.ceil(n / world) // max(1, cfg.keep_images))  # keep images spread over the data
+    stride = max(1, quota // max(1, cfg.keep_images))  # keep images spread over the data
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=math.ceil(n / world), desc="eval recon", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=quota, desc="eval recon", unit="img", dynamic_ncols=True)
     seen = 0
     for batch in loader:
         if batch is None:
             continue
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-        if seen + x.shape[0] > math.ceil(n / world):
-            x = x[: math.ceil(n / world) - seen]
+        if seen + x.shape[0] > quota:
+            x = x[: quota - seen]
         if x.shape[0] == 0:
             break
         pyr, idx = _reconstruct(model, x)
         if usage is not None:
             usage.update(idx)
-        # metrics are computed on what a user would save: 8-bit images
-        x_u8, rec_u8 = quantize_to_uint8(x), quantize_to_uint8(pyr[-1].float().clamp(-1, 1))
-        sums[0] += psnr(rec_u8, x_u8, reduction="none").sum()
+        # metrics are computed on what a user would save: 8-bit images (quantize_to_uint8 clamps
+        # to [-1, 1] and raises on NaN/Inf, which a clamp here would hide)
+        x_u8, rec_u8 = quantize_to_uint8(x), quantize_to_uint8(pyr[-1].float())
+        sums[0] += psnr(rec_u8, x_u8, reduction="none", floor_mse=True).sum()
+        sums[3] += (rec_u8 == x_u8).flatten(1).all(1).sum()
         sums[1] += ssim(rec_u8, x_u8, reduction="none").sum()
         if perceptual is not None:
             to_pm1 = lambda u8: u8.float() / 127.5 - 1.0  # noqa: E731
             sums[2] += perceptual(to_pm1(rec_u8), to_pm1(x_u8)).double().sum()
         for k, (rec, tgt) in enumerate(zip(pyr, scale_targets(x, [r.shape[-1] for r in pyr]))):
-            sums[3 + k] += psnr(rec.float().clamp(-1, 1), tgt, reduction="none").sum()
+            sums[4 + k] += psnr(rec.float(), tgt, reduction="none", floor_mse=True).sum()
         if inception is not None:
             real_stats.update(inception(x_u8))
             fake_stats.update(inception(rec_u8))
@@ -153,15 +180,25 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             bar.update(x.shape[0])
     if bar is not None:
         bar.close()
+    short = torch.tensor(float(quota), dtype=torch.float64, device=device) - count  # unreadable, or no more data
     _all_reduce_sum(sums)
     _all_reduce_sum(count)
-    total = int(count.item())
+    _all_reduce_sum(short)
+    total, short_total = int(count.item()), int(short.item())
+    data_name = cfg.data or "the embedded held-out photos"
     if total == 0:
-        raise ValueError(f"no readable images in {cfg.data or 'the embedded held-out photos'}")
+        raise ValueError(f"no readable images in {data_name}")
+    if total != cfg.num and rank == 0:
+        why = [f"{data_name} holds {length} images"] if indexable and length < cfg.num else []
+        if short_total:
+            why.append(f"{short_total} unreadable image(s) skipped" if indexable else "the shards ran out")
+        log.warning("evaluated %d images instead of num=%d: %s", total, cfg.num, "; ".join(why))
     avg = (sums / total).tolist()
     out: dict[str, Any] = {"num_images": total, "psnr": avg[0], "ssim": avg[1],
-                           "psnr_per_scale": dict(zip(sides, avg[3:])),
+                           "psnr_exact_matches": int(sums[3].item()), "psnr_per_scale": dict(zip(sides, avg[4:])),
                            "perceptual_name": pname, "data": cfg.data or "embedded held-out photos"}
+    if indexable:  # a shard stream reads on past a skipped sample; the dataset logs each one
+        out["num_skipped"] = short_total
     if perceptual is not None:
         out[pname] = avg[2]
     if usage is not None:  # ResTok Table: codebook usage and entropy H_C
@@ -207,6 +244,8 @@ def write_recon_report(result: dict[str, Any], out_dir: str | Path, title: str =
     rep.add_table(simple_table([{"": "model", **row}], floatfmt=".4f"))
     notes = {"images": result["num_images"], "data": result["data"], "perceptual": pname,
              "inception weights": result.get("inception_source", "not computed")}
+    if result.get("num_skipped"):
+        notes["unreadable images skipped"] = result["num_skipped"]
     if "rfid_note" in result:
         notes["note"] = result["rfid_note"]
     if info:

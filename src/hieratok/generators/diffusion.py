@@ -46,7 +46,10 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
 
     ``section_counts`` is e.g. ``"250"`` (250 roughly evenly spaced steps including 0 and T-1),
     ``"10,15,20"`` (the process cut into equal thirds, strided to 10, 15 and 20 steps) or
-    ``"ddim50"`` (the DDIM paper's fixed integer stride, which must give exactly 50 steps).
+    ``"ddim50"`` (the DDIM paper's fixed integer stride below T, which must give exactly 50 steps).
+    The same steps as OpenAI's ``respace.space_timesteps`` (improved-diffusion, used by DiT),
+    including its rounding of an accumulated fractional stride; a section of count 1 keeps only
+    its first timestep (so ``"1"`` keeps t = 0 alone).
     """
     if isinstance(section_counts, int):
         section_counts = [section_counts]
@@ -54,7 +57,7 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
         s = section_counts.strip()
         if s.startswith("ddim"):
             want = int(s[len("ddim"):])
-            for stride in range(1, num_timesteps + 1):
+            for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == want:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"no integer stride gives exactly {want} of {num_timesteps} steps; use plain '{want}'")
@@ -69,7 +72,10 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(k * stride) for k in range(count)]
+        idx = 0.0
+        for _ in range(count):  # the reference accumulates the stride (differs from round(k * stride))
+            steps.append(start + round(idx))
+            idx += stride
         start += size
     return sorted(set(steps))
 
@@ -141,8 +147,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
         self.log_betas = torch.log(betas)
-        fixed_large = torch.cat([pv1, betas[1:]])
-        self.fixed_large_variance, self.fixed_large_log_variance = fixed_large, torch.log(fixed_large)
+        self.fixed_large_log_variance = torch.log(torch.cat([pv1, betas[1:]]))
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # ---- construction ---------------------------------------------------------------------------
@@ -156,6 +161,9 @@ class GaussianDiffusion:
         """The process restricted to the kept steps of :func:`space_timesteps`; its betas are chosen
         so that ``alphas_cumprod`` at the kept steps equals the original (improved DDPM, sec. 4)."""
         keep = space_timesteps(self.num_timesteps, section_counts)
+        if keep == [0] and self.num_timesteps > 1:
+            raise ValueError(f"respacing {section_counts!r} keeps only t=0, so sampling would return the noise; "
+                             "keep at least 2 steps")
         abar = self.alphas_cumprod[keep]
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return GaussianDiffusion(1.0 - abar / prev, self.learn_sigma, self.timestep_map[keep].tolist())

@@ -28,6 +28,7 @@ Legend: B batch, N codes, L positions of one group, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -40,7 +41,7 @@ from .llamagen import GPT
 __all__ = [
     "SequenceLayout", "grouped_layout", "har_layout", "ar_layout", "har_level_sizes", "training_batch",
     "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "release_step_scales", "CFG_SCHEDULES",
-    "SampleResult",
+    "SampleResult", "ARObjective",
     "sample_layout", "har_sample", "ar_sample",
 ]
 
@@ -152,6 +153,59 @@ def ar_layout(num_tokens: int = 128) -> SequenceLayout:
     return grouped_layout([1] * num_tokens)
 
 
+@dataclass(frozen=True)
+class ARObjective:
+    """The ``objective`` section of an AR generator's training config, checked once for training and sampling.
+
+    Attributes:
+        layout: ``"har"`` (next-hierarchy) or ``"ar"`` (plain next-token).
+        num_ar_tokens: next-token codes before the doubling levels (HAR only).
+        top_k, top_p, temperature, cfg_schedule: sampling defaults (None: those of :func:`sample_layout`).
+    """
+
+    layout: str = "har"
+    num_ar_tokens: int = 4
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    temperature: Optional[float] = None
+    cfg_schedule: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("har", "ar"):
+            raise ValueError(f"objective.layout {self.layout!r} is not one of ('har', 'ar')")
+        if isinstance(self.num_ar_tokens, bool) or not isinstance(self.num_ar_tokens, int) or self.num_ar_tokens < 1:
+            raise ValueError(f"objective.num_ar_tokens must be an integer >= 1, got {self.num_ar_tokens!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"objective.top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"objective.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.temperature is not None and not self.temperature >= 0:
+            raise ValueError(f"objective.temperature must be >= 0, got {self.temperature!r}")
+        if self.cfg_schedule is not None and self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"objective.cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ARObjective":
+        """From a config's ``objective`` dict; an unknown key (a typo) is an error, never ignored."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown AR objective key(s) {unknown}; known: {sorted(known)}")
+        return cls(**fields)
+
+    def sequence_layout(self, num_tokens: int) -> SequenceLayout:
+        """The layout of ``num_tokens`` codes (N of the tokenizer / code cache)."""
+        return har_layout(num_tokens, self.num_ar_tokens) if self.layout == "har" else ar_layout(num_tokens)
+
+    def sampling_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Keywords for :func:`sample_layout`: the set fields, with ``overrides`` that are not None on top."""
+        names = ("top_k", "top_p", "temperature", "cfg_schedule")
+        if set(overrides) - set(names):
+            raise ValueError(f"sampling overrides {sorted(set(overrides) - set(names))} are not among {names}")
+        merged = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})  # validates
+        return {k: getattr(merged, k) for k in names if getattr(merged, k) is not None}
+
+
 def _check(model: GPT, layout: SequenceLayout) -> None:
     if layout.num_placeholders > model.config.num_placeholders:
         raise ValueError(f"layout needs {layout.num_placeholders} placeholders, the model has "
@@ -160,9 +214,16 @@ def _check(model: GPT, layout: SequenceLayout) -> None:
 
 def training_batch(codes_BN: torch.Tensor, layout: SequenceLayout,
                    vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing inputs (B, N-1) (the class token is added by the model) and targets (B, N)."""
+    """Teacher-forcing inputs (B, N-1) (the class token is added by the model) and targets (B, N).
+
+    Codes must be integers in ``[0, vocab_size)`` (larger ids would be read as placeholders).
+    """
     if codes_BN.ndim != 2 or codes_BN.shape[1] != layout.num_tokens:
         raise ValueError(f"codes must be (B, {layout.num_tokens}), got {tuple(codes_BN.shape)}")
+    if codes_BN.is_floating_point() or codes_BN.is_complex() or codes_BN.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes_BN.dtype}")
+    if codes_BN.numel() and (codes_BN.min() < 0 or codes_BN.max() >= vocab_size):
+        raise ValueError(f"codes must lie in [0, {vocab_size}) (the codebook), got [{codes_BN.min()}, {codes_BN.max()}]")
     if layout.num_tokens == 1:
         return codes_BN[:, :0], codes_BN
     return layout.input_ids(codes_BN, vocab_size), codes_BN
@@ -245,7 +306,9 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one id per row of ``logits`` (..., V) after temperature, top-k and top-p.
 
-    ``temperature=0`` is greedy (argmax).
+    ``temperature=0`` is greedy (argmax). The draw is ``torch.multinomial`` over the rows in order
+    (the official sampler's random stream); it runs on ``generator``'s device, so a CPU generator
+    also drives a CUDA model (the probabilities are copied to it and the ids copied back).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -253,7 +316,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    src = flat if generator is None else flat.to(generator.device)  # no copy when the devices match
+    return torch.multinomial(src, 1, generator=generator).to(flat.device).view(probs.shape[:-1])
 
 
 def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str = "constant",

@@ -38,6 +38,7 @@ from ..hub import PretrainedMixin
 from ..nn.attention import attention
 from ..nn.linear import Linear
 from ..nn.rope import rotate_pairs
+from .latents import rand
 
 __all__ = [
     "GPTConfig", "GPT", "KVCache", "RMSNorm", "SwiGLU", "GPT_PRESETS", "gpt_config", "gpt_preset_names",
@@ -328,9 +329,24 @@ class GPT(PretrainedMixin, nn.Module):
                        dtype or w.dtype, device if device is not None else w.device)
 
     def drop_labels(self, labels_B: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout`` (training CFG)."""
-        u = torch.rand(labels_B.shape, device=labels_B.device, generator=generator)
+        """Replace each label by the null class with probability ``class_dropout`` (training CFG).
+
+        The uniforms are drawn on ``generator``'s device and moved to the labels' device.
+        """
+        u = rand(labels_B.shape, generator, labels_B.device)
         return torch.where(u < self.config.class_dropout, torch.full_like(labels_B, self.null_class), labels_B)
+
+    def _check_labels(self, labels_B: torch.Tensor, tokens_BL: Optional[torch.Tensor]) -> None:
+        """Integer (B,) class ids in ``[0, num_classes]`` (the last is the null class); one check per
+        call with labels (the prefill when sampling), not per decoding step."""
+        if labels_B.is_floating_point() or labels_B.is_complex() or labels_B.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels_B.dtype}")
+        if labels_B.ndim != 1 or (tokens_BL is not None and labels_B.shape[0] != tokens_BL.shape[0]):
+            raise ValueError(f"labels must be (B,) with B = the tokens' batch, got {tuple(labels_B.shape)}")
+        C = self.config.num_classes
+        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > C):
+            raise ValueError(f"labels must lie in [0, {C}] ({C} = the null class), "
+                             f"got [{labels_B.min()}, {labels_B.max()}]")
 
     def embed_tokens(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         """Embeddings of code ids and placeholder ids, (B, L, D)."""
@@ -375,6 +391,7 @@ class GPT(PretrainedMixin, nn.Module):
         """
         parts = []
         if labels_B is not None:
+            self._check_labels(labels_B, tokens_BL)
             if self.training and self.config.class_dropout > 0:
                 labels_B = self.drop_labels(labels_B, generator)
             parts.append(self.class_embed(labels_B)[:, None])  # (B, 1, D)

@@ -189,7 +189,7 @@ def sample_latents(
         cfg_scale: classifier-free guidance scale (1 = no guidance, one model pass per step).
         generator: source of the initial and per-step noise (same seed -> same latents).
         num_steps: sampling steps (default ``objective.default_steps``: 250 respaced diffusion steps
-            or 50 ODE steps).
+            or 50 ODE steps); at least 2 for diffusion, 1 for flow.
         sampler: "ancestral" / "ddim" (diffusion) or "euler" / "heun" (flow); default from objective.
         noise_BCHW: start from this noise (normalised space) instead of drawing it.
         batch_size: split the labels into chunks of at most this size (noise drawn chunk by chunk).
@@ -205,7 +205,12 @@ def sample_latents(
         raise ValueError(f"labels must be a 1-D tensor (B,), got shape {tuple(labels_B.shape)}")
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    steps = num_steps or objective.default_steps
+    steps = objective.default_steps if num_steps is None else num_steps
+    min_steps = 2 if objective.kind == "diffusion" else 1  # 1 respaced diffusion step is t=0 alone
+    if steps < min_steps:
+        raise ValueError(f"num_steps must be >= {min_steps} for {objective.kind}, got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None for the whole batch), got {batch_size}")
     method = sampler or objective.default_sampler
     _check_sampler(objective.kind, method)
     device = _device(model)
@@ -214,7 +219,7 @@ def sample_latents(
     shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
     if noise_BCHW is not None and tuple(noise_BCHW.shape) != shape:
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise_BCHW.shape)}")
-    chunk = batch_size or max(B, 1)
+    chunk = max(B, 1) if batch_size is None else batch_size
     if objective.kind == "diffusion":
         T = objective.num_train_timesteps
         if steps > T:

@@ -44,6 +44,8 @@ __all__ = [
     "VFAlignmentLoss",
     "adaptive_vf_weight",
     "build_frozen_encoder",
+    "cosine_margin_loss",
+    "resize_features",
     "tokens_to_grid",
     "vf_alignment_terms",
 ]
@@ -60,6 +62,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # --------------------------------------------------------------------------------------------
 # loss terms
 # --------------------------------------------------------------------------------------------
+
+
+def cosine_margin_loss(a: torch.Tensor, b: torch.Tensor, margin: float, dim: int = 1) -> torch.Tensor:
+    """``mean(relu(1 - margin - cos(a, b)))`` with the cosine along ``dim``, in at least float32
+    (VA-VAE's marginal cosine term, ResTok's alignment terms)."""
+    if a.shape != b.shape:
+        raise ValueError(f"alignment inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return F.relu(1.0 - margin - F.cosine_similarity(a.to(dtype), b.to(dtype), dim=dim)).mean()
 
 
 def vf_alignment_terms(
@@ -81,7 +92,7 @@ def vf_alignment_terms(
     """
     if zp_BCHW.shape != f_BCHW.shape:
         raise ValueError(f"projected latent {tuple(zp_BCHW.shape)} and features {tuple(f_BCHW.shape)} differ in shape")
-    l_cos = F.relu(1.0 - margin_cos - F.cosine_similarity(zp_BCHW, f_BCHW, dim=1)).mean()
+    l_cos = cosine_margin_loss(zp_BCHW, f_BCHW, margin_cos)
     zn_BCN = F.normalize(zp_BCHW.flatten(2), dim=1)
     fn_BCN = F.normalize(f_BCHW.flatten(2), dim=1)
     sim_z_BNN = zn_BCN.transpose(1, 2) @ zn_BCN  # (B, N, N) cosine between positions
@@ -108,7 +119,8 @@ def adaptive_vf_weight(
     return grad_norm_ratio(rec_loss, vf_loss, last_layer, eps=eps, max_value=max_weight)
 
 
-def _resize_features(f_BCHW: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+def resize_features(f_BCHW: torch.Tensor, size: tuple[int, int], mode: str = "auto") -> torch.Tensor:
+    """Feature maps resized to ``size``: ``"area"``, ``"bilinear"`` or ``"auto"`` (area when shrinking)."""
     if tuple(f_BCHW.shape[-2:]) == tuple(size):
         return f_BCHW
     if mode == "auto":  # area averages when shrinking; bilinear when growing (area would copy)
@@ -186,7 +198,7 @@ class VFAlignmentLoss(nn.Module):
             raise ValueError(
                 f"features must be (B={z_BdGG.shape[0]}, C={self.feature_dim}, h, w) or tokens, got {tuple(features.shape)}"
             )
-        f_BCHW = _resize_features(f_BCHW.detach().float(), tuple(z_BdGG.shape[-2:]), self.resize)
+        f_BCHW = resize_features(f_BCHW.detach().float(), tuple(z_BdGG.shape[-2:]), self.resize)
         zp_BCHW = self.proj(z_BdGG).float()  # (B, C, G, G)
         l_cos, l_dm = vf_alignment_terms(zp_BCHW, f_BCHW, self.margin_cos, self.margin_dm)
         return self.w_cos * l_cos + self.w_dm * l_dm, {"vf_cos": l_cos.detach(), "vf_dm": l_dm.detach()}

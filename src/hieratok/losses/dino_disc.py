@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -35,6 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+from hieratok.hub import check_state_dict
+from hieratok.weights import resolve_weights
+
+from .perceptual import load_weight_file
 
 __all__ = ["DinoDiscriminator", "FrozenDinoViT", "diff_augment", "diffaug_groups", "find_dino_weights", "DINO_FILE",
            "DIFFAUG_POLICY"]
@@ -48,17 +52,13 @@ _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def find_dino_weights(path: Optional[str] = None) -> Path:
-    """The DINO ViT-S/16 checkpoint: ``path``, else ``$HIERATOK_DINO_WEIGHTS``, else the torch hub cache."""
-    candidates = [path] if path else []
-    if os.environ.get("HIERATOK_DINO_WEIGHTS"):
-        candidates.append(os.environ["HIERATOK_DINO_WEIGHTS"])
-    candidates.append(str(Path(torch.hub.get_dir()) / "checkpoints" / DINO_FILE))
-    for c in candidates:
-        if Path(c).is_file():
-            return Path(c)
-    raise FileNotFoundError(
-        f"DINO discriminator weights {DINO_FILE} not found (looked at {', '.join(candidates)}); download {DINO_URL} "
-        f"there or set HIERATOK_DINO_WEIGHTS; without it use gan.discriminator=patch")
+    """The DINO ViT-S/16 checkpoint: ``path``, else ``$HIERATOK_DINO_WEIGHTS``, else the torch hub cache.
+
+    Raises:
+        MissingWeightsError: an explicit ``path`` or the variable names no file, or no source has it.
+    """
+    return resolve_weights("DINO", DINO_FILE, user_path=path,
+                           without_it=f"download it from {DINO_URL}, or use gan.discriminator=patch").path
 
 
 class _Block(nn.Module):
@@ -112,8 +112,12 @@ class FrozenDinoViT(nn.Module):
 
 
 class _VirtualBatchNorm1d(nn.Module):
-    """Batch norm over groups of ``virtual_bs`` samples (statistics over samples and tokens), always
-    with the current batch's statistics."""
+    """Batch norm over ``ceil(B / virtual_bs)`` groups of consecutive samples (statistics over the
+    group's samples and tokens), always with the current batch's statistics.
+
+    As released, the groups are equal when they can be (B = 12: two groups of 6); otherwise their
+    sizes differ by one (B = 9: 5 and 4), where the release's ``view`` fails.
+    """
 
     def __init__(self, channels: int, virtual_bs: int = 8, eps: float = 1e-6) -> None:
         super().__init__()
@@ -122,12 +126,11 @@ class _VirtualBatchNorm1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x_BCL: torch.Tensor) -> torch.Tensor:
-        B, C, L = x_BCL.shape
-        groups = math.ceil(B / self.virtual_bs)
-        x = x_BCL.float().view(groups, -1, C, L)
-        var, mean = torch.var_mean(x, dim=(1, 3), keepdim=True, correction=0)
-        x = ((x - mean) * torch.rsqrt(var + self.eps)).view(B, C, L)
-        return x * self.weight[:, None] + self.bias[:, None]
+        parts = []
+        for x in x_BCL.float().tensor_split(math.ceil(x_BCL.shape[0] / self.virtual_bs)):
+            var, mean = torch.var_mean(x, dim=(0, 2), keepdim=True, correction=0)
+            parts.append((x - mean) * torch.rsqrt(var + self.eps))
+        return torch.cat(parts) * self.weight[:, None] + self.bias[:, None]
 
 
 def _conv_bn_lrelu(channels: int, kernel: int, virtual_bs: int) -> nn.Sequential:
@@ -160,13 +163,12 @@ class DinoDiscriminator(nn.Module):
         self.backbone = FrozenDinoViT(**backbone)  # type: ignore[arg-type]
         if pretrained:
             path = find_dino_weights(weights)
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            sd = {k: v for k, v in sd.items() if not k.startswith(("head", "norm."))}
-            missing, unexpected = self.backbone.load_state_dict(sd, strict=False)
-            unexpected = [k for k in unexpected if not k.startswith("blocks.")]  # blocks past the last key depth
-            if missing or unexpected:
-                raise ValueError(f"{path}: not a DINO ViT checkpoint for this backbone "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            want = self.backbone.state_dict()
+            # DINO's file also holds the final norm, the head and the blocks past the last key depth
+            sd = {k: v for k, v in load_weight_file(path).items()
+                  if k in want or not k.startswith(("head", "norm.", "blocks."))}
+            check_state_dict(self.backbone, sd, f"{path} (DINO ViT backbone)")
+            self.backbone.load_state_dict(sd)
         else:
             log.warning("DINO discriminator backbone randomly initialised (pretrained=False): a smoke test only")
         self.backbone.eval()
@@ -210,7 +212,8 @@ class DinoDiscriminator(nn.Module):
 
 
 def _per_sample(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    """One uniform number per sample, (B, 1, 1, 1), drawn on the CPU like every draw here."""
+    return torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device, x.dtype)
 
 
 def _color(x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
@@ -265,6 +268,8 @@ def diff_augment(x_BCHW: torch.Tensor, policy: str = DIFFAUG_POLICY, prob: float
 
     ``policy``: comma-separated groups from ``color``, ``translation``, ``cutout`` (0.5 of the side)
     and ``cutout_R`` (R of the side); each group is applied with probability ``prob``.
+    ``generator``: a CPU generator (or None: the global one); every random number is drawn on
+    the CPU and moved to the input's device, so a seed gives the same augmentation on any device.
     """
     fns = diffaug_groups(policy)
     if not fns:

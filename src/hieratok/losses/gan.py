@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .dino_disc import DinoDiscriminator, diff_augment, diffaug_groups
+from .reconstruction import scale_targets
 
 __all__ = [
     "DISCRIMINATOR_NORMS",
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 DISCRIMINATOR_NORMS = ("group", "batch", "none")
 DISCRIMINATORS = ("patch", "dino")
 GAN_LOSS_TYPES = ("hinge", "non_saturating")
+LECAM_FORMS = ("elementwise", "mean")
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -214,7 +216,8 @@ def lecam_regularizer(
 
     ``mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2)``: it pulls the real logits
     towards the running mean of the fake logits and vice versa, which bounds the discriminator's
-    predictions when data is scarce. The EMAs are constants (no gradient).
+    predictions when data is scarce. The EMAs are constants (no gradient). ResTok's release
+    passes the batch-mean logits (0-dim tensors) instead (``GANConfig.lecam_form="mean"``).
 
     Args:
         logits_real: discriminator logits on real images, any shape.
@@ -235,8 +238,10 @@ class LeCamEMA(nn.Module):
     ``ema <- decay * ema + (1 - decay) * mean(logits)``; the first update sets the averages to the
     current means (the reference code starts from a large constant and disables the decay for a
     warm-up; starting from the first observation avoids that transient). The averages are
-    buffers, so they are saved in checkpoints and follow ``.to(device)``. Under DDP each rank
-    keeps its own averages of its local logits.
+    buffers: they follow ``.to(device)``, and the trainer moves them with the model and saves them
+    in its checkpoints (``lecam.safetensors``, see ``TokenizerTask.state_modules``). Under DDP each
+    rank keeps its own averages of its local logits; checkpoints keep rank 0's, which every rank
+    resumes from.
 
     Args:
         decay: EMA decay (0.99 in the reference implementation).
@@ -338,6 +343,10 @@ class GANConfig:
         lecam_weight: weight of the LeCam regulariser in the discriminator loss (0 = off;
             1e-3 is the usual value).
         lecam_decay: decay of the logit EMAs used by LeCam.
+        lecam_form: ``"elementwise"`` (Tseng et al.): every logit against the averages updated
+            with this batch first, which start at the first batch's means; ``"mean"`` (ResTok's
+            release, from TiTok): the batch-mean logits against the averages before this step's
+            update, which start at 0.
         d_lr, d_betas, d_weight_decay: AdamW of the discriminator (betas from appendix E; the
             paper does not list the learning rate or weight decay).
         discriminator: ``"patch"`` (PatchGAN) or ``"dino"`` (ResTok's release; needs the DINO
@@ -361,6 +370,7 @@ class GANConfig:
     num_groups: int = 32
     lecam_weight: float = 0.0
     lecam_decay: float = 0.99
+    lecam_form: str = "elementwise"
     d_lr: float = 1e-4
     d_betas: tuple[float, float] = (0.9, 0.95)
     d_weight_decay: float = 0.0
@@ -373,6 +383,8 @@ class GANConfig:
         if self.discriminator not in DISCRIMINATORS:
             raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
         diffaug_groups(self.diffaug)  # an unknown group fails here, not at the first GAN step
+        if self.lecam_form not in LECAM_FORMS:
+            raise ValueError(f"lecam_form must be one of {LECAM_FORMS}, got {self.lecam_form!r}")
         if self.loss not in GAN_LOSS_TYPES:
             raise ValueError(f"GAN loss must be one of {GAN_LOSS_TYPES}, got {self.loss!r}")
         if self.norm not in DISCRIMINATOR_NORMS:
@@ -394,7 +406,8 @@ class GANLoss(nn.Module):
     A trainer runs, per step: the generator update with
     ``total = rec + ... + gan.generator_loss(recs, step)[0]``, then (when
     :meth:`active` is true) the discriminator update with ``gan.discriminator_loss(x, recs, step)``
-    and its own optimiser (:meth:`make_optimizer`). Before ``start_step`` both losses are a constant
+    and its own optimiser (AdamW with ``config.d_lr``, ``d_betas``, ``d_weight_decay`` over the
+    discriminator's trainable parameters). Before ``start_step`` both losses are a constant
     0 and the discriminator is not run (skip the discriminator's backward/step then: the zero has
     no graph). The generator step back-propagates through the discriminator into its parameters
     too; zero the discriminator's gradients before its own backward (the usual ``zero_grad``).
@@ -418,6 +431,8 @@ class GANLoss(nn.Module):
             self.discriminator = PatchDiscriminator(config.in_channels, config.ndf, config.n_layers, config.norm,
                                                     config.num_groups)
         self.lecam = LeCamEMA(config.lecam_decay) if config.lecam_weight > 0 else None
+        if self.lecam is not None and config.lecam_form == "mean":
+            self.lecam.initialized.fill_(True)  # the release's averages start at 0, decayed from the first step
         self._d_loss = _D_LOSSES[config.loss]
         self._g_loss = _G_LOSSES[config.loss]
         d_min = getattr(self.discriminator, "min_input_size", 1)
@@ -427,12 +442,6 @@ class GANLoss(nn.Module):
     def active(self, step: int) -> bool:
         """Whether the GAN losses are on at this global step (``step >= start_step``)."""
         return step >= self.config.start_step
-
-    def make_optimizer(self, params: Optional[Iterable[nn.Parameter]] = None) -> torch.optim.AdamW:
-        """AdamW for the discriminator with the config's learning rate, betas and weight decay."""
-        c = self.config
-        params = [p for p in self.discriminator.parameters() if p.requires_grad] if params is None else params
-        return torch.optim.AdamW(params, lr=c.d_lr, betas=c.d_betas, weight_decay=c.d_weight_decay)
 
     # ---- scale selection ----
 
@@ -456,12 +465,10 @@ class GANLoss(nn.Module):
 
     @staticmethod
     def _match_real(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """Area-downsample a real batch to a fake scale's size (identity at equal size)."""
-        if real.shape[-2:] == fake.shape[-2:]:
-            return real
+        """The real batch at a fake scale's size: the reconstruction loss's target (area downsampling)."""
         if real.shape[-2] < fake.shape[-2] or real.shape[-1] < fake.shape[-1]:
             raise ValueError(f"real images {tuple(real.shape)} are smaller than the reconstruction {tuple(fake.shape)}")
-        return F.interpolate(real, size=fake.shape[-2:], mode="area")
+        return scale_targets(real, [tuple(fake.shape[-2:])])[0]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.config.diffaug) if self.config.diffaug else x
@@ -556,8 +563,13 @@ class GANLoss(nn.Module):
         }
         loss = d_loss
         if self.lecam is not None:
-            self.lecam.update(logits_real, logits_fake)  # update first, as the reference code does
-            reg = lecam_regularizer(logits_real, logits_fake, self.lecam.ema_real, self.lecam.ema_fake)
+            if self.config.lecam_form == "mean":  # ResTok's release: batch means, averages before the update
+                reg = lecam_regularizer(logits_real.mean(), logits_fake.mean(), self.lecam.ema_real.clone(),
+                                        self.lecam.ema_fake.clone())
+                self.lecam.update(logits_real, logits_fake)
+            else:  # Tseng et al.'s reference code: update first, every logit
+                self.lecam.update(logits_real, logits_fake)
+                reg = lecam_regularizer(logits_real, logits_fake, self.lecam.ema_real, self.lecam.ema_fake)
             loss = loss + self.config.lecam_weight * reg
             logs["lecam"] = reg.detach()
         return loss, logs

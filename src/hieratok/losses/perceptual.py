@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hieratok.hub import check_state_dict
 from hieratok.weights import MissingWeightsError, ResolvedWeights, resolve_weights
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "VGG16_FILE",
     "build_perceptual",
     "load_effnet_lite0",
+    "load_weight_file",
     "resolve_effnet_lite0_weights",
     "resolve_lpips_lin_weights",
     "resolve_vgg16_weights",
@@ -104,12 +106,21 @@ def _upsample_to_min(z_BCHW: torch.Tensor, min_size: int) -> torch.Tensor:
     return F.interpolate(z_BCHW, size=size, mode="bilinear", align_corners=False)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a tensor-only checkpoint on CPU, memory-mapped when the file format allows it."""
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a tensor-only checkpoint on CPU, memory-mapped when the file format allows it.
+
+    Raises:
+        ValueError: naming the file, when it is not a readable PyTorch state dict (corrupt,
+            truncated, another format, or pickled objects besides tensors).
+    """
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (pre-zip) serialisation, e.g. the 2017 torchvision VGG file
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) serialisation, e.g. the 2017 torchvision VGG file
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError... here
+        raise ValueError(f"{path} is not a readable PyTorch weight file ({type(e).__name__}); "
+                         "check the path or download the file again") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -243,18 +254,19 @@ class LPIPS(_FrozenDistance):
         self.net = VGG16Features()
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _VGG16_TAP_CHANNELS)
 
-        sd = _load_state_dict(vgg.path)
+        sd = load_weight_file(vgg.path)
         trunk = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         if not trunk:
             raise ValueError(f"{vgg.path} is not a torchvision VGG16 state dict (no 'features.*' keys)")
+        check_state_dict(self.net.features, trunk, f"{vgg.path} (VGG16 'features.*')")
         self.net.features.load_state_dict(trunk, strict=True)
-        lin_sd = _load_state_dict(lin.path)
+        lin_sd = load_weight_file(lin.path)
         try:
-            self.lins.load_state_dict(
-                {f"{k}.weight": lin_sd[f"lin{k}.model.1.weight"] for k in range(len(self.lins))}, strict=True
-            )
+            heads = {f"{k}.weight": lin_sd[f"lin{k}.model.1.weight"] for k in range(len(self.lins))}
         except KeyError as e:
             raise ValueError(f"{lin.path} is not an lpips VGG lin-head file (missing {e})") from None
+        check_state_dict(self.lins, heads, f"{lin.path} (lpips VGG lin heads)")
+        self.lins.load_state_dict(heads, strict=True)
         self.weight_sources = {"vgg16": f"{vgg.source}: {vgg.path}", "lin": f"{lin.source}: {lin.path}"}
         logger.info("LPIPS-VGG: VGG16 from %s; lin heads from %s",
                     self.weight_sources["vgg16"], self.weight_sources["lin"])
@@ -454,7 +466,9 @@ def load_effnet_lite0(user_path: Optional[str | os.PathLike] = None) -> tuple[Ef
     """Build :class:`EfficientNetLite0` in eval mode with the ImageNet weights loaded strictly."""
     w = resolve_effnet_lite0_weights(user_path)
     net = EfficientNetLite0()
-    net.load_state_dict(_load_state_dict(w.path), strict=True)
+    sd = load_weight_file(w.path)
+    check_state_dict(net, sd, str(w.path))
+    net.load_state_dict(sd, strict=True)
     return net.eval(), w
 
 
@@ -549,10 +563,12 @@ def build_perceptual(
     Args:
         kind: ``"lpips-vgg"``, ``"effnet-lite0"``, or ``"auto"``: LPIPS-VGG when both its weight
             files are found, else the EfficientNet-Lite0 distance (logged with the missing file).
-            Paths passed explicitly are never silently skipped: a wrong one raises.
-        vgg_weights: explicit path to ``vgg16-397923af.pth``.
-        lpips_lin_weights: explicit path to the lpips v0.1 ``vgg.pth`` heads.
-        effnet_weights: explicit path to the EfficientNet-Lite0 weights.
+            With ``"auto"``, an explicit LPIPS path that names no file raises instead of falling
+            back, and ``effnet_weights`` is used only when LPIPS is not found.
+        vgg_weights: explicit path to ``vgg16-397923af.pth`` (not with ``"effnet-lite0"``).
+        lpips_lin_weights: explicit path to the lpips v0.1 ``vgg.pth`` heads (not with
+            ``"effnet-lite0"``).
+        effnet_weights: explicit path to the EfficientNet-Lite0 weights (not with ``"lpips-vgg"``).
         min_size: short-side size below which inputs are upsampled (see the module docstring).
 
     Returns:
@@ -560,11 +576,16 @@ def build_perceptual(
         distances, and its name (``"lpips-vgg"`` or ``"effnet-lite0-perceptual"``) for logs.
 
     Raises:
-        ValueError: unknown ``kind``.
+        ValueError: unknown ``kind``, or a weight path for the other distance than ``kind``.
         MissingWeightsError: the requested distance's weights are missing.
     """
     if kind not in PERCEPTUAL_KINDS:
         raise ValueError(f"perceptual kind must be one of {PERCEPTUAL_KINDS}, got {kind!r}")
+    unused = {"lpips-vgg": {"effnet_weights": effnet_weights},
+              "effnet-lite0": {"vgg_weights": vgg_weights, "lpips_lin_weights": lpips_lin_weights}}.get(kind, {})
+    given = [k for k, v in unused.items() if v is not None]
+    if given:
+        raise ValueError(f"perceptual kind {kind!r} does not use {', '.join(given)}; drop it or use kind='auto'")
     if kind in ("auto", "lpips-vgg"):
         try:
             lpips = LPIPS(vgg_weights, lpips_lin_weights, min_size=min_size)

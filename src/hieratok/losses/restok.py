@@ -12,10 +12,10 @@
   ``L_dec = mean_{b,ij} relu(1 - m - cos(P_d(f_bij), F_bij))`` between the projected decoder
   alignment features and the foundation patch features at every grid position.
 * GAN (:func:`restok_gan_config`): hinge loss, generator weight 0.5 from step 20k, LeCam 1e-3
-  with EMA decay 0.999, discriminator AdamW lr 1e-4, betas (0.9, 0.95), weight decay 1e-4. The
-  release's discriminator is the frozen-DINO one with DiffAugment:
-  ``restok_gan_config(release_discriminator=True)`` (needs the DINO ViT-S/16 weights); the
-  default is the PatchGAN, which needs no download.
+  on the batch-mean logits with EMA decay 0.999 (``lecam_form="mean"``), discriminator AdamW
+  lr 1e-4, betas (0.9, 0.95), weight decay 1e-4. The release's discriminator is the frozen-DINO
+  one with DiffAugment: ``restok_gan_config(release_discriminator=True)`` (needs the DINO
+  ViT-S/16 weights); the default is the PatchGAN, which needs no download.
 
 Legend: B batch, A foundation feature width, G token grid side.
 """
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alignment import cosine_margin_loss, resize_features
+from .dino_disc import DIFFAUG_POLICY
 from .gan import GANConfig, GANLoss
 
 __all__ = ["ResTokLossConfig", "ResTokLoss", "restok_gan_config", "cosine_margin_loss"]
@@ -38,17 +40,10 @@ def restok_gan_config(release_discriminator: bool = False, **overrides: Any) -> 
     """The release's adversarial settings as a :class:`GANConfig` (see the module docstring);
     ``release_discriminator`` adds its DINO discriminator and DiffAugment policy."""
     base: dict[str, Any] = dict(weight=0.5, start_step=20_000, loss="hinge", lecam_weight=1e-3, lecam_decay=0.999,
-                                d_lr=1e-4, d_betas=(0.9, 0.95), d_weight_decay=1e-4)
+                                lecam_form="mean", d_lr=1e-4, d_betas=(0.9, 0.95), d_weight_decay=1e-4)
     if release_discriminator:
-        base.update(discriminator="dino", diffaug="color,translation,cutout_0.2")
+        base.update(discriminator="dino", diffaug=DIFFAUG_POLICY)
     return GANConfig(**{**base, **overrides})
-
-
-def cosine_margin_loss(a: torch.Tensor, b: torch.Tensor, margin: float, dim: int = 1) -> torch.Tensor:
-    """``mean(relu(1 - margin - cos(a, b)))`` with the cosine taken along ``dim``."""
-    if a.shape != b.shape:
-        raise ValueError(f"alignment inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return F.relu(1.0 - margin - F.cosine_similarity(a.float(), b.float(), dim=dim)).mean()
 
 
 @dataclass
@@ -104,8 +99,10 @@ class ResTokLoss(nn.Module):
                 ``out`` has ``decoder_alignment``); resized to the decoder grid if needed.
 
         Returns:
-            ``{"loss": total}`` plus detached terms: ``l2``, ``perceptual``, ``vq``,
-            ``commitment``, ``codebook``, ``align_enc``, ``align_dec``, ``g_loss``, ``g_weight``.
+            ``{"loss": total}`` plus the detached terms ``l2``, ``vq``, ``commitment`` and
+            ``codebook``; ``perceptual`` only with a perceptual module and a weight > 0;
+            ``align_enc`` / ``align_dec`` only when that term is on (see the arguments);
+            ``g_loss`` and ``g_weight`` only with a GAN.
         """
         c = self.config
         rec = out["reconstructions"]
@@ -123,11 +120,7 @@ class ResTokLoss(nn.Module):
             logs["align_enc"] = enc.detach()
         if foundation_features is not None and "decoder_alignment" in out:
             pred = out["decoder_alignment"]
-            feat = foundation_features.detach().float()
-            if feat.shape[-2:] != pred.shape[-2:]:
-                shrink = feat.shape[-2] >= pred.shape[-2] and feat.shape[-1] >= pred.shape[-1]
-                feat = F.interpolate(feat, size=pred.shape[-2:], mode="area") if shrink else \
-                    F.interpolate(feat, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+            feat = resize_features(foundation_features.detach().float(), tuple(pred.shape[-2:]))
             dec = cosine_margin_loss(pred, feat, c.alignment_margin)
             total = total + c.alignment_weight * dec
             logs["align_dec"] = dec.detach()

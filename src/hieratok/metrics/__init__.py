@@ -34,7 +34,6 @@ from .uniformity import (
     gini_coefficient,
     latent_uniformity,
     normalized_entropy,
-    plot_uniformity,
 )
 
 __all__ = [
@@ -46,5 +45,4 @@ __all__ = [
     "InceptionScoreResult", "InceptionScoreUnavailable", "inception_score", "inception_score_from_logits",
     "tf_bilinear_resize",
     "UniformityResult", "density_cv", "gini_coefficient", "latent_uniformity", "normalized_entropy",
-    "plot_uniformity",
 ]

@@ -1,10 +1,13 @@
 """Frechet Inception Distance: streaming feature statistics, reference statistics, the distance.
 
 * :func:`frechet_distance` -- ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` in float64. The
-  trace of the matrix square root is computed from the eigenvalues of the symmetric PSD matrix
-  ``S1^{1/2} S2 S1^{1/2}`` (same nonzero spectrum as ``S1 S2``), using two symmetric ``eigh``
-  calls and zeroing eigenvalues below the numerical-rank tolerance: no complex parts and no
-  NaN, also for the rank-deficient covariances of fewer samples than dimensions.
+  trace of the matrix square root is the sum of the singular values of ``S1^{1/2} S2^{1/2}``
+  (their squares are the eigenvalues of ``S1^{1/2} S2 S1^{1/2}``, whose spectrum is that of
+  ``S1 S2``), with both roots from symmetric ``eigh`` calls. Taking singular values of the
+  product of roots, rather than eigenvalues of ``S1^{1/2} S2 S1^{1/2}``, avoids squaring the
+  condition number, so wide covariance spectra (Inception features span ~1e7) keep their small
+  eigenvalues: no complex parts, no NaN, also for the rank-deficient covariances of fewer
+  samples than dimensions.
 * :class:`FeatureStats` -- running count, feature sum and outer-product sum in float64, so
   50k images never need their features in memory. The three sums add across processes:
   :func:`all_reduce_feature_stats` sums them over ``torch.distributed`` ranks.
@@ -34,6 +37,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.datasets import IMAGE_EXTENSIONS, ImageFolderDataset
 from .inception import FID_FEATURE_DIM, InceptionFeatures
 
 __all__ = [
@@ -53,19 +57,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
 
 # ----------------------------------------------------------------------------------------------
 # The distance
 # ----------------------------------------------------------------------------------------------
 
 
-def _clip_eigenvalues(w: torch.Tensor) -> torch.Tensor:
-    # Eigenvalues below the numerical-rank tolerance (as in np.linalg.matrix_rank) are round-off
-    # of exact zeros; their square roots (~1e-8 each) would otherwise add up to a visible bias.
+def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix. Eigenvalues below the numerical-rank tolerance of
+    ``s`` itself (as in np.linalg.matrix_rank; negative ones included) are round-off of exact
+    zeros: their square roots (~1e-8 each) would otherwise add up to a visible bias."""
+    w, v = torch.linalg.eigh(s)
     tol = w.numel() * torch.finfo(torch.float64).eps * w.abs().max().clamp_min(1e-300)
-    return torch.where(w > tol, w, torch.zeros_like(w))
+    return (v * torch.where(w > tol, w, torch.zeros_like(w)).sqrt()) @ v.T
 
 
 def frechet_distance(
@@ -103,11 +107,8 @@ def frechet_distance(
         raise ValueError(f"covariances must be ({d}, {d}), got {tuple(s1.shape)} and {tuple(s2.shape)}")
     s1 = (s1 + s1.T) / 2
     s2 = (s2 + s2.T) / 2
-    w, v = torch.linalg.eigh(s1)
-    root1 = (v * _clip_eigenvalues(w).sqrt()) @ v.T  # S1^{1/2}
-    # Eigenvalues of S1^{1/2} S2 S1^{1/2} are those of S1 S2, and it is symmetric PSD.
-    m = root1 @ s2 @ root1
-    tr_covmean = _clip_eigenvalues(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
+    # tr (S1 S2)^{1/2} = sum of singular values of S1^{1/2} S2^{1/2} (nuclear norm)
+    tr_covmean = torch.linalg.svdvals(_psd_sqrt(s1) @ _psd_sqrt(s2)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + s1.trace() + s2.trace() - 2.0 * tr_covmean)
 
@@ -140,6 +141,7 @@ class GaussianStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GaussianStats":
         """Read an ``.npz`` with keys ``mu`` and ``sigma`` (other keys, e.g. ADM's ``arr_0``, are ignored)."""
+        _open_npz(path).close()  # a clear error for a file that is not an .npz
         with np.load(path) as f:
             if "mu" not in f.files or "sigma" not in f.files:
                 raise ValueError(f"{path}: a statistics .npz needs keys 'mu' and 'sigma', has {f.files}")
@@ -268,7 +270,9 @@ def compute_feature_stats(
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    # The listing of the evaluation datasets (recursive, hidden files such as macOS's "._x.png"
+    # skipped), so `hieratok eval fid` scores the images that `hieratok eval recon` reads.
+    return [Path(f) for f, _ in ImageFolderDataset(folder, layout="flat").samples]
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -281,8 +285,12 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # as pytorch-fid reads them
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt / truncated files
+            raise ValueError(f"{self.files[i]}: unreadable image ({' '.join(str(err).split())}); "
+                             "regenerate it or remove it from the folder") from err
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
@@ -292,11 +300,14 @@ def iter_image_folder(
     """Yield uint8 ``(B, 3, H, W)`` batches of the images under ``folder`` (recursive, sorted by path).
 
     Images are used as stored (converted to RGB); crop or resize them beforehand if the protocol
-    asks for it. Consecutive images of different sizes go into separate batches.
+    asks for it. Consecutive images of different sizes go into separate batches. The files are
+    those :class:`~hieratok.data.ImageFolderDataset` lists (:data:`IMAGE_EXTENSIONS`, hidden files
+    skipped).
+
+    Raises:
+        ValueError: the folder holds no image, or an image cannot be decoded (names the file).
     """
     files = _list_images(Path(folder))
-    if not files:
-        raise ValueError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files), batch_size=batch_size, num_workers=num_workers, collate_fn=list
     )
@@ -311,9 +322,18 @@ def iter_image_folder(
             yield torch.stack(run)
 
 
+def _open_npz(path: str | os.PathLike) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err}); an incomplete copy or download? Write "
+                         "statistics with GaussianStats.save / `hieratok eval fid --save-stats-a`, images with "
+                         "numpy.savez(path, arr_0=uint8 NHWC array)") from err
+
+
 def npz_kind(path: str | os.PathLike) -> str:
     """``"stats"`` if the ``.npz`` has ``mu`` and ``sigma``, ``"images"`` if it has ``arr_0``."""
-    with zipfile.ZipFile(path) as zf:
+    with _open_npz(path) as zf:
         names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
     if {"mu", "sigma"} <= names:
         return "stats"
@@ -323,7 +343,7 @@ def npz_kind(path: str | os.PathLike) -> str:
 
 
 def _npz_array_info(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+    with _open_npz(path) as zf, zf.open(f"{key}.npy") as f:
         shape, _, dtype = _read_npy_header(f)
     return shape, dtype
 
@@ -341,7 +361,7 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int = 50, key: str = "a
     The array is streamed from the zip member, so a 50k x 256 x 256 x 3 file (9.8 GB) is never
     loaded whole.
     """
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+    with _open_npz(path) as zf, zf.open(f"{key}.npy") as f:
         shape, fortran, dtype = _read_npy_header(f)
         if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
             raise ValueError(f"{path}:{key} must be uint8 (N, H, W, 3) images, got {dtype} {shape}")

@@ -1,4 +1,4 @@
-"""Pixel-level reconstruction metrics, computed the way tokenizer papers report them.
+"""Pixel-level reconstruction metrics: per-image PSNR and SSIM on 8-bit images, averaged.
 
 Both metrics first quantise the images to 8 bits (what a saved PNG holds), then score each image
 on its own and average over the batch:
@@ -8,7 +8,10 @@ on its own and average over the batch:
   ``K1 = 0.01``, ``K2 = 0.03``, data range 255, population (not sample) covariances, the SSIM map
   averaged over the "valid" region (borders of 5 px dropped) and over channels. This is exactly
   ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False, data_range=255, channel_axis=...)``.
+  use_sample_covariance=False, data_range=255, channel_axis=...)``. This is a protocol choice:
+  papers differ here. VA-VAE's evaluation, for one, uses torchmetrics' SSIM, which averages the
+  map over the reflect-padded full image and scores a little higher (e.g. 0.8929 where the
+  valid region gives 0.8905); compare SSIMs only under the same protocol.
 
 Images are float tensors with a ``value_range`` (``(-1, 1)``, the tokenizer convention, by
 default) or uint8 tensors (taken as they are). Everything is batched torch and runs on any
@@ -48,11 +51,17 @@ def quantize_to_uint8(images: torch.Tensor, value_range: Sequence[float] = (-1.0
         A uint8 tensor of the same shape. Float values are clamped to the range and rounded
         half up (``floor(v * 255 + 0.5)``), as ``clamp(127.5 * x + 128, 0, 255).to(uint8)`` in
         the usual sampling scripts.
+
+    Raises:
+        ValueError: a float image holds NaN or Inf (it has no 8-bit value; clamping would score
+            a broken output as black or white).
     """
     if images.dtype == torch.uint8:
         return images
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN/Inf: they have no 8-bit value to score (check the model's output)")
     lo, hi = _check_range(value_range)
     v = (images.float() - lo) * (DATA_RANGE / (hi - lo))
     return torch.floor(v + 0.5).clamp_(0, 255).to(torch.uint8)
@@ -92,6 +101,7 @@ def psnr(
     value_range: Sequence[float] = (-1.0, 1.0),
     reduction: Reduction = "mean",
     dtype: torch.dtype = torch.float64,
+    floor_mse: bool = False,
 ) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB on 8-bit-quantised images, per image then averaged.
 
@@ -101,12 +111,20 @@ def psnr(
         value_range: range of float inputs.
         reduction: ``"mean"`` over images or ``"none"`` for the ``(B,)`` per-image values.
         dtype: computation dtype.
+        floor_mse: score an exact match not as ``inf`` (scikit-image's value) but as the smallest
+            nonzero error an 8-bit image of its size can have, one value off by one level
+            (MSE ``1 / (C H W)``): ``10 log10(255^2 C H W)`` dB, above every inexact image of that
+            size. A mean over a data set then stays finite; exact matches are practically
+            impossible at 256 px but common at coarse pyramid scales.
 
     Returns:
-        Scalar or ``(B,)`` tensor. An image identical to its target scores ``inf``.
+        Scalar or ``(B,)`` tensor. An image identical to its target scores ``inf`` unless
+        ``floor_mse``.
     """
     p_BCHW, t_BCHW = _pair(pred, target, value_range, dtype)
     mse_B = (p_BCHW - t_BCHW).square().flatten(1).mean(1)
+    if floor_mse:
+        mse_B = mse_B.clamp_min(1.0 / p_BCHW[0].numel())
     return _reduce(10.0 * torch.log10(DATA_RANGE**2 / mse_B), reduction)
 
 

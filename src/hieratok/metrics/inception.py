@@ -377,17 +377,29 @@ def load_inception_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.
     Returns:
         The state dict (``fc.*`` present only if the file has the classifier) and the file's
         layout, ``"pytorch-fid"`` or ``"nvidia"``.
+
+    Raises:
+        ValueError: the file cannot be read (truncated download, not a weight file) or is not an
+            Inception state dict; the message names the file and where a good copy comes from.
     """
     path = Path(path)
-    if _is_torchscript(path):
-        script = torch.jit.load(str(path), map_location="cpu")
-        return _convert_nvidia_state_dict(dict(script.state_dict())), "nvidia"
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    if any(k.endswith("layers.conv.weight") for k in sd):
-        return _convert_nvidia_state_dict(sd), "nvidia"
-    return sd, "pytorch-fid"
+    try:
+        if _is_torchscript(path):
+            script = torch.jit.load(str(path), map_location="cpu")
+            return _convert_nvidia_state_dict(dict(script.state_dict())), "nvidia"
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict):
+            raise ValueError(f"expected a state dict, got {type(sd).__name__}")
+        if any(k.endswith("layers.conv.weight") for k in sd):
+            return _convert_nvidia_state_dict(sd), "nvidia"
+        return sd, "pytorch-fid"
+    except Exception as err:  # torch's readers raise RuntimeError, KeyError, UnpicklingError... on bad files
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise ValueError(
+            f"{path}: not a usable Inception weight file ({reason}); if it is a partial download, delete it and "
+            f"get {PT_INCEPTION_FILENAME} again (pytorch-fid's GitHub release) or NVIDIA's inception-2015-12-05.pt, "
+            "or set $HIERATOK_INCEPTION_WEIGHTS to a complete copy"
+        ) from err
 
 
 def _fid_helper_trunk() -> Optional[Path]:
@@ -409,7 +421,7 @@ def _is_unavailable_message() -> str:
     )
 
 
-def _build_network(sd: dict[str, torch.Tensor]) -> FIDInceptionV3:
+def _build_network(sd: dict[str, torch.Tensor], path: str | os.PathLike = "Inception weights") -> FIDInceptionV3:
     # Built on the meta device and filled by assignment: no time spent on a random init.
     with torch.device("meta"):
         net = FIDInceptionV3(with_classifier="fc.weight" in sd)
@@ -421,10 +433,13 @@ def _build_network(sd: dict[str, torch.Tensor]) -> FIDInceptionV3:
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"Inception weights do not match the FID InceptionV3 layout: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"{path}: does not match the FID InceptionV3 layout (pytorch-fid's {PT_INCEPTION_FILENAME} or an "
+            f"NVIDIA-layout TorchScript): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    net.load_state_dict(sd, assign=True)
+    try:
+        net.load_state_dict(sd, assign=True)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise ValueError(f"{path}: does not match the FID InceptionV3 layout: {' '.join(str(err).split())[:300]}") from err
     return net.eval().requires_grad_(False)
 
 
@@ -500,7 +515,7 @@ class InceptionFeatures(nn.Module):
             without_it="FID / IS cannot be computed; PSNR, SSIM, uniformity and codebook metrics still work",
         )
         sd, layout = load_inception_state_dict(resolved.path)
-        self.net = _build_network(sd)
+        self.net = _build_network(sd, resolved.path)
         self.source = resolved.source
         self.path = resolved.path
         self.file_layout = layout
@@ -650,7 +665,8 @@ def inception_score(
     Args:
         batches: ``(B, 3, H, W)`` image tensors (uint8, or float in ``value_range``).
         extractor: an :class:`InceptionFeatures` whose weights include the classifier.
-        splits: number of splits (10 is standard).
+        splits: number of splits (10 is standard); fewer images than splits use one split per
+            image (with a warning; the result's ``splits`` records the number used).
         value_range: range of float batches.
         progress: show a progress bar.
         total: expected number of images, for the bar.
@@ -668,5 +684,10 @@ def inception_score(
         )
     ]
     all_logits = torch.cat(logits)
+    n = all_logits.shape[0]
+    if n < splits:
+        logger.warning("Inception Score of %d images over %d splits instead of %d: not comparable with the standard "
+                       "50k-image, 10-split score", n, n, splits)
+        splits = n
     mean, std = inception_score_from_logits(all_logits, splits)
-    return InceptionScoreResult(mean, std, splits, all_logits.shape[0], extractor.source)
+    return InceptionScoreResult(mean, std, splits, n, extractor.source)

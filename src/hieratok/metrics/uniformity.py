@@ -3,7 +3,9 @@
 Procedure, repeated for several seeds:
 
 1. sample ``num_points`` per-position latent vectors (one C-dim vector per (image, h, w)) from
-   latents ``(N, C, H, W)``, without replacement, with a seeded generator;
+   latents ``(N, C, H, W)``, without replacement, with a seeded generator. The positions of all
+   images are pooled, so an image can give several vectors; VA-VAE's analysis takes one position
+   per image instead, so numbers from the two samplings are not interchangeable;
 2. normalise every channel by its mean and std (by default measured over all given latents;
    pass the tokenizer's saved latent statistics instead where they exist);
 3. embed in 2-D with t-SNE (scikit-learn, perplexity 30, 1000 iterations, PCA init);
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -37,7 +38,6 @@ __all__ = [
     "sample_latent_vectors",
     "UniformityResult",
     "latent_uniformity",
-    "plot_uniformity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ def sample_latent_vectors(
         seed: seed of the NumPy generator that draws them.
         channel_mean, channel_std: per-channel statistics to normalise with; measured over all
             of ``latents_NCHW`` when not given.
+
+    Raises:
+        ValueError: the latents hold NaN/Inf, or the sampled vectors are all identical (collapsed
+            latents; t-SNE is undefined there and scikit-learn's crashes the process).
     """
     z = torch.as_tensor(latents_NCHW).detach().to("cpu", torch.float64).numpy()
     if z.ndim != 4:
@@ -98,7 +102,12 @@ def sample_latent_vectors(
         raise ValueError(f"num_points must be in [2, {vecs.shape[0]}] (N*H*W positions), got {num_points}")
     mean = vecs.mean(0) if channel_mean is None else np.asarray(channel_mean, dtype=np.float64)
     std = vecs.std(0) if channel_std is None else np.asarray(channel_std, dtype=np.float64)
+    if not np.isfinite(vecs).all():
+        raise ValueError("latents contain NaN/Inf: no uniformity can be measured (check the tokenizer's encoder)")
     idx = np.random.default_rng(seed).choice(vecs.shape[0], size=num_points, replace=False)
+    if (vecs[idx] == vecs[idx[0]]).all():
+        raise ValueError(f"the {num_points} sampled latent vectors are all identical (collapsed latents): "
+                         "t-SNE uniformity is undefined; check the tokenizer checkpoint")
     return (vecs[idx] - mean) / np.maximum(std, 1e-12)
 
 
@@ -148,6 +157,7 @@ class UniformityResult:
             "gini": self.gini[0], "gini_std": self.gini[1],
             "normalized_entropy": self.entropy[0], "normalized_entropy_std": self.entropy[1],
             "num_points": self.num_points, "num_runs": len(self.runs),
+            "perplexity": self.perplexity, "iterations": self.iterations,
         }
 
 
@@ -204,21 +214,3 @@ def latent_uniformity(
 
     return UniformityResult(agg("cv"), agg("gini"), agg("entropy"), runs, first_points, first_dens,
                             num_points, perplexity, iterations)
-
-
-def plot_uniformity(
-    points_2d: np.ndarray,
-    densities: np.ndarray,
-    path: str | os.PathLike,
-    *,
-    title: str = "",
-    point_size: float = 2.0,
-) -> None:
-    """Scatter the t-SNE embedding coloured by KDE density and save it as an image (PNG by extension);
-    the figure of :func:`hieratok.report.plot_tsne`, which the reports use."""
-    from ..report.plots import plot_tsne
-
-    pts = np.asarray(points_2d)
-    if pts.ndim != 2 or pts.shape[1] != 2 or len(densities) != len(pts):
-        raise ValueError("points_2d must be (P, 2) with one density per point")
-    plot_tsne(pts, np.asarray(densities), path, title=title, point_size=point_size)

@@ -41,6 +41,9 @@ _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif
 # pixelated images narrower than this are displayed at an integer zoom
 PIXELATED_DISPLAY_WIDTH = 800
 
+# names under <report>/images/ that Report.write copied there (and may overwrite on the next write)
+_COPIES = ".hieratok-copies"
+
 _CSS = """
 :root { color-scheme: light dark; --fg: #1b1b1b; --bg: #ffffff; --muted: #5f6368; --line: #d9d9d9;
   --head: #f3f4f6; --base: #fafafa; --good: #137333; --bad: #b3261e; --code: #f3f4f6; }
@@ -219,30 +222,38 @@ class Report:
     # ------------------------------------------------------------------------------------------
 
     def _place_images(self, out_dir: Path) -> dict[Path, str]:
-        """Relative reference for every image; copies the ones outside ``out_dir`` into images/."""
+        """Relative reference for every image; copies the ones outside ``out_dir`` into images/.
+
+        Images already inside ``out_dir`` are referenced where they are. A copy never overwrites
+        a file that an image block references or that no earlier write copied there (those are
+        listed in ``images/.hieratok-copies``); it takes a free name (``a_1.png``) instead. An
+        earlier copy is overwritten, so writing again does not pile up files.
+        """
+        paths = list(dict.fromkeys(b.path for b in self._blocks if isinstance(b, _Image)))
         refs: dict[Path, str] = {}
-        used: set[str] = set()
-        for b in self._blocks:
-            if not isinstance(b, _Image) or b.path in refs:
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"image not found: {p}")
+            if p.is_relative_to(out_dir):
+                refs[p] = p.relative_to(out_dir).as_posix()
+        taken = set(refs.values())  # reserved before any copy is named
+        manifest = out_dir / "images" / _COPIES
+        ours = set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
+        copied = []
+        for p in paths:
+            if p in refs:
                 continue
-            if not b.path.is_file():
-                raise FileNotFoundError(f"image not found: {b.path}")
-            try:
-                refs[b.path] = b.path.relative_to(out_dir).as_posix()
-                continue
-            except ValueError:
-                pass
-            # copies are ours: an old copy from an earlier write is overwritten, and two
-            # different files with one name in this report get distinct names
-            name, n = b.path.name, 1
-            while f"images/{name}" in used:
-                name = f"{b.path.stem}_{n}{b.path.suffix}"
+            name, n = p.name, 1
+            while f"images/{name}" in taken or ((out_dir / "images" / name).exists() and name not in ours):
+                name = f"{p.stem}_{n}{p.suffix}"
                 n += 1
-            dst = out_dir / "images" / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(b.path, dst)
-            refs[b.path] = f"images/{name}"
-            used.add(refs[b.path])
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, out_dir / "images" / name)
+            refs[p] = f"images/{name}"
+            taken.add(refs[p])
+            copied.append(name)
+        if copied:
+            manifest.write_text("\n".join(sorted(ours | set(copied))) + "\n", encoding="utf-8")
         return refs
 
     def to_html(self, image_refs: Mapping[Path, str] | None = None) -> str:

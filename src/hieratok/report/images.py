@@ -56,7 +56,8 @@ def to_uint8(x: ImageLike, value_range: Sequence[float] = (-1.0, 1.0)) -> np.nda
 
     Float values are mapped ``value_range[0] -> 0`` and ``value_range[1] -> 255``, clamped and
     rounded half up, i.e. ``floor((x + 1) * 127.5 + 0.5)`` for ``[-1, 1]`` -- the same levels the
-    PSNR / SSIM metrics score. uint8 input is passed through.
+    PSNR / SSIM metrics score. uint8 input is passed through. NaN (a diverged run) becomes 0,
+    black, with a logged warning.
 
     Args:
         x: ``(C, H, W)`` or ``(B, C, H, W)`` tensor or array, float in ``value_range`` or uint8.
@@ -70,7 +71,14 @@ def to_uint8(x: ImageLike, value_range: Sequence[float] = (-1.0, 1.0)) -> np.nda
         raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
     if t.ndim not in (3, 4):
         raise ValueError(f"expected an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(t.shape)}")
-    q = quantize_to_uint8(t.detach(), value_range).cpu()
+    t = t.detach()
+    if t.is_floating_point():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            logger.warning("%d of %d image values are NaN or infinite (a diverged run?); NaN is drawn black",
+                           bad, t.numel())
+            t = torch.nan_to_num(t, nan=float(value_range[0]))
+    q = quantize_to_uint8(t, value_range).cpu()
     return q.movedim(-3, -1).contiguous().numpy()
 
 

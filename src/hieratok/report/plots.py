@@ -276,7 +276,7 @@ def plot_per_scale_metric(
     Args:
         values: ``{run: [value per scale]}`` aligned with ``scales`` (``None`` = not measured), or
             ``{run: {scale: value}}`` for a run that has only some scales (a single-scale model
-            has only the finest one).
+            has only the finest one); scale keys may be strings (``"64"``, as read from JSON).
         scales: The scales (image sides in pixels), coarse to fine; the x axis is log2.
         path: Output image.
         ylabel: Metric name for the y axis.
@@ -295,7 +295,11 @@ def plot_per_scale_metric(
     ax = fig.add_subplot(1, 1, 1)
     for i, (name, v) in enumerate(values.items()):
         if isinstance(v, Mapping):
-            unknown = sorted(set(int(s) for s in v) - set(scales))
+            try:  # JSON object keys are strings: "8" is scale 8 ("8.5" or "8.0" is no size)
+                v = {int(str(s)): t for s, t in v.items()}
+            except ValueError:
+                raise ValueError(f"run {name!r}: scale keys must be integer sizes, got {list(v)}") from None
+            unknown = sorted(set(v) - set(scales))
             if unknown:
                 raise ValueError(f"run {name!r} has values at scales {unknown} not in scales {scales}")
             y = [v.get(s, None) for s in scales]
@@ -305,6 +309,8 @@ def plot_per_scale_metric(
                 raise ValueError(f"run {name!r} has {len(y)} values for {len(scales)} scales; "
                                  "pass {scale: value} for a run with only some scales")
         y_arr = np.array([math.nan if t is None else float(t) for t in y], dtype=np.float64)
+        if not np.isfinite(y_arr).any():
+            logger.warning("run %r has no finite value at scales %s: nothing plotted for it", name, scales)
         ax.plot(scales, y_arr, marker="o", color=f"C{i % 10}", label=str(name))
     ax.set_xscale("log", base=2)
     ax.set_xticks(scales)

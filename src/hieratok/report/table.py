@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -146,12 +147,14 @@ def _cell(value: float | None, base: float | None, spec: MetricSpec, is_baseline
 # Plain table (header + rows of strings) shared by the renderers
 
 
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
+_MD_SPECIAL = re.compile(r"([\\`*_~&\[\]<>|])")
+_MD_LIST_NUMBER = re.compile(r"^(\d+)([.)])(?=\s|$)")  # "1. " / "1) " would start an ordered list
 
 
 def _md_text(s: str) -> str:
     """Markdown for plain text: characters with Markdown meaning are backslash-escaped."""
     s = _MD_SPECIAL.sub(r"\\\1", str(s).replace("\n", " "))
+    s = _MD_LIST_NUMBER.sub(r"\1\\\2", s)
     return "\\" + s if s[:1] in ("#", "-", "+", "=") else s
 
 
@@ -225,13 +228,23 @@ class SimpleTable:
         return self.to_text()
 
 
+def _scalar(v: Any) -> Any:
+    """A NumPy scalar, 0-d array or 0-d tensor as the Python number it holds; anything else as is."""
+    return v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _fmt_any(v: Any, floatfmt: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    v = _scalar(v)
+    if v is None or (_is_number(v) and math.isnan(v)):
         return MISSING
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return format(v, floatfmt)
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return str(int(v))
+    if _is_number(v):
+        return format(float(v), floatfmt)
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt_any(t, floatfmt) for t in v)
     return str(v)
@@ -250,8 +263,9 @@ def simple_table(
         rows: A list of ``{column: value}`` dicts, or ``{row name: {column: value}}`` (the names
             become the first column, headed ``index_header``).
         columns: Columns in order; default the union of the rows' keys in first-seen order.
-        floatfmt: Format spec for floats; ints and strings are shown as they are; ``None`` /
-            NaN / a missing key as ``–``.
+        floatfmt: Format spec for real numbers (Python, NumPy, 0-d tensors); integers and
+            strings are shown as they are; ``None`` / NaN / a missing key as ``–``. Columns of
+            numbers are right-aligned.
         index_header: Header of the name column for dict-of-dicts input.
         caption: Optional caption.
     """
@@ -264,8 +278,7 @@ def simple_table(
             columns += [k for k in r if k not in columns]
     columns = list(columns)
     body = [[_fmt_any(r.get(c), floatfmt) for c in columns] for _, r in items]
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
-                   for _, r in items if r.get(c) is not None) for c in columns]
+    numeric = [all(_is_number(_scalar(r.get(c))) for _, r in items if r.get(c) is not None) for c in columns]
     align = ["right" if n else "left" for n in numeric]
     header = [str(c) for c in columns]
     if named:

@@ -14,7 +14,7 @@ Legend: B batch, L tokens, D width, d latent channels, G full grid side, s a sca
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch

@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
@@ -538,7 +539,7 @@ class ResTokDecoder(_Stack):
     def __init__(self, cfg: ResTokConfig) -> None:
         D = cfg.decoder_width
         super().__init__(cfg.decoder_depth, D, cfg.decoder_heads, cfg)
-        self.grid, self.levels, self.num_latent = cfg.grid, cfg.latent_levels, cfg.num_latent_tokens
+        self.grid, self.levels = cfg.grid, cfg.latent_levels
         self.latent_mask_token = nn.Parameter(torch.zeros(cfg.codebook_dim))
         self.level_in = nn.ModuleList(nn.Linear(cfg.codebook_dim, D) for _ in self.levels)
         self.latent_level_embed = nn.Parameter(torch.zeros(len(self.levels), D))
@@ -690,7 +691,14 @@ class ResTok(PretrainedMixin, nn.Module):
         N = self.config.num_latent_tokens
         if keep is None:
             return None
-        k = torch.full((B,), keep, dtype=torch.long, device=device) if isinstance(keep, int) else keep.to(device).long()
+        if isinstance(keep, numbers.Integral) and not isinstance(keep, bool):  # int, np.int64, ...
+            k = torch.full((B,), int(keep), dtype=torch.long, device=device)
+        elif isinstance(keep, torch.Tensor) and not (keep.is_floating_point() or keep.is_complex()
+                                                     or keep.dtype == torch.bool):
+            k = keep.to(device).long()
+        else:
+            raise ValueError(f"keep must be an integer or an integer (B={B},) tensor of prefix lengths, "
+                             f"got {type(keep).__name__} {getattr(keep, 'dtype', '')}".rstrip())
         if k.shape != (B,):
             raise ValueError(f"keep must be an int or a (B={B},) tensor of prefix lengths, got shape {tuple(k.shape)}")
         if bool(((k < 1) | (k > N)).any()):
@@ -789,6 +797,8 @@ class ResTok(PretrainedMixin, nn.Module):
             keep_B: Optional[torch.Tensor] = self.nested_dropout(B, generator, x_BCHW.device)  # valid by construction
         else:
             keep_B = self._keep(keep, B, x_BCHW.device)
+        if return_alignment and self.decoder_align is None:
+            raise ValueError("return_alignment=True, but this ResTok has no decoder alignment head (decoder_alignment=False)")
         want = self.training if return_alignment is None else return_alignment
         if want and self.decoder_align is not None:
             out["reconstructions"], out["decoder_alignment"] = self.decode(out["quantized"], keep_B, with_alignment=True)

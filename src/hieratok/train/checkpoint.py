@@ -8,8 +8,9 @@
         trainer_state.json                step, optimizer param groups, sampler position, counters,
                                           RNG states, the training config
 
-A checkpoint is written to ``.tmp-step_...`` and renamed when complete, so a run killed while
-saving leaves no directory that ``latest_checkpoint`` would pick; the last ``keep_last`` are kept.
+A checkpoint is written to ``.tmp-step_...``, flushed to disk and renamed when complete (a step
+saved again moves its old directory aside to ``.old-step_...`` first), so a run killed while saving
+leaves no directory that ``latest_checkpoint`` would pick; the last ``keep_last`` are kept.
 No pickle is used anywhere.
 """
 
@@ -110,14 +111,31 @@ def save_checkpoint(
         save_file(sd, str(tmp / f"{name}.safetensors"))
     save_file(optim_tensors, str(tmp / "optim.safetensors"))
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace
-        shutil.rmtree(final)
+    for f in tmp.iterdir():  # on disk before the rename makes the directory visible
+        _fsync(f)
+    _fsync(tmp)
+    replaced = None
+    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first,
+        replaced = ckpt_root / f".old-step_{step:08d}-{os.getpid()}"  # so no half-deleted step_* is ever visible
+        os.replace(final, replaced)
     os.replace(tmp, final)
+    _fsync(ckpt_root)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     for old in sorted(p for p in ckpt_root.iterdir() if _STEP_RE.match(p.name))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".tmp-step_*"):
+    for stale in [*ckpt_root.glob(".tmp-step_*"), *ckpt_root.glob(".old-step_*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

@@ -15,6 +15,7 @@ from typing import Any, Optional, get_type_hints
 
 import yaml
 
+from ..config import coerce_value
 from ..losses.gan import GANConfig
 from ..losses.reconstruction import ReconLossConfig
 
@@ -26,7 +27,6 @@ class DataConfig:
     """Where images come from. ``path=None`` uses the embedded photos shipped by installed packages."""
 
     path: Optional[str] = None
-    eval_path: Optional[str] = None  # held-out images for reconstruction grids; None: same source, eval split
     num_workers: int = 0
     samples_per_epoch: int = 1024  # embedded photos only
     short_side: Optional[int] = None  # embedded photos only: rescale short side first (crops see more of the scene)
@@ -57,6 +57,9 @@ class VFConfig:
     margin_cos: float = 0.5
     margin_dm: float = 0.25
     adaptive: bool = True
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -95,6 +98,11 @@ class TrainConfig:
     sample_cfg_scale: float = 4.0  # guidance of the periodic sample grids (appendix F visualises at 4.2)
     sample_count: int = 8
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS} "
+                             "(bf16: autocast; fp16 training is not supported)")
+
 
 # Defaults per task, applied before a YAML file and overrides (appendix F for DiT; LlamaGen for AR).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -109,11 +117,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    origin = getattr(tp, "__origin__", None)
-    if value is not None and origin is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -134,7 +137,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
                 raise ValueError(f"unknown config key {key!r}: {type(obj).__name__} has no field {part!r} (fields: {sorted(names)})")
             if last:
                 hints = get_type_hints(type(obj))
-                setattr(obj, part, _coerce(hints[part], value))
+                setattr(obj, part, coerce_value(key, hints[part], value))
             else:
                 child = getattr(obj, part)
                 child = copy.copy(child)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "all_reduce_mean", "barrier", "is_fsdp"]
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "barrier", "is_fsdp"]
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity in a world of one)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
 def is_fsdp(module: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -87,9 +78,16 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    from ..nn.vit import Block
-
-    return [m for m in model.modules() if isinstance(m, Block)]
+    """The transformer blocks of ``model``: the entries of every ``nn.ModuleList`` named ``blocks``
+    (the ViT stacks of the tokenizers, DiT, GPT), outermost lists only."""
+    found: list[str] = []
+    blocks: list[nn.Module] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks" and \
+                not any(name.startswith(f + ".") for f in found):
+            found += [f"{name}.{i}" for i in range(len(m))]
+            blocks += list(m)
+    return blocks
 
 
 def wrap_model(
@@ -100,14 +98,24 @@ def wrap_model(
     compile: bool = False,
     grad_checkpointing: bool = False,
     bf16: bool = False,
+    need_blocks: bool = True,
 ) -> nn.Module:
-    """Apply checkpointing, compile and DDP/FSDP2 to ``model`` (already on ``info.device``)."""
+    """Apply checkpointing, compile and DDP/FSDP2 to ``model`` (already on ``info.device``).
+
+    ``compile`` compiles each transformer block and FSDP2 shards each block, then the root.
+    ``need_blocks=False`` lets a small module without blocks (a discriminator) be sharded as one
+    unit and left uncompiled; otherwise a model without blocks is a ValueError.
+    """
     if grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
         model.set_grad_checkpointing(True)
+    blocks = _blocks(model)
+    if need_blocks and not blocks and (compile or (fsdp and info.distributed)):
+        raise ValueError(f"{type(model).__name__} has no `blocks` nn.ModuleList: compile / fsdp work per block; "
+                         "turn them off for this model")
     if compile:
-        for blk in _blocks(model):
+        for blk in blocks:
             blk.compile()
     if not info.distributed:
         return model
@@ -117,7 +125,7 @@ def wrap_model(
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for blk in _blocks(model):
+        for blk in blocks:
             fully_shard(blk, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model

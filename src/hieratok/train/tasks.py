@@ -23,6 +23,7 @@ from torch import nn
 from ..losses.reconstruction import MultiScaleReconstructionLoss
 from ..tokenizers import HieraTok
 from .config import TrainConfig
+from .parallel import unwrap
 
 __all__ = ["Phase", "Task", "TokenizerTask", "DiTTask", "ARTask", "build_task"]
 
@@ -67,10 +68,16 @@ class Task:
 
     cfg: TrainConfig
     modules: dict[str, nn.Module]
+    visualize_runs_model = False  # whether ``visualize`` runs the trained model (not possible on one rank under FSDP)
 
     def frozen_modules(self) -> list[nn.Module]:
         """Non-trained modules that must follow the model to its device."""
         return []
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Non-trained modules with state (buffers) that a checkpoint saves as ``<key>.safetensors``
+        and resume restores; they must also be among :meth:`frozen_modules`."""
+        return {}
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
@@ -98,8 +105,9 @@ class TokenizerTask(Task):
             from ..losses.perceptual import build_perceptual
 
             perceptual, perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
-        if cfg.init_from:
-            model = HieraTok.from_pretrained(cfg.init_from, **{k: v for k, v in cfg.model.items() if k in ("attn_backend", "decoder_drop_path", "encoder_drop_path")})
+        if cfg.init_from:  # the saved config replaces the preset; a model.* key that changes weights is an error
+            log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
+            model = HieraTok.from_pretrained(cfg.init_from, **cfg.model)
         else:
             model = HieraTok.from_preset(cfg.preset, **cfg.model)
         self.model_config = model.config
@@ -126,7 +134,11 @@ class TokenizerTask(Task):
         return self.model_config.image_size
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.loss, self.vf_encoder) if m is not None]
+        return [m for m in (self.loss, self.vf_encoder, *self.state_modules().values()) if m is not None]
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """The LeCam logit averages (rank 0's are saved; every rank resumes from them)."""
+        return {"lecam": self.gan.lecam} if self.gan is not None and self.gan.lecam is not None else {}
 
     def build_dataset(self, rank: int, world_size: int) -> Any:
         from ..data import build_dataset
@@ -165,7 +177,7 @@ class TokenizerTask(Task):
         recs = out["reconstructions"]
         logs = self.loss(x, recs, out["posterior"])
         ctx.setdefault("recs", []).append([r.detach() for r in recs])
-        model = mods["model"].module if hasattr(mods["model"], "module") else mods["model"]
+        model = unwrap(mods["model"])
         if self.gan is not None:
             disc = self.gan.discriminator
             disc.requires_grad_(False)  # the generator term must not leave gradients in the discriminator
@@ -209,8 +221,24 @@ def _sample_decoder(cfg: TrainConfig, meta: dict[str, Any]) -> Optional[Callable
     return tok.decode_latents_or_codes
 
 
+class _Forward:
+    """A wrapped (DDP) model seen by the generator loss functions: calls go through the wrapper, so
+    gradients are all-reduced, and attributes (``config``, ``normalizer``) come from the model inside."""
+
+    def __init__(self, wrapped: nn.Module) -> None:
+        self._wrapped, self._model = wrapped, unwrap(wrapped)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 class _CachedTask(Task):
     """Shared by the generator tasks: data from a latent/code cache made by ``hieratok cache-latents``."""
+
+    visualize_runs_model = True
 
     def __init__(self, cfg: TrainConfig) -> None:
         from ..data.latent_cache import read_cache_meta
@@ -247,7 +275,6 @@ class _CachedTask(Task):
                   out_dir: Path, step: int) -> None:
         """A grid of class-conditional samples (fixed seed and labels), decoded by the tokenizer."""
         from ..report import save_samples_grid
-        from .parallel import unwrap
 
         decode = self._decode()
         if decode is None:
@@ -284,7 +311,7 @@ class DiTTask(_CachedTask):
         from ..generators import training_loss
 
         z, y = batch
-        return training_loss(mods["model"], self.objective, z.float(), y.long())
+        return training_loss(_Forward(mods["model"]), self.objective, z.float(), y.long())
 
     def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..generators import sample_latents
@@ -297,15 +324,14 @@ class ARTask(_CachedTask):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        from ..generators.har import ar_layout, har_layout
+        from ..generators.har import ARObjective
         from ..generators.llamagen import GPT, gpt_config
 
         if self.meta.get("kind") != "codes":
             raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, an AR generator needs codes")
         (N,) = self.meta["shape"]
-        opts = {"layout": "har", "num_ar_tokens": 4, **cfg.objective}
-        self.layout = har_layout(N, opts["num_ar_tokens"]) if opts["layout"] == "har" else ar_layout(N)
-        self.sampling = {k: opts[k] for k in ("top_k", "top_p", "temperature", "cfg_schedule") if k in opts}
+        obj = ARObjective.from_dict(cfg.objective)
+        self.layout, self.sampling = obj.sequence_layout(N), obj.sampling_kwargs()
         over = {"num_classes": self.meta["num_labels"], **({"vocab_size": self.meta["codebook_size"]}
                                                          if "codebook_size" in self.meta else {}), **cfg.model}
         self.modules = {"model": GPT(gpt_config(cfg.preset, **over))}
@@ -315,7 +341,7 @@ class ARTask(_CachedTask):
         from ..generators.har import sequence_loss
 
         codes, y = batch
-        return {"loss": sequence_loss(mods["model"], codes.long(), y.long(), self.layout)}
+        return {"loss": sequence_loss(_Forward(mods["model"]), codes.long(), y.long(), self.layout)}
 
     def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..generators.har import sample_layout

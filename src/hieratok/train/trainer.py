@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN/inf loss."""
+    """Too many consecutive steps had a NaN/inf loss or gradient norm."""
 
 
 def lr_at(step: int, total: int, base: float, end: float, warmup_ratio: float) -> float:
@@ -47,18 +47,42 @@ def lr_at(step: int, total: int, base: float, end: float, warmup_ratio: float) -
     return end + 0.5 * (base - end) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-class _Logger:
-    """CSV + TensorBoard (+ optional wandb) on the main rank."""
+def _structure(c: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a (saved) training config that decide which modules, state and optimizers a
+    run has: a checkpoint resumes only into a run that agrees on all of them."""
+    g, v = c.get("gan", {}), c.get("vf", {})
+    out = {"task": c.get("task"), "gan.weight > 0": g.get("weight", 0) > 0, "vf.weight > 0": v.get("weight", 0) > 0}
+    if out["gan.weight > 0"]:
+        out.update({f"gan.{k}": g.get(k) for k in ("discriminator", "in_channels", "ndf", "n_layers", "norm", "num_groups")})
+        out["gan.lecam_weight > 0"] = g.get("lecam_weight", 0) > 0
+    if out["vf.weight > 0"]:
+        out["vf.encoder"] = v.get("encoder")
+    return out
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
+
+class _Logger:
+    """CSV + TensorBoard (+ optional wandb) on the main rank.
+
+    ``metrics.csv`` keeps the rows up to ``step`` (the step the run starts or resumes from): rows a
+    killed run logged after its last checkpoint are dropped, as the resumed run logs those steps again.
+    """
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool, step: int = 0) -> None:
         self.main, self.path = main, run_dir / "metrics.csv"
         self.fields: Optional[list[str]] = None
         self.tb = self.wandb = None
         if not main:
             return
         if self.path.exists():
-            with open(self.path) as f:
-                self.fields = next(csv.reader(f), None)
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields, rows = reader.fieldnames, list(reader)
+            keep = [r for r in rows if float(r["step"]) <= step]
+            if len(keep) < len(rows):
+                with open(self.path, "w", newline="") as f:
+                    w = csv.DictWriter(f, self.fields or ["step"], restval="")
+                    w.writeheader()
+                    w.writerows(keep)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -125,13 +149,18 @@ class Trainer:
         self.phases: list[Phase] = self.task.phases()
         self.wrapped: dict[str, nn.Module] = {
             k: wrap_model(m, self.dist, fsdp=cfg.fsdp, compile=cfg.compile,
-                          grad_checkpointing=cfg.grad_checkpointing and k == "model", bf16=self.bf16)
+                          grad_checkpointing=cfg.grad_checkpointing and k == "model", bf16=self.bf16,
+                          need_blocks=k == "model")
             for k, m in self.raw.items()
         }
         self.optims = {ph.name: torch.optim.AdamW(param_groups([self.wrapped[k] for k in ph.modules], ph.weight_decay),
                                                   lr=ph.lr, betas=tuple(ph.betas), fused=not cfg.fsdp)
                        for ph in self.phases}
         self.ema = EMA(unwrap(self.wrapped["model"]), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # rank 0 alone cannot run a sharded model (the other ranks would never join its all-gathers)
+        self.grids = not (self.task.visualize_runs_model and is_fsdp(self.wrapped["model"]))
+        if not self.grids and cfg.image_every > 0 and self.dist.is_main:
+            log.warning("sample grids are off under FSDP (sampling the sharded model on rank 0 alone would hang)")
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # different noise (posterior, drop-path) per rank
         self.step = 0
         self.epoch = 0
@@ -144,7 +173,6 @@ class Trainer:
     def _build_data(self) -> None:
         c = self.cfg
         self.dataset = self.task.build_dataset(self.dist.rank, self.dist.world_size)
-        self.micro_batch = c.batch_size
         per_step = c.batch_size * c.optim.grad_accum
         if isinstance(self.dataset, IterableDataset):
             self.sampler = None
@@ -170,15 +198,22 @@ class Trainer:
         return iter(dl)
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        """The next (local) batch, a tuple of tensors on the device; a new epoch starts when the data runs out."""
-        for _ in range(1000):
+        """The next (local) batch, a tuple of tensors on the device; a new epoch starts when the data
+        runs out. A ValueError when two epochs in a row give no full batch (one may be empty
+        legitimately: a run resumed exactly at the end of an epoch)."""
+        empty = 0  # consecutive epochs without a batch
+        usable = True  # the current epoch gave a batch (an epoch already under way counts as one)
+        while True:
             if self._iter is None:
-                self._iter = self._loader()
+                self._iter, usable = self._loader(), False
             try:
                 batch = next(self._iter)
             except StopIteration:
                 self._iter = None
                 self.epoch += 1
+                empty = 0 if usable else empty + 1
+                if empty >= 2:
+                    raise ValueError(self._no_batch_message()) from None
                 continue
             if batch is None:  # every image of the batch was unreadable
                 continue
@@ -186,7 +221,12 @@ class Trainer:
                 self.sampler.advance(self.cfg.batch_size * self.cfg.optim.grad_accum)  # local count
             batch = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
             return tuple(t.to(self.dist.device, non_blocking=True) for t in batch)
-        raise RuntimeError("the data source yields no readable images")
+
+    def _no_batch_message(self) -> str:
+        per_step = self.cfg.batch_size * self.cfg.optim.grad_accum
+        n = f"{len(self.dataset)} images" if hasattr(self.dataset, "__len__") else "the images"
+        return (f"{self.cfg.data.path or 'the embedded photos'}: {n} per epoch on this rank (unreadable ones skipped) "
+                f"give no full batch of {per_step} (batch_size x optim.grad_accum): add images or lower batch_size")
 
     # ---- the update ---------------------------------------------------------------------------
     @staticmethod
@@ -207,20 +247,24 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One optimiser update of every phase on ``batch``; returns detached logs and the step's context."""
+        """One optimiser update of every phase on ``batch``; returns detached logs and the step's context.
+
+        Every active phase computes its loss and gradients first; the step is applied only if every
+        loss and every gradient norm is finite on every rank, otherwise no phase steps and the logs
+        hold ``skipped`` (the step is atomic: a failing discriminator phase does not leave a
+        generator update behind). Gradients are clipped to ``optim.grad_clip`` (0: norm only).
+        """
         c = self.cfg
-        logs: dict[str, torch.Tensor] = {}
         ctx: dict[str, Any] = {}
         micro = list(zip(*(t.split(c.batch_size) for t in batch)))
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        pending: list[tuple[Phase, torch.optim.Optimizer, dict[str, torch.Tensor]]] = []
+        finite = True
         for ph in self.phases:
             if not ph.active(self.step):
                 continue
             modules, opt = [self.wrapped[k] for k in ph.modules], self.optims[ph.name]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(self.step, c.steps, ph.lr, ph.end_lr, ph.warmup_ratio)
             opt.zero_grad(set_to_none=True)
-            finite = True
             sums: dict[str, torch.Tensor] = {}
             for i, mb in enumerate(micro):
                 with self._sync_ctx(modules, i == len(micro) - 1), autocast:
@@ -230,14 +274,19 @@ class Trainer:
                 (loss / len(micro)).backward()
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
-            if not self._all_finite(finite):
+            params = [p for m in modules for p in m.parameters() if p.grad is not None]
+            gn = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf)
+            sums["grad_norm"] = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            finite &= bool(torch.isfinite(sums["grad_norm"]).item())  # a finite loss can still give NaN gradients
+            pending.append((ph, opt, sums))
+        if not self._all_finite(finite):
+            for _, opt, _ in pending:
                 opt.zero_grad(set_to_none=True)
-                logs["skipped"] = torch.ones(())
-                return logs, ctx
-            if c.optim.grad_clip > 0:
-                params = [p for m in modules for p in m.parameters() if p.grad is not None]
-                gn = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)
-                sums["grad_norm"] = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            return {"skipped": torch.ones(())}, ctx
+        logs: dict[str, torch.Tensor] = {}
+        for ph, opt, sums in pending:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(self.step, c.steps, ph.lr, ph.end_lr, ph.warmup_ratio)
             opt.step()
             logs.update({(k if ph.name == "g" else f"{ph.name}_{k}"): v for k, v in sums.items()})
             logs[f"lr_{ph.name}" if ph.name != "g" else "lr"] = torch.tensor(opt.param_groups[0]["lr"])
@@ -252,6 +301,8 @@ class Trainer:
         extra = {k: full_state_dict(m if is_fsdp(m) else unwrap(m)) for k, m in self.wrapped.items() if k != "model"}
         if self.ema is not None:
             extra["ema"] = self.ema.full_state_dict(unwrap(self.wrapped["model"]))
+        for k, m in self.task.state_modules().items():
+            extra[k] = {n: t.detach().cpu().contiguous() for n, t in m.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         tensors, groups = {}, {}
@@ -314,6 +365,11 @@ class Trainer:
         diff = architecture_diff(saved, model.config)
         if diff:
             raise ValueError(f"{ckpt} is from another model configuration: {diff}")
+        was, now = _structure(state.get("train_config", {})), _structure(config_dict(self.cfg))
+        changed = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        if changed:
+            raise ValueError(f"{ckpt} was trained with other modules ({'; '.join(changed)}): resume with its settings, "
+                             "or start a new run with init_from=<checkpoint> (e.g. stage 2 from stage 1)")
         target = self.wrapped["model"] if is_fsdp(self.wrapped["model"]) else unwrap(self.wrapped["model"])
         load_full_state_dict(target, load_file(str(Path(ckpt) / WEIGHTS_NAME)))
         for k, m in self.wrapped.items():
@@ -323,9 +379,14 @@ class Trainer:
             osd = unflatten_optim(ph.name, tensors, state["optim_groups"][ph.name])
             set_optimizer_state_dict(self._phase_container(ph), self.optims[ph.name], osd,
                                      options=StateDictOptions(full_state_dict=True))
+        for k, m in self.task.state_modules().items():
+            m.load_state_dict(load_file(str(Path(ckpt) / f"{k}.safetensors")))
         if self.ema is not None and (Path(ckpt) / "ema.safetensors").is_file():
             self.ema.load_full_state_dict(unwrap(self.wrapped["model"]), load_file(str(Path(ckpt) / "ema.safetensors")),
                                           state["ema_updates"])
+        elif self.ema is not None:
+            log.info("%s has no EMA weights: the EMA starts from its model weights", ckpt)
+            self.ema = EMA(unwrap(self.wrapped["model"]), self.cfg.ema_decay)
         self.step, self.epoch = state["step"], state["epoch"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         if self.sampler is not None and state.get("sampler"):
@@ -339,7 +400,7 @@ class Trainer:
 
     # ---- images -------------------------------------------------------------------------------
     def _save_images(self, batch: tuple[torch.Tensor, ...], ctx: dict[str, Any]) -> None:
-        if not self.dist.is_main:
+        if not self.dist.is_main or not self.grids:
             return
         out = self.run_dir / "images"
         out.mkdir(exist_ok=True)
@@ -362,7 +423,7 @@ class Trainer:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
         if self.dist.is_main:
             (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config_dict(c), sort_keys=False))
-        logger = _Logger(self.run_dir, c, self.dist.is_main)
+        logger = _Logger(self.run_dir, c, self.dist.is_main, self.step)
         end = c.steps if max_steps is None else min(c.steps, self.step + max_steps)
         bar = None
         if self.dist.is_main and c.progress:
@@ -380,13 +441,13 @@ class Trainer:
                 if "skipped" in logs:
                     self.nonfinite_total += 1
                     self.nonfinite_run += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row, %d total)",
+                    log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row, %d total)",
                                 self.step, self.nonfinite_run, self.nonfinite_total)
-                    if self.nonfinite_run >= c.max_nonfinite:
-                        self.save()
+                    if self.nonfinite_run >= c.max_nonfinite:  # no save: the last periodic checkpoint stays the latest
                         raise NonFiniteLossError(
-                            f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}: stopping "
-                            f"(checkpoint saved in {self.run_dir / 'checkpoints'}); lower optim.lr or check the data")
+                            f"{self.nonfinite_run} consecutive non-finite losses or gradients at step {self.step}: "
+                            f"stopping (resume from the last checkpoint in {self.run_dir / 'checkpoints'}); "
+                            "lower optim.lr or check the data")
                     continue
                 self.nonfinite_run = 0
                 self.step += 1

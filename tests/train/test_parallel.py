@@ -1,0 +1,29 @@
+"""Model wrapping: the per-block units that compile and FSDP2 work on."""
+
+import pytest
+import torch
+from torch import nn
+
+from hieratok import HieraTok
+from hieratok.generators import DiT, build_dit_config
+from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.train.parallel import DistInfo, _blocks, wrap_model
+
+ONE = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("build, depth, kind", [
+    (lambda: DiT(build_dit_config("dit-tiny")), 4, "DiTBlock"),
+    (lambda: GPT(gpt_config("gpt-tiny")), 2, "GPTBlock"),
+    (lambda: HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=2), 3, "Block"),
+])
+def test_blocks_of_every_model_family(build, depth, kind):
+    blocks = _blocks(build())
+    assert len(blocks) == depth and {type(b).__name__ for b in blocks} == {kind}
+
+
+def test_compile_of_a_model_without_blocks_is_an_error():
+    with pytest.raises(ValueError, match="no `blocks`"):
+        wrap_model(nn.Linear(2, 2), ONE, compile=True)
+    m = nn.Linear(2, 2)  # a discriminator-like module may opt out
+    assert wrap_model(m, ONE, compile=True, need_blocks=False) is m
