@@ -333,3 +333,30 @@ def test_cli_train_on_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "progress=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "empty" in err
+
+
+def test_restok_task_trains_with_its_gan_phase_resumes_and_loads(tmp_path):
+    from hieratok.tokenizers.loading import load_any_tokenizer
+
+    over = {"progress": False, "tensorboard": False, "image_every": 0, "log_every": 1, "batch_size": 2,
+            "data.samples_per_epoch": 8, "loss.perceptual": 0.0, "gan.weight": 0.5, "gan.start_step": 1,
+            "gan.ndf": 8, "steps": 3, "ckpt_every": 2}
+    cfg = load_config(overrides={"task": "restok", "out_dir": str(tmp_path / "run"), **over})
+    t = Trainer(cfg)
+    model = t.raw["model"]
+    assert model.config.encoder_alignment is False and model.encoder_align is None  # no foundation features
+    hist = t.fit(max_steps=2)
+    h0, h1 = hist[0], hist[1]
+    # the release's objective: MSE of [0, 1] images + codebook + beta * commitment (no perceptual, no GAN yet)
+    assert h0["loss"] == pytest.approx(h0["l2"] + h0["vq"], rel=1e-5)
+    assert h0["vq"] == pytest.approx(h0["codebook"] + 0.25 * h0["commitment"], rel=1e-5)
+    assert "d_d_loss" not in h0 and "d_d_loss" in h1 and "g_loss" in h1
+    t2 = Trainer(cfg)
+    t2.fit(resume="auto")
+    assert t2.step == 3
+    tok = load_any_tokenizer(tmp_path / "run")
+    assert tok.kind == "restok" and tok.info["weights"] == "ema"
+    x = torch.rand(2, 3, model.config.image_size, model.config.image_size) * 2 - 1
+    codes = tok.encode_for_cache(x)
+    assert codes.shape == (2, model.config.num_latent_tokens)
+    assert tok.decode_latents_or_codes(codes).shape == x.shape

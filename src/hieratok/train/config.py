@@ -107,6 +107,9 @@ class TrainConfig:
 # Defaults per task, applied before a YAML file and overrides (appendix F for DiT; LlamaGen for AR).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "tokenizer": {},
+    # the release (RESTOK notes): AdamW 1e-4, betas (0.9, 0.95), wd 1e-4, cosine to 1e-5, EMA 0.9999, LPIPS 1.0
+    "restok": {"preset": "restok-tiny", "out_dir": "runs/restok", "optim.lr": 1e-4, "optim.end_lr": 1e-5,
+               "optim.betas": (0.9, 0.95), "optim.weight_decay": 1e-4, "ema_decay": 0.9999},
     "dit": {"preset": "dit-xl", "optim.lr": 1e-4, "optim.end_lr": 1e-4, "optim.warmup_ratio": 0.0,
             "optim.betas": (0.9, 0.999), "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "ema_decay": 0.9999,
             "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/dit", "image_every": 5000},

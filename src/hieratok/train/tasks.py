@@ -6,6 +6,7 @@ with ``loss``. Batches are tuples of tensors (images or latents or codes, labels
 
 - :class:`TokenizerTask`: HieraTok, stage 1 (one phase) or stage 2 (a discriminator phase with
   its own optimizer; optional VA-VAE alignment).
+- :class:`ResTokTask`: ResTok with the release's objective (and optionally its GAN phase).
 - :class:`DiTTask`: a DiT on cached tokenizer latents (diffusion or flow matching).
 - :class:`ARTask`: a LlamaGen GPT on cached codes, next-hierarchy (HAR) or next-token layout.
 """
@@ -25,7 +26,7 @@ from ..tokenizers import HieraTok
 from .config import TrainConfig
 from .parallel import unwrap
 
-__all__ = ["Phase", "Task", "TokenizerTask", "DiTTask", "ARTask", "build_task"]
+__all__ = ["Phase", "Task", "TokenizerTask", "ResTokTask", "DiTTask", "ARTask", "build_task"]
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,60 @@ class TokenizerTask(Task):
         return {"loss": loss, **logs}
 
 
+class ResTokTask(TokenizerTask):
+    """ResTok: the release's objective (MSE of [0, 1] images, perceptual, VQ codebook + commitment;
+    nested dropout in the model), optionally the GAN phase (``gan.*``; the release's settings are
+    :func:`hieratok.losses.restok_gan_config`). The foundation-model alignment terms need features
+    the CLI does not compute yet: the model is built without its alignment heads (``model.*``
+    overrides can add them for training from Python with :class:`hieratok.losses.ResTokLoss`)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from ..losses.restok import ResTokLoss, ResTokLossConfig
+        from ..tokenizers.restok import ResTok
+
+        if cfg.vf.weight > 0:
+            raise ValueError("task 'restok' has no foundation-feature alignment in the CLI yet: set vf.weight=0")
+        self.cfg = cfg
+        perceptual, self.perceptual_name = None, "none"
+        if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
+            from ..losses.perceptual import build_perceptual
+
+            perceptual, self.perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
+        kw = {"encoder_alignment": False, "decoder_alignment": False, **cfg.model}
+        if cfg.init_from:
+            log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
+            model = ResTok.from_pretrained(cfg.init_from, **cfg.model)
+        else:
+            model = ResTok.from_preset(cfg.preset, **kw)
+        self.model_config = model.config
+        self.modules: dict[str, nn.Module] = {"model": model}
+        self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual), perceptual)
+        self.gan = self.vf = self.vf_encoder = None
+        if cfg.gan.weight > 0:
+            from ..losses.gan import GANLoss
+
+            self.gan = GANLoss(cfg.gan)
+            self.modules["disc"] = self.gan.discriminator
+
+    def generator_loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
+                       step: int) -> dict[str, torch.Tensor]:
+        """ResTok's reconstruction + perceptual + VQ loss (+ GAN generator term)."""
+        x = batch[0]
+        out = mods["model"](x)
+        rec = out["reconstructions"]
+        logs = self.loss(x, out, step)
+        ctx.setdefault("recs", []).append([rec.detach()])
+        if self.gan is not None:
+            disc = self.gan.discriminator
+            disc.requires_grad_(False)
+            g, glogs = self.gan.generator_loss([rec], step, rec_loss=logs["loss"],
+                                               last_layer=unwrap(mods["model"]).pixel_decoder.conv_out.weight)
+            disc.requires_grad_(True)
+            logs["loss"] = logs["loss"] + g
+            logs.update(glogs)
+        return logs
+
+
 def _sample_decoder(cfg: TrainConfig, meta: dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The tokenizer decoder for sample grids (from the config or the cache's record), or None."""
     path = cfg.tokenizer or meta.get("tokenizer")
@@ -352,7 +407,7 @@ class ARTask(_CachedTask):
 
 def build_task(cfg: TrainConfig) -> Task:
     """The task a config names."""
-    tasks = {"tokenizer": TokenizerTask, "dit": DiTTask, "ar": ARTask}
+    tasks = {"tokenizer": TokenizerTask, "restok": ResTokTask, "dit": DiTTask, "ar": ARTask}
     if cfg.task not in tasks:
         raise ValueError(f"task {cfg.task!r} is not one of {sorted(tasks)}")
     return tasks[cfg.task](cfg)
