@@ -8,7 +8,6 @@ convention) and are taken from our model. A one-off run against the official mod
 """
 
 import dataclasses
-import pickle
 
 import pytest
 import torch
@@ -175,12 +174,13 @@ def test_file_formats(tiny, tmp_path):
 
 
 class _Payload:
-    pass
+    def __reduce__(self):  # unpickling this would run code: weights_only refuses it
+        return (print, ("payload ran",))
 
 
 def test_pickles_are_read_weights_only(tiny, tmp_path):
     torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil.pt is not a readable checkpoint \(UnpicklingError"):
         convert_restok_checkpoint(tmp_path / "evil.pt")
 
 
@@ -195,3 +195,24 @@ def test_incomplete_checkpoint_names_every_absent_key(tiny):
         with pytest.raises(ValueError, match="missing") as e:
             fn(broken, **TINY_OVERRIDES)
         assert all(k in str(e.value) for k in gone), fn.__name__
+
+
+def test_checkpoint_files_are_read_alike_for_both_converters(tmp_path):
+    from hieratok.convert import load_official_state_dict
+
+    sd = {"a.weight": torch.ones(2, 3)}
+    for i, wrapper in enumerate(("model", "state_dict", "module", "ema")):
+        torch.save({wrapper: sd, "step": 7}, tmp_path / f"c{i}.pt")
+        assert torch.equal(load_official_state_dict(tmp_path / f"c{i}.pt")["a.weight"], sd["a.weight"])
+    d = tmp_path / "hub"
+    d.mkdir()
+    torch.save(sd, d / "pytorch_model.bin")
+    assert set(load_official_state_dict(d)) == {"a.weight"}
+    (tmp_path / "bad.pt").write_bytes(b"\x80not a pickle")
+    with pytest.raises(ValueError, match="bad.pt is not a readable checkpoint"):
+        load_official_state_dict(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_official_state_dict(tmp_path / "missing.pt")
+    torch.save({"model": {"x": 1}}, tmp_path / "notensors.pt")
+    with pytest.raises(ValueError, match="not a state dict of tensors"):
+        load_official_state_dict(tmp_path / "notensors.pt")

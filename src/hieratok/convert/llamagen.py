@@ -36,6 +36,7 @@ import torch
 from ..generators.har import har_layout
 from ..generators.llamagen import GPT, GPTConfig, swiglu_hidden_dim
 from ..hub import meta_shapes, state_dict_problems
+from .checkpoints import checkpoint_file, load_official_state_dict, unwrap_state_dict
 
 __all__ = ["llamagen_key_map", "convert_llamagen_state_dict", "to_official_gpt_state_dict",
            "gpt_config_from_official", "infer_gpt_config", "load_llamagen_gpt"]
@@ -71,10 +72,7 @@ def llamagen_key_map(config: GPTConfig) -> dict[str, str]:
 
 def _unwrap(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Take the weights out of a training checkpoint (``{"model": ...}`` etc.) and strip prefixes."""
-    for key in ("model", "state_dict", "module", "ema"):
-        if key in sd and isinstance(sd[key], Mapping):
-            sd = sd[key]
-            break
+    sd = unwrap_state_dict(sd)
     out = {}
     for k, v in sd.items():
         for p in _PREFIXES:
@@ -156,14 +154,6 @@ def infer_gpt_config(state_dict: Mapping[str, Any], head_dim: int = 64, **overri
     return GPTConfig(**{**fields, **overrides})
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
 def load_llamagen_gpt(path: str | Path, config: Optional[GPTConfig] = None, **overrides: Any) -> GPT:
     """Build a :class:`GPT` from an official checkpoint file or Hub-style directory.
 
@@ -183,13 +173,8 @@ def load_llamagen_gpt(path: str | Path, config: Optional[GPTConfig] = None, **ov
         if (p / "config.json").is_file():
             official_cfg = json.loads((p / "config.json").read_text())
             official_cfg = official_cfg.get("config", official_cfg)  # hub mixins may nest it
-        files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()]
-        if not files:
-            raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin")
-        p = files[0]
-    elif not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint file or directory")
-    sd = _read_weights(p)
+    p = checkpoint_file(p)
+    sd = load_official_state_dict(p)
     if config is None:
         config = gpt_config_from_official(official_cfg, **overrides) if official_cfg and "dim" in official_cfg \
             else infer_gpt_config(sd, **overrides)

@@ -40,13 +40,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from ..hub import meta_shapes, state_dict_problems
 from ..tokenizers.restok import ResTok, ResTokConfig, build_restok_config
+from .checkpoints import load_official_state_dict
 
 __all__ = [
     "KEY_MAP", "load_official_state_dict", "convert_restok_checkpoint", "to_official_state_dict",
@@ -108,36 +108,6 @@ _BACKWARD = [(_compile(b), a, op) for a, b, op in KEY_MAP]
 # --------------------------------------------------------------------------------------------
 # loading files
 # --------------------------------------------------------------------------------------------
-
-
-def load_official_state_dict(path: Union[str, os.PathLike]) -> StateDict:
-    """Read a checkpoint file (``.safetensors``, or a torch pickle ``.bin``/``.pt``/``.pth`` read with
-    ``weights_only=True``) or a directory holding ``model.safetensors`` / ``pytorch_model.bin``.
-
-    A pickle holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(p), device="cpu")
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
-                sd = sd[wrapper]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{p}: not a state dict of tensors")
-    return dict(sd)
 
 
 def _clean(sd: Mapping[str, torch.Tensor]) -> StateDict:
