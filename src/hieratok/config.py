@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 __all__ = ["config_from_dict", "config_to_dict", "architecture_diff", "runtime_field", "require_positive_ints",
-           "coerce_value"]
+           "coerce_value", "settings_diff"]
 
 T = TypeVar("T")
 
@@ -98,6 +99,14 @@ def architecture_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
         if (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):
             out[f.name] = (va, vb)
     return out
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"key: old -> new"`` for every key (outside ``ignore``) whose value differs between two
+    settings records, compared as JSON stores them (tuples are lists); empty when they agree."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if k not in ignore and old.get(k) != new.get(k)]
 
 
 def require_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:

@@ -21,6 +21,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .config import settings_diff
+from .hub import read_json, write_atomic
+
 __all__ = ["cache_latents", "load_generator", "sample_to_folder", "write_npz", "evaluate_generation"]
 
 log = logging.getLogger(__name__)
@@ -91,7 +94,7 @@ def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.de
     """A trained DiT or GPT (EMA weights when present) and its training config (objective, tokenizer)."""
     from .evaluate.checkpoints import resolve_model_dir
     from .generators import DiT, GPT
-    from .hub import EMA_NAME, load_ema_weights, model_type_of, read_json
+    from .hub import EMA_NAME, load_ema_weights, model_type_of
 
     d = resolve_model_dir(path)
     kind = model_type_of(d)
@@ -148,7 +151,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     if all_scales:
         (out_dir / "pyramids").mkdir(exist_ok=True)
     if rank == 0:
-        _write_atomic(out_dir / "sampling.json", lambda p: p.write_text(json.dumps(settings, indent=2)))
+        write_atomic(out_dir / "sampling.json", lambda p: p.write_text(json.dumps(settings, indent=2)))
     barrier()
     num_classes = model.config.num_classes
     batches = [b for b in range((num + batch_size - 1) // batch_size) if b % world == rank]
@@ -181,7 +184,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
             imgs = tok.decode_latents_or_codes(z)
         for j, i in enumerate(idx):  # atomic: a killed run never leaves a truncated PNG that counts as done
             img = tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu())
-            _write_atomic(out_dir / "images" / f"{i:06d}.png", lambda p: img.save(p, format="PNG"))
+            write_atomic(out_dir / "images" / f"{i:06d}.png", lambda p: img.save(p, format="PNG"))
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
@@ -192,13 +195,6 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
         write_npz(out_dir / "images", npz, num, labels=[i % num_classes for i in range(num)])
     barrier()
     return npz
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:
@@ -214,13 +210,9 @@ def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:
             raise ValueError(f"{out_dir / 'images'} holds PNGs but {path} is missing, so resuming cannot check they "
                              "come from the same generator and settings; sample into an empty folder")
         return
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps(settings))  # tuples -> lists, as stored
-    diff = sorted(k for k in new.keys() | old.keys() if k != "num" and old.get(k) != new.get(k))
+    diff = settings_diff(read_json(path), settings, ignore=("num",))
     if diff:
-        raise ValueError(f"{out_dir} holds samples made with other settings ({', '.join(diff)} differ: "
-                         + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                         + "); sample into another folder")
+        raise ValueError(f"{out_dir} holds samples made with other settings ({'; '.join(diff)}): sample into another folder")
 
 
 def write_npz(folder: Path, path: Path, num: int, labels: Optional[list[int]] = None) -> Path:

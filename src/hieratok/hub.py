@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_model
 from .config import architecture_diff, config_from_dict, config_to_dict
 
 __all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "EMA_NAME", "check_state_dict", "state_dict_problems",
-           "meta_shapes", "read_json", "read_safetensors", "model_type_of", "load_ema_weights"]
+           "meta_shapes", "read_json", "read_safetensors", "model_type_of", "load_ema_weights", "write_atomic"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -49,6 +49,15 @@ def _resolve_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revi
             f"({type(e).__name__}); put {CONFIG_NAME} and {WEIGHTS_NAME} in a folder and pass its path, or "
             f"fetch it beforehand with `huggingface-cli download {path_or_repo}` (nothing is downloaded at run time)"
         ) from None
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``: a killed
+    writer never leaves a truncated ``path`` (the name is per process, so ranks do not collide)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -138,11 +147,8 @@ class PretrainedMixin:
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"model_type": self.model_type, "hieratok_version": __version__, **config_to_dict(self.config)}
-        tmp = d / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, d / CONFIG_NAME)
-        save_model(self, str(d / (WEIGHTS_NAME + ".tmp")))
-        os.replace(d / (WEIGHTS_NAME + ".tmp"), d / WEIGHTS_NAME)
+        write_atomic(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        write_atomic(d / WEIGHTS_NAME, lambda p: save_model(self, str(p)))
         return d
 
     @classmethod

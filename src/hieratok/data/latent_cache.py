@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..config import settings_diff
+from ..hub import read_json, write_atomic
 from .datasets import collate_drop_none
 from .transforms import ten_crop
 
@@ -134,19 +136,15 @@ def write_cache(
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     """Write ``out/cache_plan.json``, or check that the one there is ``plan``."""
     path = out / CACHE_PLAN
-    plan = json.loads(json.dumps(plan))  # as it reads back (tuples -> lists)
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
+        diff = settings_diff(read_json(path), plan)
         if diff:
             raise ValueError(f"{out} holds a cache made with other settings ({'; '.join(diff)}): "
                              "use a new folder, or the settings it was started with to resume it")
         return
     if any(out.glob("shard-*.safetensors")):
         raise ValueError(f"{out} holds shards without a {CACHE_PLAN} (another or an older cache): use a new folder")
-    tmp = out / f".{CACHE_PLAN}.{os.getpid()}"  # every rank writes the same plan; the rename is atomic
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda p: p.write_text(json.dumps(plan, indent=2) + "\n"))  # every rank writes the same plan
 
 
 def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:

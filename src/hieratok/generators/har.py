@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import config_from_dict, require_positive_ints
 from ..nn.masks import block_causal_mask, block_causal_mask_mod
 from .llamagen import GPT
 
@@ -173,8 +174,7 @@ class ARObjective:
     def __post_init__(self) -> None:
         if self.layout not in ("har", "ar"):
             raise ValueError(f"objective.layout {self.layout!r} is not one of ('har', 'ar')")
-        if isinstance(self.num_ar_tokens, bool) or not isinstance(self.num_ar_tokens, int) or self.num_ar_tokens < 1:
-            raise ValueError(f"objective.num_ar_tokens must be an integer >= 1, got {self.num_ar_tokens!r}")
+        require_positive_ints(self, ("num_ar_tokens",))
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"objective.top_k must be an integer >= 0, got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -187,11 +187,7 @@ class ARObjective:
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ARObjective":
         """From a config's ``objective`` dict; an unknown key (a typo) is an error, never ignored."""
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown AR objective key(s) {unknown}; known: {sorted(known)}")
-        return cls(**fields)
+        return config_from_dict(cls, fields)
 
     def sequence_layout(self, num_tokens: int) -> SequenceLayout:
         """The layout of ``num_tokens`` codes (N of the tokenizer / code cache)."""

@@ -100,27 +100,9 @@ class TokenizerTask(Task):
     """HieraTok (or its single-scale twin): multi-scale reconstruction + KL, optionally GAN + VF alignment."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        perceptual, perceptual_name = None, "none"
-        if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
-            from ..losses.perceptual import build_perceptual
-
-            perceptual, perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
-        if cfg.init_from:  # the saved config replaces the preset; a model.* key that changes weights is an error
-            log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
-            model = HieraTok.from_pretrained(cfg.init_from, **cfg.model)
-        else:
-            model = HieraTok.from_preset(cfg.preset, **cfg.model)
-        self.model_config = model.config
-        self.modules: dict[str, nn.Module] = {"model": model}
+        perceptual = self._setup(cfg, HieraTok)
+        model = self.modules["model"]
         self.loss = MultiScaleReconstructionLoss(cfg.loss, len(model.config.scales), perceptual)
-        self.perceptual_name = perceptual_name
-        self.gan = self.vf = self.vf_encoder = None
-        if cfg.gan.weight > 0:
-            from ..losses.gan import GANLoss
-
-            self.gan = GANLoss(cfg.gan)
-            self.modules["disc"] = self.gan.discriminator
         if cfg.vf.weight > 0:
             from ..losses.alignment import VFAlignmentLoss, build_frozen_encoder
 
@@ -129,6 +111,44 @@ class TokenizerTask(Task):
             self.vf = VFAlignmentLoss(feat_dim, model.config.latent_channels, cfg.vf.margin_cos, cfg.vf.margin_dm,
                                       weight=cfg.vf.weight, adaptive=cfg.vf.adaptive)
             self.modules["vf_proj"] = self.vf
+
+    def _setup(self, cfg: TrainConfig, model_cls: Any, **model_defaults: Any) -> Optional[nn.Module]:
+        """The parts both tokenizer tasks share: the model (from ``init_from``, whose saved config
+        replaces the preset and where a ``model.*`` key that changes weights is an error, or from the
+        preset), the GAN's discriminator (``gan.weight > 0``); returns the perceptual module."""
+        self.cfg = cfg
+        perceptual, self.perceptual_name = None, "none"
+        if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
+            from ..losses.perceptual import build_perceptual
+
+            perceptual, self.perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
+        if cfg.init_from:
+            log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
+            model = model_cls.from_pretrained(cfg.init_from, **cfg.model)
+        else:
+            model = model_cls.from_preset(cfg.preset, **{**model_defaults, **cfg.model})
+        self.model_config = model.config
+        self.modules: dict[str, nn.Module] = {"model": model}
+        self.gan = self.vf = self.vf_encoder = None
+        if cfg.gan.weight > 0:
+            from ..losses.gan import GANLoss
+
+            self.gan = GANLoss(cfg.gan)
+            self.modules["disc"] = self.gan.discriminator
+        return perceptual
+
+    def _add_gan_term(self, logs: dict[str, torch.Tensor], recs: list[torch.Tensor], step: int,
+                      last_layer: torch.Tensor, rec_loss: torch.Tensor) -> None:
+        """Add the GAN generator term to ``logs["loss"]`` (and its logs), leaving no gradients in the
+        discriminator."""
+        if self.gan is None:
+            return
+        disc = self.gan.discriminator
+        disc.requires_grad_(False)
+        g, glogs = self.gan.generator_loss(recs, step, rec_loss=rec_loss, last_layer=last_layer)
+        disc.requires_grad_(True)
+        logs["loss"] = logs["loss"] + g
+        logs.update(glogs)
 
     @property
     def image_size(self) -> int:
@@ -179,13 +199,7 @@ class TokenizerTask(Task):
         logs = self.loss(x, recs, out["posterior"])
         ctx.setdefault("recs", []).append([r.detach() for r in recs])
         model = unwrap(mods["model"])
-        if self.gan is not None:
-            disc = self.gan.discriminator
-            disc.requires_grad_(False)  # the generator term must not leave gradients in the discriminator
-            g, glogs = self.gan.generator_loss(recs, step, rec_loss=logs["rec_loss"], last_layer=model.decoder.head.weight)
-            disc.requires_grad_(True)
-            logs["loss"] = logs["loss"] + g
-            logs.update(glogs)
+        self._add_gan_term(logs, recs, step, model.decoder.head.weight, logs["rec_loss"])
         if self.vf is not None:
             with torch.no_grad():
                 feats = self.vf_encoder(x)
@@ -220,27 +234,8 @@ class ResTokTask(TokenizerTask):
 
         if cfg.vf.weight > 0:
             raise ValueError("task 'restok' has no foundation-feature alignment in the CLI yet: set vf.weight=0")
-        self.cfg = cfg
-        perceptual, self.perceptual_name = None, "none"
-        if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
-            from ..losses.perceptual import build_perceptual
-
-            perceptual, self.perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
-        kw = {"encoder_alignment": False, "decoder_alignment": False, **cfg.model}
-        if cfg.init_from:
-            log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
-            model = ResTok.from_pretrained(cfg.init_from, **cfg.model)
-        else:
-            model = ResTok.from_preset(cfg.preset, **kw)
-        self.model_config = model.config
-        self.modules: dict[str, nn.Module] = {"model": model}
+        perceptual = self._setup(cfg, ResTok, encoder_alignment=False, decoder_alignment=False)
         self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual), perceptual)
-        self.gan = self.vf = self.vf_encoder = None
-        if cfg.gan.weight > 0:
-            from ..losses.gan import GANLoss
-
-            self.gan = GANLoss(cfg.gan)
-            self.modules["disc"] = self.gan.discriminator
 
     def generator_loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
                        step: int) -> dict[str, torch.Tensor]:
@@ -250,14 +245,7 @@ class ResTokTask(TokenizerTask):
         rec = out["reconstructions"]
         logs = self.loss(x, out, step)
         ctx.setdefault("recs", []).append([rec.detach()])
-        if self.gan is not None:
-            disc = self.gan.discriminator
-            disc.requires_grad_(False)
-            g, glogs = self.gan.generator_loss([rec], step, rec_loss=logs["loss"],
-                                               last_layer=unwrap(mods["model"]).pixel_decoder.conv_out.weight)
-            disc.requires_grad_(True)
-            logs["loss"] = logs["loss"] + g
-            logs.update(glogs)
+        self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).pixel_decoder.conv_out.weight, logs["loss"])
         return logs
 
 

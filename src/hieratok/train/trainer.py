@@ -360,13 +360,12 @@ class Trainer:
         state, tensors = load_checkpoint_files(ckpt)
         model = unwrap(self.raw["model"])
         saved = model.read_config(ckpt)
-        from ..config import architecture_diff
+        from ..config import architecture_diff, settings_diff
 
         diff = architecture_diff(saved, model.config)
         if diff:
             raise ValueError(f"{ckpt} is from another model configuration: {diff}")
-        was, now = _structure(state.get("train_config", {})), _structure(config_dict(self.cfg))
-        changed = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        changed = settings_diff(_structure(state.get("train_config", {})), _structure(config_dict(self.cfg)))
         if changed:
             raise ValueError(f"{ckpt} was trained with other modules ({'; '.join(changed)}): resume with its settings, "
                              "or start a new run with init_from=<checkpoint> (e.g. stage 2 from stage 1)")
