@@ -40,6 +40,18 @@ def test_architecture_override_names_the_field(tmp_path):
         HieraTok.from_pretrained(tmp_path, scales=(1, 4))
 
 
+def test_fields_a_config_does_not_use_are_not_compared(tmp_path):
+    HieraTok.from_preset("tiny-single", **TINY).save_pretrained(tmp_path / "single")
+    m = HieraTok.from_pretrained(tmp_path / "single", downsample="interp", attention="full", downsample_width=8)
+    assert m.downsampler is None
+    HieraTok.from_preset("tiny", **TINY, downsample="interp").save_pretrained(tmp_path / "interp")
+    HieraTok.from_pretrained(tmp_path / "interp", downsample_width=8)
+    with pytest.raises(ValueError, match="downsample: checkpoint 'interp' vs requested 'conv'"):
+        HieraTok.from_pretrained(tmp_path / "interp", downsample="conv")
+    with pytest.raises(ValueError, match="attention"):
+        HieraTok.from_pretrained(tmp_path / "interp", attention="full")
+
+
 def test_loading_into_other_config_names_the_mismatch(tmp_path):
     HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
     other = HieraTok.from_preset("tiny-single", **TINY)

@@ -90,10 +90,15 @@ def coerce_value(key: str, tp: Any, value: Any) -> Any:
 
 
 def architecture_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
-    """Fields that change the weights and differ between two configs of the same class."""
+    """Fields that change the weights and differ between two configs of the same class.
+
+    A config class may name the fields that play no part in a given config (``unused_fields()``,
+    e.g. the downsampler of a single-scale tokenizer); a field both configs leave unused is skipped.
+    """
+    unused = set(getattr(a, "unused_fields", tuple)()) & set(getattr(b, "unused_fields", tuple)())
     out = {}
     for f in dataclasses.fields(a):
-        if f.metadata.get("runtime"):
+        if f.metadata.get("runtime") or f.name in unused:
             continue
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):

@@ -49,3 +49,14 @@ def test_shards_without_a_plan_are_refused(tmp_path):
     (out / "shard-00000.safetensors").write_bytes(b"old")
     with pytest.raises(ValueError, match="without a cache_plan.json"):
         write_cache(lambda x: x, _items(4), out, progress=False)
+
+
+def test_code_ranges_are_recorded_and_checked_once(tmp_path):
+    items = [(torch.tensor([i, 2 * i]), i % 2) for i in range(5)]
+    write_cache(lambda x: x, items, tmp_path / "c", kind="codes", shard_size=2, progress=False)
+    assert finalize_cache(tmp_path / "c", {"codebook_size": 9})["code_range"] == [0, 8]
+    with pytest.raises(ValueError, match=r"codes span \[0, 8\], outside the codebook \[0, 8\)"):
+        finalize_cache(tmp_path / "c", {"codebook_size": 8})
+    write_cache(lambda x: x, [(torch.tensor([0]), -1)], tmp_path / "n", kind="codes", progress=False)
+    with pytest.raises(ValueError, match="negative class label -1"):
+        finalize_cache(tmp_path / "n", {})

@@ -166,6 +166,10 @@ def test_har_gpt_on_restok_codes(tmp_path):
     x = EmbeddedPhotos("train", 70, length=32, seed=0, hflip=False, short_side=128)[3][0]
     with torch.no_grad():  # the stored centre view (index 4) is the code of the centre 64 x 64 crop
         assert torch.equal(codes[3, 4], tok.encode_indices(ten_crop(x[None], 64)[0, 4:5])[0])
+    assert meta["code_range"] == [int(codes.min()), int(codes.max())]
+    with pytest.raises(ValueError, match=r"do not fit a GPT with vocab_size 100"):  # checked once, before training
+        Trainer(load_config(overrides={**FAST, "task": "ar", "preset": "gpt-tiny", "data.path": str(tmp_path / "codes"),
+                                       "model.vocab_size": 100, "out_dir": str(tmp_path / "bad")}))
     ds = LatentCacheDataset(tmp_path / "codes")
     item, label = ds[3]
     assert item.shape == (32,) and any(torch.equal(item, codes[3, v]) for v in range(10))

@@ -8,7 +8,7 @@ import torch
 from hieratok.generators.llamagen import (
     GPT, GPTConfig, RMSNorm, apply_rope_1d, gpt_config, gpt_preset_names, swiglu_hidden_dim,
 )
-from hieratok.generators.llamagen import rope_angles
+from hieratok.generators.llamagen import check_ids, rope_angles
 
 
 def _tiny(**kw) -> GPT:
@@ -124,11 +124,22 @@ def test_bad_labels_are_clear_errors():
     C = m.config.num_classes
     tok = torch.zeros(2, 3, dtype=torch.long)
     assert m(tok, torch.tensor([0, C])).shape == (2, 4, m.config.vocab_size)  # C: the null class
-    for labels, match in [(torch.tensor([0, C + 1]), r"\[0, %d\]" % C), (torch.tensor([-1, 0]), "lie in"),
+    for labels, match in [(torch.tensor([0, C + 1]), r"\[0, %d\)" % (C + 1)), (torch.tensor([-1, 0]), "lie in"),
                           (torch.tensor([0.0, 1.0]), "integer"), (torch.tensor([True, False]), "integer"),
                           (torch.tensor([0, 1, 2]), r"\(B,\)"), (torch.zeros(2, 1, dtype=torch.long), r"\(B,\)")]:
         with pytest.raises(ValueError, match=match):
             m(tok, labels)
+
+
+def test_id_checks_queue_on_accelerators_instead_of_syncing():
+    # CPU: eager one-line errors. Elsewhere the check is an async device assert, so a training
+    # step reads no values back: on the meta device (no values at all) an eager check would fail.
+    check_ids(torch.tensor([0, 5]), 6, "codes")
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\), got \[0, 5\]"):
+        check_ids(torch.tensor([0, 5]), 5, "codes")
+    with pytest.raises(ValueError, match=r"got \[-1, 0\]"):
+        check_ids(torch.tensor([-1, 0]), 5, "codes")
+    check_ids(torch.empty(2, 3, dtype=torch.long, device="meta"), 5, "codes")
 
 
 def test_class_dropout_uses_the_generator():

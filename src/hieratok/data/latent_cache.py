@@ -159,7 +159,7 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     missing = [s for s in shards if not (out / s).is_file()]
     if missing or not shards:
         raise ValueError(f"{out}: shards missing ({', '.join(missing[:3]) or 'the dataset was empty'}): run the caching again")
-    total, max_label, shape = 0, -1, None
+    total, max_label, shape, code_range = 0, -1, None, None
     s1 = s2 = None
     views = int(meta.get("views", 1))
     for name in shards:
@@ -167,7 +167,12 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
             key = "latents" if "latents" in f.keys() else "codes"
             v, y = f.get_tensor(key), f.get_tensor("labels")
         total += v.shape[0]
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"{out / name}: negative class label {int(y.min())}")
         max_label = max(max_label, int(y.max()))
+        if key == "codes" and v.numel():
+            lo, hi = (int(t) for t in torch.aminmax(v))
+            code_range = [lo, hi] if code_range is None else [min(code_range[0], lo), max(code_range[1], hi)]
         if views > 1:  # (n, views, ...): statistics over every view
             v = v.flatten(0, 1)
         shape = list(v.shape[1:])
@@ -176,6 +181,10 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
             s1 = vd.sum(1) if s1 is None else s1 + vd.sum(1)
             s2 = vd.square().sum(1) if s2 is None else s2 + vd.square().sum(1)
     meta = {**meta, "kind": key, "num": total, "shape": shape, "shards": shards, "num_labels": max_label + 1}
+    if code_range is not None:
+        if code_range[0] < 0 or code_range[1] >= meta.get("codebook_size", math.inf):
+            raise ValueError(f"{out}: codes span {code_range}, outside the codebook [0, {meta['codebook_size']})")
+        meta["code_range"] = code_range
     if s1 is not None:
         count = total * views * math.prod(shape[1:])
         mean = s1 / count

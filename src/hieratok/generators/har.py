@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..config import config_from_dict, require_positive_ints
 from ..nn.masks import block_causal_mask, block_causal_mask_mod
-from .llamagen import GPT
+from .llamagen import GPT, check_ids
 
 __all__ = [
     "SequenceLayout", "grouped_layout", "har_layout", "ar_layout", "har_level_sizes", "training_batch",
@@ -218,8 +218,7 @@ def training_batch(codes_BN: torch.Tensor, layout: SequenceLayout,
         raise ValueError(f"codes must be (B, {layout.num_tokens}), got {tuple(codes_BN.shape)}")
     if codes_BN.is_floating_point() or codes_BN.is_complex() or codes_BN.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes_BN.dtype}")
-    if codes_BN.numel() and (codes_BN.min() < 0 or codes_BN.max() >= vocab_size):
-        raise ValueError(f"codes must lie in [0, {vocab_size}) (the codebook), got [{codes_BN.min()}, {codes_BN.max()}]")
+    check_ids(codes_BN, vocab_size, "codes (the codebook)")
     if layout.num_tokens == 1:
         return codes_BN[:, :0], codes_BN
     return layout.input_ids(codes_BN, vocab_size), codes_BN

@@ -41,7 +41,7 @@ from ..nn.rope import rotate_pairs
 from .latents import rand
 
 __all__ = [
-    "GPTConfig", "GPT", "KVCache", "RMSNorm", "SwiGLU", "GPT_PRESETS", "gpt_config", "gpt_preset_names",
+    "GPTConfig", "GPT", "KVCache", "check_ids", "RMSNorm", "SwiGLU", "GPT_PRESETS", "gpt_config", "gpt_preset_names",
     "swiglu_hidden_dim", "apply_rope_1d",
 ]
 
@@ -128,6 +128,22 @@ def gpt_preset_names() -> list[str]:
 def gpt_config(name: str, **overrides: Any) -> GPTConfig:
     """Config of preset ``name`` with field ``overrides``."""
     return config_from_preset(GPTConfig, GPT_PRESETS, name, overrides, "GPT")
+
+
+def check_ids(ids: torch.Tensor, high: int, what: str) -> None:
+    """ValueError unless every integer id lies in ``[0, high)``.
+
+    On CPU the check is eager. On accelerators it is queued on the device
+    (``torch._assert_async``): a training step makes no host sync for it, and a bad id fails the
+    step at the next synchronisation instead of being read, e.g., as a placeholder.
+    """
+    if not ids.numel():
+        return
+    lo, hi = torch.aminmax(ids)
+    if ids.device.type != "cpu":
+        torch._assert_async((lo >= 0) & (hi < high), f"{what} must lie in [0, {high})")
+    elif lo < 0 or hi >= high:
+        raise ValueError(f"{what} must lie in [0, {high}), got [{int(lo)}, {int(hi)}]")
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int, dim_multiplier: Optional[float] = None) -> int:
@@ -344,16 +360,12 @@ class GPT(PretrainedMixin, nn.Module):
         if labels_B.ndim != 1 or (tokens_BL is not None and labels_B.shape[0] != tokens_BL.shape[0]):
             raise ValueError(f"labels must be (B,) with B = the tokens' batch, got {tuple(labels_B.shape)}")
         C = self.config.num_classes
-        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > C):
-            raise ValueError(f"labels must lie in [0, {C}] ({C} = the null class), "
-                             f"got [{labels_B.min()}, {labels_B.max()}]")
+        check_ids(labels_B, C + 1, f"labels ({C} = the null class)")
 
     def embed_tokens(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         """Embeddings of code ids and placeholder ids, (B, L, D)."""
         V = self.config.vocab_size
-        if tokens_BL.numel() and (tokens_BL.min() < 0 or tokens_BL.max() >= V + self.config.num_placeholders):
-            raise ValueError(f"token ids must lie in [0, {V + self.config.num_placeholders}) "
-                             f"(codes below {V}, placeholders above), got [{tokens_BL.min()}, {tokens_BL.max()}]")
+        check_ids(tokens_BL, V + self.config.num_placeholders, f"token ids (codes below {V}, placeholders above)")
         x = self.tok_embed(tokens_BL.clamp(max=V - 1))
         if self.placeholder_embed is None:
             return x

@@ -112,6 +112,13 @@ class HieraTokConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
+    def unused_fields(self) -> tuple[str, ...]:
+        """Fields without effect here (skipped by :func:`hieratok.config.architecture_diff`): a
+        single-scale model has no downsampler and one attention pattern; area interpolation has no width."""
+        if not self.multiscale:
+            return ("downsample", "downsample_width", "attention")
+        return ("downsample_width",) if self.downsample == "interp" else ()
+
     @property
     def grid(self) -> int:
         """Side G of the encoder's token grid."""

@@ -378,7 +378,13 @@ class ARTask(_CachedTask):
         over = {"num_classes": self.meta["num_labels"], **({"vocab_size": self.meta["codebook_size"]}
                                                          if "codebook_size" in self.meta else {}), **cfg.model}
         self.modules = {"model": GPT(gpt_config(cfg.preset, **over))}
-        self.num_classes = self.modules["model"].config.num_classes
+        mc = self.modules["model"].config
+        self.num_classes = mc.num_classes
+        # the data are checked here once (cache.json records their ranges), not at every step
+        lo, hi = self.meta.get("code_range", (0, 0))
+        if lo < 0 or hi >= mc.vocab_size or self.meta["num_labels"] > mc.num_classes:
+            raise ValueError(f"{cfg.data.path}: codes in [{lo}, {hi}] and {self.meta['num_labels']} labels do not fit "
+                             f"a GPT with vocab_size {mc.vocab_size} and num_classes {mc.num_classes}")
 
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from ..generators.har import sequence_loss
