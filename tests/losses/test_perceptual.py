@@ -275,6 +275,10 @@ def test_build_auto_falls_back_and_logs_reason(tmp_path, monkeypatch, caplog):
         module, name = build_perceptual("auto")
     assert isinstance(module, EfficientNetPerceptual) and name == "effnet-lite0-perceptual"
     assert VGG16_FILE in caplog.text and "not LPIPS" in caplog.text
+    caplog.clear()  # built again in the same process (the demo builds it per model): said once
+    with caplog.at_level(logging.DEBUG, logger="hieratok.losses.perceptual"):
+        build_perceptual("auto")
+    assert [r.levelno for r in caplog.records if "LPIPS-VGG unavailable" in r.getMessage()] == [logging.DEBUG]
     with pytest.raises(MissingWeightsError):
         build_perceptual("lpips-vgg")
 

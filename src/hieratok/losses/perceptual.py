@@ -58,6 +58,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_said: set[str] = set()
+
+
+def _log_once(level: int, msg: str, *args: object) -> None:
+    """Log a message at ``level`` the first time a process builds it, at DEBUG afterwards (a demo or
+    an evaluation builds the same distance several times)."""
+    text = msg % args
+    logger.log(logging.DEBUG if text in _said else level, text)
+    _said.add(text)
 
 VGG16_FILE = "vgg16-397923af.pth"
 """torchvision's ImageNet VGG16 file name (as saved in the torch hub cache)."""
@@ -516,8 +525,8 @@ class EfficientNetPerceptual(_FrozenDistance):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.weight_sources = {"effnet_lite0": f"{w.source}: {w.path}"}
-        logger.info("effnet-lite0-perceptual (not LPIPS): EfficientNet-Lite0 from %s",
-                    self.weight_sources["effnet_lite0"])
+        _log_once(logging.INFO, "effnet-lite0-perceptual (not LPIPS): EfficientNet-Lite0 from %s",
+                  self.weight_sources["effnet_lite0"])
         self._freeze()
 
     def forward(self, x_BCHW: torch.Tensor, y_BCHW: torch.Tensor) -> torch.Tensor:
@@ -594,8 +603,8 @@ def build_perceptual(
             if kind == "lpips-vgg" or explicit:
                 raise
             module = EfficientNetPerceptual(effnet_weights, min_size=min_size)
-            logger.warning("perceptual loss: LPIPS-VGG unavailable (%s); using %s instead, "
-                           "which is not LPIPS", e, module.name)
+            _log_once(logging.WARNING, "perceptual loss: LPIPS-VGG unavailable (%s); using %s instead, "
+                      "which is not LPIPS", e, module.name)
             return module, module.name
         logger.info("perceptual loss: %s (%s)", lpips.name,
                     "requested" if kind == "lpips-vgg" else "auto: VGG16 and lin-head weights found")
