@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -220,10 +219,13 @@ def write_npz(folder: Path, path: Path, num: int, labels: Optional[list[int]] = 
     from PIL import Image
 
     arr = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(num)])
-    tmp = path.with_suffix(".tmp.npz")
     extra = {"arr_1": np.asarray(labels, dtype=np.int64)} if labels is not None else {}
-    np.savez(tmp, arr_0=arr, **extra)
-    os.replace(tmp, path)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, arr_0=arr, **extra)
+
+    write_atomic(path, save)
     return path
 
 

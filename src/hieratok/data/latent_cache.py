@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,9 +123,7 @@ def write_cache(
         if not vals:
             raise ValueError(f"shard {k}: no readable images among dataset items {idx[0]}..{idx[-1]}")
         tensors = {kind: torch.cat(vals).contiguous(), "labels": torch.cat(labels).contiguous()}
-        tmp = out / f".tmp-{_shard_path(out, k).name}-{os.getpid()}"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, _shard_path(out, k))
+        write_atomic(_shard_path(out, k), lambda p: save_file(tensors, str(p)))
         written.append(_shard_path(out, k))
     if bar is not None:
         bar.close()
@@ -154,7 +151,7 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     out = Path(out_dir)
     if not (out / CACHE_PLAN).is_file():
         raise ValueError(f"{out}: no {CACHE_PLAN}; write the shards with write_cache first")
-    plan = json.loads((out / CACHE_PLAN).read_text())
+    plan = read_json(out / CACHE_PLAN)
     shards = [_shard_path(out, k).name for k in range(math.ceil(plan["num_items"] / plan["shard_size"]))]
     missing = [s for s in shards if not (out / s).is_file()]
     if missing or not shards:
@@ -190,9 +187,7 @@ def finalize_cache(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         mean = s1 / count
         meta["mean"] = mean.tolist()
         meta["std"] = (s2 / count - mean.square()).clamp_min(1e-12).sqrt().tolist()
-    tmp = out / (CACHE_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / CACHE_META)
+    write_atomic(out / CACHE_META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
 
 

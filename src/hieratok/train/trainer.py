@@ -240,8 +240,9 @@ class Trainer:
                 stack.enter_context(m.no_sync())
         return stack
 
-    def _all_finite(self, ok: bool) -> bool:
-        flag = torch.tensor([1.0 if ok else 0.0], device=self.dist.device)
+    def _all_finite(self, ok: torch.Tensor) -> bool:
+        """Whether ``ok`` (a bool tensor on the device) holds on every rank: the step's one host sync."""
+        flag = ok.float().reshape(1)
         if self.dist.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
@@ -259,7 +260,7 @@ class Trainer:
         micro = list(zip(*(t.split(c.batch_size) for t in batch)))
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         pending: list[tuple[Phase, torch.optim.Optimizer, dict[str, torch.Tensor]]] = []
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # read back once, at the end
         for ph in self.phases:
             if not ph.active(self.step):
                 continue
@@ -270,14 +271,14 @@ class Trainer:
                 with self._sync_ctx(modules, i == len(micro) - 1), autocast:
                     out = ph.loss_fn(self.wrapped, mb, ctx, self.step)
                 loss = out["loss"]
-                finite &= bool(torch.isfinite(loss.detach()).item())
+                finite &= torch.isfinite(loss.detach()).all()
                 (loss / len(micro)).backward()
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
             params = [p for m in modules for p in m.parameters() if p.grad is not None]
             gn = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf)
             sums["grad_norm"] = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-            finite &= bool(torch.isfinite(sums["grad_norm"]).item())  # a finite loss can still give NaN gradients
+            finite &= torch.isfinite(sums["grad_norm"]).all()  # a finite loss can still give NaN gradients
             pending.append((ph, opt, sums))
         if not self._all_finite(finite):
             for _, opt, _ in pending:
