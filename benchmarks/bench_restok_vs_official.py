@@ -50,10 +50,13 @@ codebook distances; the script reports the distance gap of any mismatch). Decode
 error of the images. Sampling: both samplers draw every code with ``torch.multinomial`` over a
 (rows, V) probability matrix in the same row order, so with the same seed they consume the same
 random stream and must return the same codes (checked once sampled and once greedy). Both
-sides use the release's CFG "step" schedule (ours: ``cfg_schedule="step-release"``,
-:func:`hieratok.generators.har.release_step_scales`; its ratio comes from a token counter, and
-the unguided scale is ``min_cfg_scale + 1e-4``); the script records the scale their sampler used
-at every forward pass (by wrapping their ``step_schedule``) and checks that ours used the same.
+sides use the release's CFG "step" schedule as its published sampling script
+(``autoregressive/sample/sample_c2i_ddp_cfg_search.py``) runs it: for the HAR generator the
+script puts ``num_steps = a + log2(N) - log2(a)`` (9) into the schedule kwargs, so the ratio of
+pass g is ``g / (num_steps - 1)``; for the plain next-token generator it sets no ``num_steps``
+(ours: ``cfg_schedule="step-release"``, :func:`hieratok.generators.har.release_step_scales`; the
+unguided scale is ``min_cfg_scale + 1e-4``). The script records the scale their sampler used at
+every forward pass (by wrapping their ``step_schedule``) and checks that ours used the same.
 
 Legend: B batch.
 """
@@ -86,6 +89,7 @@ from hieratok.tokenizers.restok import ResTok  # noqa: E402
 
 INFER_CONFIG = "configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml"
 PUBLISHED = dict(cfg_scale=3.75, cfg_start=0.25, top_p=0.95, min_cfg_scale=1.0)  # README's FID command
+AR_TOKEN_NUM = 4  # next-token codes before the HAR levels (the config's num_min_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,13 +459,25 @@ def tokenizer_section(off: Official, args: argparse.Namespace) -> tuple[list[dic
     return rows, parity
 
 
+def script_schedule_kwargs(har: bool, num_tokens: int, ar_token_num: int = AR_TOKEN_NUM) -> dict[str, Any]:
+    """The ``cfg_schedule_kwargs`` their sampling script builds for ``--cfg-schedule step``: for a
+    HAR generator ``num_steps`` (forward passes, ``a + log2(N) - log2(a)``) first, then the window
+    start and the minimal scale."""
+    kwargs: dict[str, Any] = {}
+    if har:
+        kwargs["num_steps"] = ar_token_num + int(math.log2(num_tokens)) - int(math.log2(ar_token_num))
+    kwargs.update(window_start=PUBLISHED["cfg_start"], min_cfg_scale=PUBLISHED["min_cfg_scale"])
+    return kwargs
+
+
 def _their_generate(off: Official, fn_name: str, model: nn.Module, labels: torch.Tensor, n: int, *,
                     sample: bool = True) -> torch.Tensor:
+    """Their sampler called as their published script calls it (``generate_har`` with ``num_steps``)."""
     p = PUBLISHED
     return getattr(off.generate, fn_name)(
         model, labels, n, cfg_scale=p["cfg_scale"], cfg_interval=-1, cfg_schedule="step",
-        cfg_schedule_kwargs={"window_start": p["cfg_start"], "min_cfg_scale": p["min_cfg_scale"]},
-        ar_token_num=4, temperature=1.0, top_k=0, top_p=p["top_p"], sample_logits=sample)
+        cfg_schedule_kwargs=script_schedule_kwargs(fn_name == "generate_har", n),
+        ar_token_num=AR_TOKEN_NUM, temperature=1.0, top_k=0, top_p=p["top_p"], sample_logits=sample)
 
 
 def _our_sample(model: GPT, labels: torch.Tensor, layout: Any, temperature: float = 1.0) -> tuple[torch.Tensor, list]:
@@ -483,7 +499,7 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
             with ScaleRecorder(off.generate) as rec:
                 ct = _their_generate(off, "generate_har", theirs, labels, N, sample=sample)
             torch.manual_seed(args.seed)
-            co, scales = _our_sample(ours, labels, har_layout(N, 4), temperature=1.0 if sample else 0.0)
+            co, scales = _our_sample(ours, labels, har_layout(N, AR_TOKEN_NUM), temperature=1.0 if sample else 0.0)
             parity[f"har_{name}_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
         parity["official_har_cfg_scales"] = rec.scales
         parity["step_release_schedule_equals_official"] = scales == rec.scales
@@ -496,9 +512,9 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
         return run
 
     fns = {"har official": lambda: _their_generate(off, "generate_har", theirs, labels, N),
-           "har ours": ours_with(True, har_layout(N, 4))}
+           "har ours": ours_with(True, har_layout(N, AR_TOKEN_NUM))}
     if args.reference_paths:
-        fns["har ours (reference paths)"] = ours_with(False, har_layout(N, 4))
+        fns["har ours (reference paths)"] = ours_with(False, har_layout(N, AR_TOKEN_NUM))
     with torch.inference_mode():
         res = timed(fns, args.repeats, 1, args.wait_quiet)
     rows = [_row(f"HAR sampling, batch {args.batch} + CFG (9 passes)", res, "har official", "har ours",

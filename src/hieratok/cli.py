@@ -43,6 +43,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"scales {info['scales']}" + (f", downsample {info['downsample']}, attention {info['attention']}" if cfg.multiscale else ""))
     print(f"  params   encoder {p['encoder'] / 1e6:8.2f}M  downsampler {p['downsampler'] / 1e6:7.2f}M  "
           f"decoder {p['decoder'] / 1e6:8.2f}M  total {p['total'] / 1e6:8.2f}M")
+    if cfg.multiscale:
+        print(f"           downsampler share {info['downsampler_share']:.1%} of all, "
+              f"{p['downsampler'] / p['decoder']:.1%} of the decoder (paper f16d16: 13.2%, 17.4%)")
     print(f"  GFLOPs   encoder {f['encoder'] / 1e9:8.2f}   downsampler {f['downsampler'] / 1e9:7.2f}   "
           f"decoder {f['decoder'] / 1e9:8.2f}   total {f['total'] / 1e9:8.2f}  (forward, one image)")
     print(f"  tokens   encoder {info['encoder_tokens']}  decoder {info['decoder_tokens']}  "
@@ -119,11 +122,16 @@ def _cmd_eval_latents(args: argparse.Namespace) -> int:
     dev = _device(args.device)
     model, info = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
     out = Path(args.out or Path(info["model_dir"]) / "eval")
-    res = evaluate_latents(model, args.data, num_images=args.num_images, num_points=args.num_points,
-                           num_runs=args.runs, seed=args.seed, iterations=args.iterations, device=dev, out_dir=out)
+    res = evaluate_latents(model, args.data, protocol=args.protocol, flip=args.flip, train_stats=args.train_stats,
+                           train_data=args.train_data, num_train_images=args.num_train_images,
+                           num_images=args.num_images, num_points=args.num_points, num_runs=args.runs, seed=args.seed,
+                           iterations=args.iterations, device=dev, out_dir=out)
     print(f"density CV {res['density_cv']:.3f} +- {res['density_cv_std']:.3f}  Gini {res['gini']:.3f} +- "
           f"{res['gini_std']:.3f}  normalized entropy {res['normalized_entropy']:.4f} +- {res['normalized_entropy_std']:.4f}"
           f"  ({res['num_points']} points, {res['num_runs']} runs)")
+    print(f"protocol {res['protocol']}, flips {'on' if res['flip'] else 'off'}, normalised by the "
+          + ("evaluated set's own statistics (no --train-stats / --train-data)" if res["normalization"] == "eval-set"
+             else f"training statistics of {res['train_stats_source']}"))
     print(f"t-SNE plot: {res['tsne_png']}")
     return 0
 
@@ -297,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("latents", help="latent uniformity (t-SNE density CV, Gini, normalized entropy) and a t-SNE plot")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None)
+    p.add_argument("--protocol", choices=["vavae", "pooled"], default="vavae",
+                   help="vavae (default, Table 5): one random latent position per image, as VA-VAE's analysis; "
+                        "pooled: positions pooled over images (this package's earlier protocol)")
+    p.add_argument("--train-stats", default=None, metavar="PATH",
+                   help="training-set latent mean/std to normalise with: a latent cache folder or its cache.json, "
+                        "an .npz with mean/std, or VA-VAE's latents_stats.pt (default: the evaluated set's own)")
+    p.add_argument("--train-data", default=None,
+                   help="training images to encode for the normalisation statistics instead of --train-stats")
+    p.add_argument("--num-train-images", type=int, default=10_000, help="images of --train-data to encode")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="vavae: each image drawn as itself or, with probability 1/2, its mirrored copy "
+                        "(default: on for vavae, off for pooled)")
     p.add_argument("--num-images", type=int, default=10_000)
     p.add_argument("--num-points", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=10)
@@ -356,9 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--cfg-schedule", choices=["constant", "step", "step-release"], default=None,
-                   help="guidance per pass: constant, step (guided from 25%% of the passes on) or step-release "
-                        "(the ResTok release's token-based step schedule, for its published setting)")
+    p.add_argument("--cfg-schedule", choices=["constant", "step", "step-release", "step-release-tokens"], default=None,
+                   help="guidance per pass: constant, step (guided from 25%% of the passes on), step-release "
+                        "(the ResTok release's step schedule as its published sampling script runs it: like "
+                        "step, with 1.0001 on the unguided passes) or step-release-tokens (the release's "
+                        "token-counter path, not used by its published script)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)

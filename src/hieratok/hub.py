@@ -174,7 +174,8 @@ class PretrainedMixin:
         map_location: str | torch.device = "cpu",
         **overrides: Any,
     ) -> M:
-        """Load a saved model; ``overrides`` change runtime fields (e.g. ``attn_backend="reference"``).
+        """Load a saved model, in eval mode (as transformers and diffusers return theirs: posterior
+        mode, no drop-path); ``overrides`` change runtime fields (e.g. ``attn_backend="reference"``).
 
         Overriding a field that changes the weights (width, scales, ...) is an error naming the
         field and both values.
@@ -188,7 +189,7 @@ class PretrainedMixin:
             raise ValueError(f"{d} was saved with a different architecture ({desc})")
         model = cls(cfg).to(map_location)
         model.load_pretrained_weights(d, map_location=map_location)
-        return model
+        return model.eval()
 
     def load_pretrained_weights(self, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> None:
         """Load ``model.safetensors`` from ``directory`` into this model, checking the config first."""

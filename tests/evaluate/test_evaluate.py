@@ -243,7 +243,42 @@ def test_exact_reconstructions_give_a_finite_psnr():
 
 def test_latent_eval_records_the_settings_it_used(caplog):
     z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))  # 32 positions
-    res = evaluate_latents(None, None, latents=z, num_points=200, num_runs=1, iterations=250, perplexity=30.0)
+    res = evaluate_latents(None, None, latents=z, num_points=200, num_runs=1, iterations=250, perplexity=30.0,
+                          protocol="pooled")
     assert (res["num_points"], res["iterations"]) == (32, 250)
     assert res["perplexity"] == pytest.approx(31 / 3)  # capped at (points - 1) / 3
     assert "asked: 200, 30" in caplog.text
+
+
+def test_colour_error_and_kid(gen):
+    """A tokenizer whose reconstruction is the input plus a constant per channel: the colour error is
+    that offset (closed form, on the 8-bit images), and KID is the unbiased MMD of the same features."""
+    from hieratok.evaluate.recon import _output_sides
+    from hieratok.losses.reconstruction import scale_targets
+    from hieratok.metrics import InceptionFeatures, polynomial_mmd2
+    from hieratok.metrics.image import quantize_to_uint8
+
+    class Mode:
+        def __init__(self, x):
+            self.x = x
+
+        def mode(self):
+            return self.x
+
+    offset = torch.tensor([0.2, -0.1, 0.0]).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    model = HieraTok.from_preset("tiny", **TINY).eval()
+    model.encode = Mode
+    model.decode = lambda z, all_scales=True: [t + offset for t in scale_targets(z, _output_sides(model))]
+    inception = InceptionFeatures()
+    res = evaluate_reconstruction(model, ReconEvalConfig(num=4, perceptual="none", fid=False, kid=True, progress=False),
+                                  inception=inception)
+    ds = EmbeddedPhotos("heldout", 64)
+    x = torch.stack([ds[i][0] for i in range(0, 12, 3)])
+    xu, ru = quantize_to_uint8(x), quantize_to_uint8(x + offset)
+    ref = (ru.double().mean((2, 3)) - xu.double().mean((2, 3))).abs().mean() / 127.5
+    assert res["color_error"] == pytest.approx(float(ref), rel=1e-12)
+    assert abs(res["color_error"] - 0.1) < 0.01  # the mean offset, less what clamping to [-1, 1] cuts
+    with torch.no_grad():
+        assert res["rkid"] == pytest.approx(polynomial_mmd2(inception(xu), inception(ru)), rel=1e-6)
+    assert "rfid" not in res and res["rkid_std"] == 0.0

@@ -65,6 +65,9 @@ def test_two_ranks_match_one(tmp_path):
         assert one["num_images"] == 5 and "rfid" in one, data
         assert two[key].keys() == one.keys(), data
         for k in one:
-            # rFID: float32 Inception features of differently composed batches (measured 2e-8)
-            tol = 1e-6 if k == "rfid" else 1e-12
+            # Reconstructions of differently composed batches differ by ~1e-7 (float32), i.e. ~1e-5
+            # of a uint8 step: about 2e-5 of the 61k rounded values (~1) may flip by one level, each
+            # moving a per-image squared error of ~6e7 (PSNR ~11 dB) by at most 2*255+1, a relative
+            # 1e-5 of it; 1e-4 covers several flips. Counts are exact.
+            tol = 0.0 if k.startswith("num_") else 1e-4
             assert two[key][k] == pytest.approx(one[k], rel=tol, abs=1e-12), (data, k)

@@ -105,6 +105,7 @@ def test_ar_objective_is_validated_once_for_training_and_sampling():
                                                                           "cfg_schedule": "step-release"}
     with pytest.raises(ValueError, match="top_p"):
         obj.sampling_kwargs(top_p=2.0)
+    assert obj.sampling_kwargs(cfg_schedule="step-release-tokens")["cfg_schedule"] == "step-release-tokens"
 
 
 def test_codes_outside_the_codebook_are_rejected():

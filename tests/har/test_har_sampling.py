@@ -131,3 +131,21 @@ def test_sampling_refuses_training_mode_and_too_few_placeholders(model):
     small = GPT(gpt_config("gpt-tiny", num_placeholders=10)).eval()
     with pytest.raises(ValueError, match="placeholders"):
         har_sample(small, torch.tensor([0]))
+
+
+def test_release_schedules_reach_the_sampler(model):
+    """``step-release`` (the published script's per-pass scales) and ``step-release-tokens`` (the
+    release's token-counter path) are what ``sample_layout`` uses, and the same codes follow from
+    replaying those scales."""
+    lay, labels, u = har_layout(128, 4), torch.tensor([3, 1]), 1.0001
+    runs = {}
+    g = 3.75
+    for schedule, want in (("step-release", [u, u] + [g] * 7), ("step-release-tokens", [u, u, g, g, u, u, u, g, g])):
+        r = sample_layout(model, labels, lay, cfg_scale=g, cfg_schedule=schedule, top_p=0.95,
+                          generator=torch.Generator().manual_seed(4))
+        assert r.cfg_scales == want
+        replay = sample_layout(model, labels, lay, cfg_scale=g, cfg_scales=want, top_p=0.95,
+                               generator=torch.Generator().manual_seed(4))
+        assert torch.equal(r.codes, replay.codes)
+        runs[schedule] = r.codes
+    assert not torch.equal(runs["step-release"], runs["step-release-tokens"])

@@ -1,5 +1,7 @@
 """top-k / top-p / temperature sampling and the guidance schedule."""
 
+import math
+
 import pytest
 import torch
 
@@ -87,13 +89,83 @@ def test_partial_sort_nucleus_equals_the_full_sort(scale, top_p):
         assert kept == _nucleus_bruteforce(row.softmax(-1).tolist(), top_p)
 
 
-def test_release_step_schedule_is_token_based():
-    from hieratok.generators.har import ar_layout, har_layout, release_step_scales
+def _script_step(ratio, cfg_scale, window_start, min_cfg_scale=1.0):
+    """The release's ``step_schedule``: no guidance when cfg_scale is 1, else cfg_scale from
+    window_start on and min_cfg_scale (+1e-4 when it is 1) before."""
+    if cfg_scale == 1.0 or ratio >= window_start:
+        return cfg_scale
+    return min_cfg_scale + 1e-4 if min_cfg_scale == 1.0 else min_cfg_scale
+
+
+def _script_har_ratios(N, a, num_steps=None):
+    """Progress ratio of every forward pass of the release's ``generate_har`` (prefill, a - 1
+    next-token passes in ``decode_n_tokens``, then ``decode_n_tokens_har``), with or without
+    ``num_steps`` in the schedule kwargs."""
+    ratios = [0.0]  # the prefill
+    for i in range(a - 1):  # decode_n_tokens(..., max_new_tokens=N)
+        if num_steps is not None:
+            ratios.append((i + 1) / (num_steps - 1))
+        else:  # the first pass pops max_new_tokens; the others divide by the count of new tokens
+            ratios.append((i + 1) / (N - 1) if i == 0 else (i + 1) / (a - 1))
+    i, cnt, n = a - 1, a - 1, a  # decode_n_tokens_har: levels of a, 2a, ... codes
+    while i < N - a + a - 1:
+        ratios.append((cnt + 1) / (num_steps - 1) if num_steps is not None else (i + 1) / (N - 1))
+        i, cnt, n = i + n, cnt + 1, n * 2
+    return ratios
+
+
+def test_step_release_is_the_published_scripts_schedule():
+    """The published sampling script sets num_steps = a + log2(N) - log2(a) for a HAR generator:
+    pass ratios (cnt + 1) / (num_steps - 1), guided from 0.25 on."""
+    from hieratok.generators.har import har_layout, release_step_scales
 
     u, g = 1.0001, 3.75
-    # what the authors' sampler used per pass (recorded from their generate_har; BENCHMARKS.md)
-    assert release_step_scales(har_layout(128, 4), g, 0.25) == [u, u, g, g, u, u, u, g, g]
-    ar = release_step_scales(ar_layout(128), g, 0.25)  # token-by-token: guided from token 32 of 127 on
-    assert ar[:2] == [u, u] and ar.index(g) == 32 and set(ar[32:]) == {g}
+    num_steps = 4 + int(math.log2(128)) - int(math.log2(4))  # the script's value: 9
+    ratios = _script_har_ratios(128, 4, num_steps)
+    assert len(ratios) == num_steps == har_layout(128, 4).num_steps
+    assert ratios == [p / 8 for p in range(9)]
+    expected = [_script_step(r, g, 0.25) for r in ratios]
+    assert expected == [u, u] + [g] * 7
+    assert release_step_scales(har_layout(128, 4), g, 0.25) == expected
     assert release_step_scales(har_layout(128, 4), 1.0, 0.25) == [1.0] * 9  # no guidance at all
-    assert release_step_scales(har_layout(128, 4), g, 0.25, min_cfg_scale=2.0)[0] == 2.0
+    assert release_step_scales(har_layout(128, 4), g, 0.25, min_cfg_scale=2.0) == [2.0, 2.0] + [g] * 7
+    for N, a in ((32, 4), (64, 2), (16, 1)):
+        steps = a + int(math.log2(N)) - int(math.log2(a))
+        want = [_script_step(r, 2.0, 0.4) for r in _script_har_ratios(N, a, steps)]
+        assert release_step_scales(har_layout(N, a), 2.0, 0.4) == want
+
+
+def test_step_release_on_the_plain_next_token_layout():
+    """No num_steps for a non-HAR generator: the release's generate divides by the count of new
+    tokens, so decode pass i (0-based, after the prefill) has ratio (i + 1) / (N - 1)."""
+    from hieratok.generators.har import ar_layout, release_step_scales, release_token_step_scales
+
+    u, g = 1.0001, 3.75
+    expected = [_script_step(0.0, g, 0.25)] + [_script_step((i + 1) / 127, g, 0.25) for i in range(127)]
+    assert release_step_scales(ar_layout(128), g, 0.25) == expected
+    assert expected[:2] == [u, u] and expected.index(g) == 32 and set(expected[32:]) == {g}
+    assert release_token_step_scales(ar_layout(128), g, 0.25) == expected
+
+
+def test_step_release_tokens_is_the_path_without_num_steps():
+    """The old schedule (the release's token counter, used only when num_steps is not set) stays
+    available as release_token_step_scales / "step-release-tokens"."""
+    from hieratok.generators.har import har_layout, release_token_step_scales
+
+    u, g = 1.0001, 3.75
+    expected = [_script_step(r, g, 0.25) for r in _script_har_ratios(128, 4)]
+    assert expected == [u, u, g, g, u, u, u, g, g]
+    assert release_token_step_scales(har_layout(128, 4), g, 0.25) == expected
+    for N, a in ((32, 4), (64, 2)):
+        want = [_script_step(r, 2.0, 0.3) for r in _script_har_ratios(N, a)]
+        assert release_token_step_scales(har_layout(N, a), 2.0, 0.3) == want
+
+
+def test_cli_offers_every_schedule():
+    from hieratok.cli import build_parser
+    from hieratok.generators.har import CFG_SCHEDULES
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    (action,) = [a for a in sample._actions if "--cfg-schedule" in a.option_strings]
+    assert tuple(action.choices) == CFG_SCHEDULES
+    assert {"step-release", "step-release-tokens"} <= set(CFG_SCHEDULES)

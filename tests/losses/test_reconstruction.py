@@ -67,7 +67,7 @@ def test_perceptual_term_and_validation(gen):
 
     out = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=2.0, kl=0.0), 1, Const())(x, recs, None)
     assert out["loss"].item() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="scale_weights has 2 values for 3 scales"):
+    with pytest.raises(ValueError, match="scale_weights has 2 values for the 3 scales"):
         MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=(1.0, 1.0)), 3)
     with pytest.raises(ValueError, match="needs a perceptual module"):
         MultiScaleReconstructionLoss(ReconLossConfig(perceptual=1.0), 1)
@@ -79,3 +79,30 @@ def test_perceptual_term_and_validation(gen):
         loss(x, [x[..., :8, :8], x], None)  # a missing scale is never silently dropped
     with pytest.raises(ValueError, match="does not fit the input"):
         loss(x, [x[..., :4, :4], x[..., :8, :8], torch.rand(1, 3, 32, 32)], None)
+
+
+def test_named_scale_weightings(gen):
+    from hieratok.losses.reconstruction import resolve_scale_weights
+
+    assert resolve_scale_weights("equal", [1, 2, 4]) == (1.0, 1.0, 1.0)
+    w = resolve_scale_weights("pixels", [1, 2, 4, 8, 16])
+    assert w == pytest.approx([5 * n / 341 for n in (1, 4, 16, 64, 256)]) and sum(w) == pytest.approx(5)
+    # the loss applies the resolved weights: "pixels" equals the same weights given as a list
+    x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    recs = [torch.rand(2, 3, s, s, generator=gen) * 2 - 1 for s in (4, 8, 16)]
+    wp = resolve_scale_weights("pixels", [1, 2, 4])
+    named = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="pixels"), [1, 2, 4])
+    listed = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=list(wp)), 3)
+    equal = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0), [1, 2, 4])
+    assert named(x, recs, None)["loss"] == listed(x, recs, None)["loss"]
+    assert named(x, recs, None)["loss"] != equal(x, recs, None)["loss"]
+    only_finest = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=[0, 0, 1]), 3)
+    ref = F.l1_loss(recs[-1], x) + 0.4 * F.mse_loss(recs[-1], x)
+    torch.testing.assert_close(only_finest(x, recs, None)["loss"], ref)
+    assert ReconLossConfig(scale_weights=None).scale_weights == "equal"  # configs saved before the names
+    for bad, match in (("pixel", "is not one of"), ([1, -1], "non-negative"), ([0, 0], "not all zero"),
+                       (["a"], "list of numbers"), ([float("nan")], "finite")):
+        with pytest.raises(ValueError, match=match):
+            ReconLossConfig(scale_weights=bad)
+    with pytest.raises(ValueError, match="needs the scale sides"):
+        MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="pixels"), 3)

@@ -13,15 +13,28 @@ PAPER = {  # name: (params, GFLOPs) from appendix C
 }
 
 
-def _meta(name):
+def _meta(name, **kw):
     with torch.device("meta"):
-        return HieraTok(build_config(name))
+        return HieraTok(build_config(name, **kw))
 
 
+@pytest.mark.parametrize("downsample", ["conv", "conv-residual", "conv-prenorm"])
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_params_within_3_percent(name):
-    n = param_counts(_meta(name))["total"]
+def test_params_within_3_percent(name, downsample):
+    n = param_counts(_meta(name, downsample=downsample))["total"]
     assert abs(n / PAPER[name][0] - 1) < 0.03, n
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_miniature_presets_keep_the_paper_downsampler_share(preset):
+    """The paper's downsampler is 52.9M of 399.4M (13.2%); the CPU presets keep that share within a
+    percentage point, and their multi-scale model is about 1.15x its twin as in appendix C."""
+    paper = param_counts(_meta("hieratok-f16d16"))
+    mini = param_counts(_meta(preset))
+    twin = param_counts(_meta(f"{preset}-single"))["total"]
+    share = lambda c: c["downsampler"] / c["total"]  # noqa: E731
+    assert abs(share(mini) - share(paper)) < 0.01, (share(mini), share(paper))
+    assert abs(mini["total"] / twin - PAPER["hieratok-f16d16"][0] / PAPER["hieratok-f16d16-single"][0]) < 0.02
 
 
 def _formula_flops(cfg) -> float:
@@ -33,8 +46,8 @@ def _formula_flops(cfg) -> float:
     L_enc, L_dec = G * G, cfg.decoder_tokens
     f = 2 * L_enc * (3 * p * p) * cfg.encoder_width + blocks(cfg.encoder_depth, cfg.encoder_width, L_enc)
     f += 2 * L_enc * cfg.encoder_width * 2 * d
-    if cfg.multiscale and cfg.downsample == "conv":
-        W = cfg.decoder_width
+    if cfg.multiscale and cfg.downsample.startswith("conv"):
+        W = cfg.downsample_width or cfg.decoder_width
         for s in cfg.scales:
             k = G // s
             f += 2 * s * s * (d * k * k * W + 9 * W * W + W * d)

@@ -8,6 +8,9 @@ the standard FID Inception weights (the source is recorded); PSNR and SSIM per i
 ``psnr(floor_mse=True)``, and counted in ``psnr_exact_matches``, so the mean stays finite);
 LPIPS-VGG when its weights exist, else the offline EfficientNet-Lite0 distance under its own name.
 For multi-scale models, PSNR of every scale against the input area-downsampled to that scale.
+``color_error``: the mean over images and RGB channels of |mean(reconstruction) - mean(input)| (in
+[-1, 1] units), a direct measure of colour casts. ``kid=True`` adds the Kernel Inception Distance
+(:mod:`hieratok.metrics.kid`), which stays unbiased on the few hundred images a miniature has.
 
 The ``num`` images are spread evenly over the whole data set (:func:`eval_indices`), not the first
 ``num`` in sorted order (which would cover only the first classes of a class-sorted folder).
@@ -31,7 +34,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, collate_drop_none
 from ..losses.reconstruction import scale_targets
-from ..metrics import FeatureStats, InceptionFeatures, all_reduce_feature_stats, frechet_distance, psnr, ssim
+from ..metrics import (FeatureStats, InceptionFeatures, all_reduce_feature_stats, frechet_distance,
+                       kernel_inception_distance, psnr, ssim)
 from ..metrics.image import quantize_to_uint8
 
 __all__ = ["ReconEvalConfig", "evaluate_reconstruction", "write_recon_report"]
@@ -48,6 +52,7 @@ class ReconEvalConfig:
     batch_size: int = 32
     perceptual: str = "auto"  # "auto" | "lpips-vgg" | "effnet-lite0" | "none"
     fid: bool = True
+    kid: bool = False  # also the Kernel Inception Distance (single process: keeps the features)
     inception_weights: Optional[str] = None
     num_workers: int = 0
     keep_images: int = 8  # originals + pyramids kept for the report
@@ -122,13 +127,16 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
 
         perceptual, pname = build_perceptual(cfg.perceptual)
         perceptual = perceptual.to(device)
-    if not cfg.fid:
+    if cfg.kid and world > 1:
+        raise ValueError("kid=True keeps every Inception feature and runs in one process only")
+    if not (cfg.fid or cfg.kid):
         inception = None
     elif inception is None:
         inception = InceptionFeatures(cfg.inception_weights).to(device)
     sides = _output_sides(model)
-    # psnr, ssim, perceptual, exact matches, per-scale psnr
-    sums = torch.zeros(4 + len(sides), dtype=torch.float64, device=device)
+    # psnr, ssim, perceptual, exact matches, colour error, per-scale psnr
+    sums = torch.zeros(5 + len(sides), dtype=torch.float64, device=device)
+    feats: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
     usage = None
     if hasattr(model, "decode_indices"):
         from ..metrics import CodebookUsage
@@ -162,14 +170,19 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         sums[0] += psnr(rec_u8, x_u8, reduction="none", floor_mse=True).sum()
         sums[3] += (rec_u8 == x_u8).flatten(1).all(1).sum()
         sums[1] += ssim(rec_u8, x_u8, reduction="none").sum()
+        sums[4] += (rec_u8.double().mean((2, 3)) - x_u8.double().mean((2, 3))).abs().mean(1).sum() / 127.5
         if perceptual is not None:
             to_pm1 = lambda u8: u8.float() / 127.5 - 1.0  # noqa: E731
             sums[2] += perceptual(to_pm1(rec_u8), to_pm1(x_u8)).double().sum()
         for k, (rec, tgt) in enumerate(zip(pyr, scale_targets(x, [r.shape[-1] for r in pyr]))):
-            sums[4 + k] += psnr(rec.float(), tgt, reduction="none", floor_mse=True).sum()
+            sums[5 + k] += psnr(rec.float(), tgt, reduction="none", floor_mse=True).sum()
         if inception is not None:
-            real_stats.update(inception(x_u8))
-            fake_stats.update(inception(rec_u8))
+            fr, ff = inception(x_u8), inception(rec_u8)
+            real_stats.update(fr)
+            fake_stats.update(ff)
+            if cfg.kid:
+                feats["real"].append(fr.double().cpu())
+                feats["fake"].append(ff.double().cpu())
         count += x.shape[0]
         keep = [j for j in range(x.shape[0]) if (seen + j) % stride == 0]
         if keep and sum(t.shape[0] for t in kept_x) < cfg.keep_images:
@@ -194,8 +207,8 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             why.append(f"{short_total} unreadable image(s) skipped" if indexable else "the shards ran out")
         log.warning("evaluated %d images instead of num=%d: %s", total, cfg.num, "; ".join(why))
     avg = (sums / total).tolist()
-    out: dict[str, Any] = {"num_images": total, "psnr": avg[0], "ssim": avg[1],
-                           "psnr_exact_matches": int(sums[3].item()), "psnr_per_scale": dict(zip(sides, avg[4:])),
+    out: dict[str, Any] = {"num_images": total, "psnr": avg[0], "ssim": avg[1], "color_error": avg[4],
+                           "psnr_exact_matches": int(sums[3].item()), "psnr_per_scale": dict(zip(sides, avg[5:])),
                            "perceptual_name": pname, "data": cfg.data or "embedded held-out photos"}
     if indexable:  # a shard stream reads on past a skipped sample; the dataset logs each one
         out["num_skipped"] = short_total
@@ -211,12 +224,14 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             all_reduce_feature_stats(fake_stats)
         if total < 2:
             log.warning("rFID needs at least 2 images; skipped")
-        else:
+        elif cfg.fid:
             r, f = real_stats.to_gaussian(), fake_stats.to_gaussian()
             out["rfid"] = float(frechet_distance(r.mu, r.sigma, f.mu, f.sigma))
             if total < 2048:
                 out["rfid_note"] = (f"rFID on {total} images (< 2048 feature dimensions): a biased, rank-deficient "
                                     "estimate, comparable only with the same number of images")
+        if cfg.kid and total >= 2:
+            out["rkid"], out["rkid_std"] = kernel_inception_distance(torch.cat(feats["real"]), torch.cat(feats["fake"]))
         out["inception_source"] = inception.source
     k = cfg.keep_images
     out["samples"] = {"inputs": torch.cat(kept_x)[:k] if kept_x else None,

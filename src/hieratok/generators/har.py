@@ -41,12 +41,13 @@ from .llamagen import GPT, check_ids
 
 __all__ = [
     "SequenceLayout", "grouped_layout", "har_layout", "ar_layout", "har_level_sizes", "training_batch",
-    "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "release_step_scales", "CFG_SCHEDULES",
+    "sequence_loss", "filter_logits", "sample_logits", "cfg_scale_at", "release_step_scales",
+    "release_token_step_scales", "CFG_SCHEDULES",
     "SampleResult", "ARObjective",
     "sample_layout", "har_sample", "ar_sample",
 ]
 
-CFG_SCHEDULES = ("constant", "step", "step-release")
+CFG_SCHEDULES = ("constant", "step", "step-release", "step-release-tokens")
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,9 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str = "c
     """Guidance scale of forward pass ``step`` (0 = prefill) of ``num_steps``.
 
     ``"step"`` uses no guidance (scale 1) while ``step / (num_steps - 1)`` is below ``cfg_start``
-    and ``cfg_scale`` from there on; ``"constant"`` always ``cfg_scale``. (``"step-release"``
-    depends on the layout: :func:`release_step_scales`.)
+    and ``cfg_scale`` from there on; ``"constant"`` always ``cfg_scale``. (``"step-release"`` and
+    ``"step-release-tokens"`` are the release's: :func:`release_step_scales`,
+    :func:`release_token_step_scales`.)
     """
     if schedule not in ("constant", "step"):
         raise ValueError(f"cfg_schedule {schedule!r} is not one of ('constant', 'step')")
@@ -330,23 +332,52 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str = "c
     return cfg_scale if step / (num_steps - 1) >= cfg_start else 1.0
 
 
+def _release_step(ratio: float, cfg_scale: float, cfg_start: float, min_cfg_scale: float) -> float:
+    """The release's "step" schedule at progress ``ratio``: ``cfg_scale`` from ``cfg_start`` on, before
+    that ``min_cfg_scale`` (+1e-4 when it is 1, so that the guided formula still runs); no
+    guidance at all when ``cfg_scale`` is 1."""
+    if cfg_scale == 1.0 or ratio >= cfg_start:
+        return cfg_scale
+    return min_cfg_scale + 1e-4 if min_cfg_scale == 1.0 else min_cfg_scale
+
+
 def release_step_scales(layout: SequenceLayout, cfg_scale: float, cfg_start: float = 0.25,
                         min_cfg_scale: float = 1.0) -> list[float]:
-    """Per-pass guidance of the authors' released sampler for its "step" schedule.
+    """Per-pass guidance of the authors' published sampling script with its "step" schedule.
 
-    The release measures progress by tokens, not passes: the prefill has ratio 0; the first
-    next-token step ``1 / (N - 1)``, the next-token step j > 0 ``(j + 1) / a`` (a: next-token
-    steps after the prefill, 3 for ResTok); a level starting at position s has ``s / (N - 1)``.
-    Passes with ratio >= ``cfg_start`` use ``cfg_scale``, the others ``min_cfg_scale`` (+1e-4
-    when that is 1). For ResTok's 128-token layout and ``cfg_start=0.25`` this is
-    ``[u, u, g, g, u, u, u, g, g]`` (u = 1.0001, g = ``cfg_scale``): not monotone, unlike ``"step"``.
+    For a HAR generator the script (``sample_c2i_ddp_cfg_search.py``) passes the number of
+    forward passes as ``num_steps`` (``a + log2(N) - log2(a)`` with a next-token codes: 9 for
+    ResTok, ``har_layout(N, a).num_steps``), and the sampler (``decode_n_tokens`` /
+    ``decode_n_tokens_har``) then measures progress in passes: pass g (0 = the prefill) has ratio
+    ``g / (num_steps - 1)``.
+    For the plain next-token layout the script sets no ``num_steps``, and the token counter it
+    falls back to gives the same ``g / (N - 1)``. So for both layouts the ratio of pass g is
+    ``g / (layout.num_steps - 1)``. Passes with ratio >= ``cfg_start`` use ``cfg_scale``, the
+    others ``min_cfg_scale`` (+1e-4 when that is 1). For ResTok's 128-token layout, ``cfg_start=
+    0.25`` and ``cfg_scale=3.75`` (the published setting) this is ``[1.0001, 1.0001] + [3.75] * 7``:
+    the passes of ``"step"``, with 1.0001 instead of 1 on the unguided ones.
+    """
+    last = max(1, layout.num_steps - 1)
+    return [_release_step(g / last, cfg_scale, cfg_start, min_cfg_scale) for g in range(layout.num_steps)]
+
+
+def release_token_step_scales(layout: SequenceLayout, cfg_scale: float, cfg_start: float = 0.25,
+                              min_cfg_scale: float = 1.0) -> list[float]:
+    """The release's HAR sampler when ``num_steps`` is not set: not used by its published sampling script.
+
+    Without ``num_steps`` the release measures progress by a token counter: the prefill has ratio
+    0; the first next-token pass ``1 / (N - 1)``, the next-token passes g = 2..a ``g / a`` (a:
+    next-token passes after the prefill, 3 for ResTok); a level starting at position s has
+    ``s / (N - 1)``. Kept as ``cfg_schedule="step-release-tokens"`` to compare with.
+    Guidance as in :func:`release_step_scales`. For ResTok's 128-token layout and
+    ``cfg_start=0.25`` this is ``[u, u, g, g, u, u, u, g, g]`` (u = 1.0001, g = ``cfg_scale``): not
+    monotone. For the plain next-token layout it equals :func:`release_step_scales`.
     """
     N = layout.num_tokens
     bounds = layout.group_bounds()
     ar_steps = 0  # single-token passes right after the prefill
     while ar_steps + 1 < len(bounds) and bounds[ar_steps + 1][1] - bounds[ar_steps + 1][0] == 1:
         ar_steps += 1
-    low = min_cfg_scale + 1e-4 if min_cfg_scale == 1.0 else min_cfg_scale
     out = []
     for g, (s, e) in enumerate(bounds):
         if g == 0:
@@ -355,7 +386,7 @@ def release_step_scales(layout: SequenceLayout, cfg_scale: float, cfg_start: flo
             ratio = 1 / (N - 1) if g == 1 else g / ar_steps
         else:
             ratio = s / (N - 1)
-        out.append(cfg_scale if cfg_scale == 1.0 or ratio >= cfg_start else low)
+        out.append(_release_step(ratio, cfg_scale, cfg_start, min_cfg_scale))
     return out
 
 
@@ -407,6 +438,8 @@ def sample_layout(
     _check(model, layout)
     if cfg_schedule == "step-release" and cfg_scales is None:
         cfg_scales = release_step_scales(layout, cfg_scale, cfg_start)
+    elif cfg_schedule == "step-release-tokens" and cfg_scales is None:
+        cfg_scales = release_token_step_scales(layout, cfg_scale, cfg_start)
     if cfg_scales is not None:
         cfg_scales = [float(s) for s in cfg_scales]
         if len(cfg_scales) != layout.num_steps or min(cfg_scales) < 0:
@@ -449,7 +482,8 @@ def har_sample(model: GPT, labels: torch.Tensor, cfg_scale: float = 1.0, *, num_
     N = 128 with 4 next-token codes takes 9 forward passes (``har_layout(128, 4).num_steps``).
     ``sampling``: the keywords of :func:`sample_layout` (``cfg_schedule``, ``top_k``, ``top_p``,
     ``temperature``, ``generator``, ...). The published setting is ``cfg_scale=3.75,
-    cfg_schedule="step-release", top_p=0.95``.
+    cfg_schedule="step-release", top_p=0.95`` (per pass ``[1.0001, 1.0001] + [3.75] * 7``, as the
+    authors' sampling script runs it: :func:`release_step_scales`).
     """
     return sample_layout(model, labels, har_layout(num_tokens, num_ar_tokens), cfg_scale=cfg_scale, **sampling).codes
 

@@ -7,7 +7,7 @@ that scale's size: ``sum_k w_k (l1 * L1 + mse * MSE + perceptual * P)`` plus ``k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,9 @@ from torch import nn
 
 from ..distributions import DiagonalGaussian
 
-__all__ = ["ReconLossConfig", "MultiScaleReconstructionLoss", "scale_targets"]
+__all__ = ["ReconLossConfig", "MultiScaleReconstructionLoss", "scale_targets", "resolve_scale_weights", "SCALE_WEIGHTINGS"]
+
+SCALE_WEIGHTINGS = ("equal", "pixels")
 
 
 @dataclass
@@ -27,11 +29,45 @@ class ReconLossConfig:
     perceptual: float = 1.0
     perceptual_kind: str = "auto"  # "auto" | "lpips-vgg" | "effnet-lite0" | "none"
     kl: float = 1e-6
-    scale_weights: Optional[tuple[float, ...]] = None  # one per scale, coarse to fine; None = all 1
+    scale_weights: Any = "equal"  # "equal" | "pixels" | one weight per scale, coarse to fine: resolve_scale_weights
 
     def __post_init__(self) -> None:
         if self.perceptual_kind == "none" and self.perceptual > 0:
             raise ValueError(f"loss.perceptual_kind='none' needs loss.perceptual=0 (got {self.perceptual})")
+        w = self.scale_weights
+        if w is None:  # configs written before the named weightings
+            self.scale_weights = "equal"
+        elif isinstance(w, str):
+            if w not in SCALE_WEIGHTINGS:
+                raise ValueError(f"loss.scale_weights {w!r} is not one of {SCALE_WEIGHTINGS} or a list of weights")
+        else:
+            try:
+                ws = tuple(float(v) for v in w)
+            except (TypeError, ValueError):
+                raise ValueError(f"loss.scale_weights must be {SCALE_WEIGHTINGS} or a list of numbers, got {w!r}") from None
+            if not ws or not all(v >= 0 and v < float("inf") for v in ws) or not any(ws):
+                raise ValueError(f"loss.scale_weights {list(ws)} must be finite, non-negative and not all zero")
+            self.scale_weights = ws
+
+
+def resolve_scale_weights(spec: Any, sides: Sequence[int]) -> tuple[float, ...]:
+    """One weight per scale (coarse to fine) for the decoder scales of token-grid ``sides``.
+
+    ``"equal"``: 1 each, the paper's sum over scales (eq. 9), so the finest scale carries 1/S of the
+    pixel objective. ``"pixels"``: proportional to each scale's pixel (token) count and summing to
+    S like ``"equal"``, so every pixel of every scale counts the same (the finest scale of
+    [1, 2, 4, 8, 16] gets 256/341 of the objective). A list: those weights, one per scale.
+    """
+    S = len(sides)
+    if spec is None or spec == "equal":
+        return (1.0,) * S
+    if spec == "pixels":
+        n = [s * s for s in sides]
+        return tuple(S * v / sum(n) for v in n)
+    w = tuple(float(v) for v in spec)
+    if len(w) != S:
+        raise ValueError(f"loss.scale_weights has {len(w)} values for the {S} scales {list(sides)}")
+    return w
 
 
 def scale_targets(x_BCHW: torch.Tensor, sizes: Sequence[int | tuple[int, int]]) -> list[torch.Tensor]:
@@ -46,17 +82,19 @@ class MultiScaleReconstructionLoss(nn.Module):
 
     Args:
         cfg: weights.
-        num_scales: number of decoder scales (for ``scale_weights`` validation).
+        scales: the decoder's token-grid sides, coarse to fine (an int: that many scales, for
+            ``"equal"`` or explicit weights).
         perceptual: a frozen module ``(x, y) -> (B,)`` distances, or None when its weight is 0.
     """
 
-    def __init__(self, cfg: ReconLossConfig, num_scales: int, perceptual: Optional[nn.Module] = None) -> None:
+    def __init__(self, cfg: ReconLossConfig, scales: int | Sequence[int], perceptual: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        w = cfg.scale_weights if cfg.scale_weights is not None else (1.0,) * num_scales
-        if len(w) != num_scales:
-            raise ValueError(f"scale_weights has {len(w)} values for {num_scales} scales")
-        self.scale_weights = tuple(float(v) for v in w)
+        if isinstance(scales, int):
+            if cfg.scale_weights == "pixels":
+                raise ValueError("scale_weights='pixels' needs the scale sides, not only their number")
+            scales = [1] * scales
+        self.scale_weights = resolve_scale_weights(cfg.scale_weights, list(scales))
         if cfg.perceptual > 0 and perceptual is None:
             raise ValueError("perceptual weight > 0 needs a perceptual module")
         self.perceptual = perceptual

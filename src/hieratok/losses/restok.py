@@ -4,7 +4,12 @@
 
 * L2: mean squared error of images in [0, 1] (the release's scale; with our [-1, 1] images
   that is ``mse(x, x_hat) / 4``), weight 1.0.
-* LPIPS: weight 1.0 (any perceptual module taking [-1, 1] images, e.g. :class:`LPIPS`).
+* LPIPS: weight 1.0 (any perceptual module taking [-1, 1] images, e.g. :class:`LPIPS`), on a
+  random pad-and-crop of both images as in the release's training (``padding_and_trimming`` in
+  its ``modeling/modules/perceptual_loss.py``; :func:`perceptual_pad_crop`): both are padded by
+  15 px (replicate), the same window is cut from both, each edge moved in by 0..15 px drawn
+  independently, and resized back (bicubic). ``perceptual_pad_crop=False`` compares the images
+  as they are.
 * L_vq: the quantizer's ``codebook + 0.25 * commitment`` loss, weight 1.0.
 * Alignment with a frozen foundation model (DINOv3-L in the release), weight 1.0, cosine margin
   m = 0.25: ``L_enc = mean_b relu(1 - m - cos(mean_n P_e(t_bn), cls_b))`` between the projected
@@ -33,7 +38,7 @@ from .alignment import cosine_margin_loss, resize_features
 from .dino_disc import DIFFAUG_POLICY
 from .gan import GANConfig, GANLoss
 
-__all__ = ["ResTokLossConfig", "ResTokLoss", "restok_gan_config", "cosine_margin_loss"]
+__all__ = ["ResTokLossConfig", "ResTokLoss", "restok_gan_config", "cosine_margin_loss", "perceptual_pad_crop"]
 
 
 def restok_gan_config(release_discriminator: bool = False, **overrides: Any) -> GANConfig:
@@ -46,20 +51,63 @@ def restok_gan_config(release_discriminator: bool = False, **overrides: Any) -> 
     return GANConfig(**{**base, **overrides})
 
 
+def perceptual_pad_crop(
+    a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, pad: int = 15, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random pad-and-crop of two image batches (the release's perceptual-loss input).
+
+    Both batches are padded by ``pad`` pixels on every side (edge pixels repeated); one window is
+    cut from both, its top, bottom, left and right edges each moved inwards by an offset drawn
+    uniformly from ``0..pad`` (in that order, one window for the whole batch), and resized back
+    to (H, W) with bicubic interpolation. Padding and interpolation are affine-invariant, so the
+    result on [-1, 1] images equals the release's on [0, 1] ones.
+
+    Args:
+        a_BCHW, b_BCHW: two batches of the same shape (reconstruction and target).
+        pad: padding and largest offset (15 in the release).
+        generator: source of the four offsets (default: torch's global generator). The offsets are
+            drawn on the generator's device and read back as Python ints.
+    """
+    if a_BCHW.shape != b_BCHW.shape or a_BCHW.ndim != 4:
+        raise ValueError(f"need two (B, C, H, W) batches of one shape, got {tuple(a_BCHW.shape)}, {tuple(b_BCHW.shape)}")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if pad == 0:
+        return a_BCHW, b_BCHW
+    H, W = a_BCHW.shape[-2:]
+    device = generator.device if generator is not None else torch.device("cpu")
+    top, bottom, left, right = torch.randint(0, pad + 1, (4,), generator=generator, device=device).tolist()
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+
+    def window(x_BCHW: torch.Tensor) -> torch.Tensor:
+        x_BCHW = F.pad(x_BCHW, (pad, pad, pad, pad), mode="replicate")[..., top:Hp - bottom, left:Wp - right]
+        return F.interpolate(x_BCHW, size=(H, W), mode="bicubic", align_corners=False)
+
+    return window(a_BCHW), window(b_BCHW)
+
+
 @dataclass
 class ResTokLossConfig:
-    """Weights of the ResTok objective (defaults: the release)."""
+    """Weights of the ResTok objective (defaults: the release).
+
+    ``perceptual_pad_crop``: feed the perceptual term a random pad-and-crop of both images
+    (:func:`perceptual_pad_crop`, ``perceptual_pad`` pixels), as the release's training does.
+    """
 
     reconstruction_weight: float = 1.0
     perceptual_weight: float = 1.0
     quantizer_weight: float = 1.0
     alignment_weight: float = 1.0
     alignment_margin: float = 0.25
+    perceptual_pad_crop: bool = True
+    perceptual_pad: int = 15
 
     def __post_init__(self) -> None:
         for k, v in vars(self).items():
             if v < 0:
                 raise ValueError(f"{k} must be >= 0, got {v}")
+        if isinstance(self.perceptual_pad, bool) or not isinstance(self.perceptual_pad, int):
+            raise ValueError(f"perceptual_pad must be an integer number of pixels, got {self.perceptual_pad!r}")
 
 
 class ResTokLoss(nn.Module):
@@ -86,6 +134,7 @@ class ResTokLoss(nn.Module):
         *,
         foundation_cls: Optional[torch.Tensor] = None,
         foundation_features: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> dict[str, torch.Tensor]:
         """Loss of one batch.
 
@@ -97,6 +146,8 @@ class ResTokLoss(nn.Module):
                 when ``out`` has ``encoder_alignment``).
             foundation_features: (B, A, h, w) foundation patch features (decoder term, when
                 ``out`` has ``decoder_alignment``); resized to the decoder grid if needed.
+            generator: source of the perceptual pad-and-crop window (default: torch's global
+                generator).
 
         Returns:
             ``{"loss": total}`` plus the detached terms ``l2``, ``vq``, ``commitment`` and
@@ -111,7 +162,10 @@ class ResTokLoss(nn.Module):
         logs = {"l2": l2.detach(), "vq": out["vq_loss"].detach(), "commitment": out["commitment_loss"].detach(),
                 "codebook": out["codebook_loss"].detach()}
         if self.perceptual is not None and c.perceptual_weight > 0:
-            p = self.perceptual(x_BCHW, rec).mean()
+            x_p, rec_p = x_BCHW, rec
+            if c.perceptual_pad_crop:
+                x_p, rec_p = perceptual_pad_crop(x_BCHW, rec, c.perceptual_pad, generator)
+            p = self.perceptual(x_p, rec_p).mean()
             total = total + c.perceptual_weight * p
             logs["perceptual"] = p.detach()
         if foundation_cls is not None and "encoder_alignment" in out:

@@ -28,6 +28,7 @@ from .inception import (
     inception_score_from_logits,
     tf_bilinear_resize,
 )
+from .kid import kernel_inception_distance, polynomial_mmd2
 from .uniformity import (
     UniformityResult,
     density_cv,
@@ -40,7 +41,7 @@ __all__ = [
     "CodebookStats", "CodebookUsage", "codebook_stats",
     "FeatureStats", "FIDResult", "GaussianStats", "all_reduce_feature_stats", "compute_feature_stats",
     "fid_from_sources", "frechet_distance", "iter_image_folder", "iter_npz_images", "stats_from_source",
-    "psnr", "quantize_to_uint8", "ssim",
+    "kernel_inception_distance", "polynomial_mmd2", "psnr", "quantize_to_uint8", "ssim",
     "FID_FEATURE_DIM", "PT_INCEPTION_FILENAME", "FIDInceptionV3", "InceptionFeatures",
     "InceptionScoreResult", "InceptionScoreUnavailable", "inception_score", "inception_score_from_logits",
     "tf_bilinear_resize",

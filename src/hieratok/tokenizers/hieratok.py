@@ -27,9 +27,10 @@ from ..hub import PretrainedMixin
 from ..nn import ATTENTION_BACKENDS, ATTENTION_MODES, LayerNorm2d, MultiScalePosEmbed, PatchEmbed, Transformer
 from ..nn import dense_mask, mask_mod, unpatchify
 
-__all__ = ["HieraTokConfig", "HieraTok", "ConvDownsampler", "InterpDownsampler", "default_scales"]
+__all__ = ["HieraTokConfig", "HieraTok", "ConvDownsampler", "InterpDownsampler", "DOWNSAMPLERS",
+           "area_downsample", "default_scales"]
 
-DOWNSAMPLERS = ("conv", "interp")
+DOWNSAMPLERS = ("conv", "conv-residual", "conv-prenorm", "interp")
 
 
 def default_scales(grid: int) -> tuple[int, ...]:
@@ -56,8 +57,8 @@ class HieraTokConfig:
     latent_channels: int = 16
     multiscale: bool = True
     scales: Optional[tuple[int, ...]] = None
-    downsample: str = "conv"  # "conv" (learned, ViTDet-like) or "interp" (area interpolation)
-    downsample_width: Optional[int] = None  # hidden width of the conv downsampler; None = decoder_width
+    downsample: str = "conv"  # one of DOWNSAMPLERS (ConvDownsampler / InterpDownsampler); README "The model"
+    downsample_width: Optional[int] = None  # hidden width of the conv downsamplers; None = decoder_width
     attention: str = "scale_causal"  # "scale_causal" | "scale_independent" | "full"
     encoder_depth: int = 6
     encoder_width: int = 768
@@ -144,35 +145,84 @@ def _strided_kernel(grid: int, side: int) -> tuple[int, int]:
     return grid - (side - 1) * stride, stride
 
 
+def area_downsample(z_BdGG: torch.Tensor, side: int) -> torch.Tensor:
+    """Area interpolation of a (B, d, G, G) map to (B, d, side, side); the identity at side G."""
+    return z_BdGG if side == z_BdGG.shape[-1] else F.interpolate(z_BdGG, size=(side, side), mode="area")
+
+
+class _PreNormStack(nn.Module):
+    """strided conv -> (+ 3x3 conv of GELU(LayerNorm(.))) -> 1x1 conv: the three convs of the
+    paper's stack with the norm inside a residual branch, so the path strided conv -> 1x1 conv is
+    linear and a token's magnitude reaches the output (the post-norm stack erases it). The branch's
+    conv starts at zero, so the stack starts as a linear map of z."""
+
+    def __init__(self, down: nn.Conv2d, mid: nn.Conv2d, out: nn.Conv2d, width: int, eps: float) -> None:
+        super().__init__()
+        self.down, self.norm, self.mid, self.out = down, LayerNorm2d(width, eps=eps), mid, out
+
+    def forward(self, z_BdGG: torch.Tensor) -> torch.Tensor:
+        h = self.down(z_BdGG)  # (B, W, s, s)
+        return self.out(h + self.mid(F.gelu(self.norm(h))))  # (B, d, s, s)
+
+
 class ConvDownsampler(nn.Module):
     """Learned multi-scale construction (HieraTok 3.2; appendix E: "three convolutional kernels per
     resolution", after ViTDet's simple feature pyramid).
 
     For every scale s, from the full latent map: a strided conv d -> W that brings G x G to s x s,
-    a 3x3 conv W -> W, and a 1x1 conv W -> d, with LayerNorm2d + GELU between them. The convs run
-    at the decoder width W: with the paper's f16d16 model this adds 52.9M parameters, putting the
-    total at 399.4M against the paper's 401.18M (the single-scale twin is 346.5M vs 346.25M). The
-    forward FLOPs come out 7.5% above the paper's (247.7 vs 230.45 G; single scale 184.7 vs 182.36
-    G): the paper does not say how it counted (README, "The model").
+    a 3x3 conv W -> W, and a 1x1 conv W -> d. ``design`` places the rest:
+
+    - ``"conv"`` (the paper read literally): LayerNorm2d + GELU after the first two convs. The
+      LayerNorm right after a linear map of z makes each output token invariant to the magnitude of
+      the latent around it, and the finest map starts as a random function of z, not z itself.
+    - ``"conv-residual"``: the same stack added to the area interpolation of z, its last conv
+      zero-initialised: training starts from ``interp`` (the finest map is z) and learns a correction.
+    - ``"conv-prenorm"``: the norm moved into a zero-initialised residual branch
+      (:class:`_PreNormStack`), so the stack has a linear path and keeps magnitudes.
+
+    The model calls :meth:`init_branches` after its generic initialisation.
+
+    All three have the same convolutions: with the paper's f16d16 model at the decoder width W they
+    add 52.9M parameters, putting the total at 399.4M against the paper's 401.18M (the single-scale
+    twin is 346.5M vs 346.25M). The forward FLOPs come out 7.5% above the paper's (247.7 vs 230.45 G;
+    single scale 184.7 vs 182.36 G): the paper does not say how it counted (README, "The model").
     """
 
-    def __init__(self, latent_channels: int, width: int, grid: int, scales: Sequence[int], eps: float = 1e-6) -> None:
+    def __init__(self, latent_channels: int, width: int, grid: int, scales: Sequence[int], eps: float = 1e-6,
+                 design: str = "conv") -> None:
         super().__init__()
-        self.scales = tuple(scales)
-        stacks = []
+        if design not in ("conv", "conv-residual", "conv-prenorm"):
+            raise ValueError(f"conv downsampler design {design!r} is not one of conv, conv-residual, conv-prenorm")
+        self.scales, self.design = tuple(scales), design
+        stacks: list[nn.Module] = []
         for s in self.scales:
             k, t = _strided_kernel(grid, s)
-            stacks.append(nn.Sequential(
-                nn.Conv2d(latent_channels, width, kernel_size=k, stride=t),
-                LayerNorm2d(width, eps=eps), nn.GELU(),
-                nn.Conv2d(width, width, kernel_size=3, padding=1),
-                LayerNorm2d(width, eps=eps), nn.GELU(),
-                nn.Conv2d(width, latent_channels, kernel_size=1),
-            ))
+            down = nn.Conv2d(latent_channels, width, kernel_size=k, stride=t)
+            mid = nn.Conv2d(width, width, kernel_size=3, padding=1)
+            out = nn.Conv2d(width, latent_channels, kernel_size=1)
+            if design == "conv-prenorm":
+                stacks.append(_PreNormStack(down, mid, out, width, eps))
+            else:
+                stacks.append(nn.Sequential(down, LayerNorm2d(width, eps=eps), nn.GELU(),
+                                            mid, LayerNorm2d(width, eps=eps), nn.GELU(), out))
         self.stacks = nn.ModuleList(stacks)
 
+    @torch.no_grad()
+    def init_branches(self) -> None:
+        """Zero the convs that make ``conv-residual`` start as area interpolation (the last conv of
+        every stack) and ``conv-prenorm`` as a linear map (its residual branch's 3x3 conv)."""
+        for st in self.stacks:
+            conv = {"conv-residual": st[-1] if isinstance(st, nn.Sequential) else None,
+                    "conv-prenorm": getattr(st, "mid", None)}.get(self.design)
+            if conv is not None:
+                conv.weight.zero_()
+                conv.bias.zero_()
+
     def forward(self, z_BdGG: torch.Tensor) -> list[torch.Tensor]:
-        return [stack(z_BdGG) for stack in self.stacks]  # each (B, d, s, s)
+        maps = [stack(z_BdGG) for stack in self.stacks]  # each (B, d, s, s)
+        if self.design == "conv-residual":
+            maps = [area_downsample(z_BdGG, s) + m for s, m in zip(self.scales, maps)]
+        return maps
 
 
 class InterpDownsampler(nn.Module):
@@ -183,8 +233,7 @@ class InterpDownsampler(nn.Module):
         self.scales = tuple(scales)
 
     def forward(self, z_BdGG: torch.Tensor) -> list[torch.Tensor]:
-        G = z_BdGG.shape[-1]
-        return [z_BdGG if s == G else F.interpolate(z_BdGG, size=(s, s), mode="area") for s in self.scales]
+        return [area_downsample(z_BdGG, s) for s in self.scales]
 
 
 class Encoder(nn.Module):
@@ -270,14 +319,17 @@ class HieraTok(PretrainedMixin, nn.Module):
         self.encoder = Encoder(config)
         if not config.multiscale:
             self.downsampler: Optional[nn.Module] = None
-        elif config.downsample == "conv":
-            width = config.decoder_width if config.downsample_width is None else config.downsample_width
-            self.downsampler = ConvDownsampler(config.latent_channels, width, config.grid, config.scales, config.norm_eps)
-        else:
+        elif config.downsample == "interp":
             self.downsampler = InterpDownsampler(config.scales)
+        else:
+            width = config.decoder_width if config.downsample_width is None else config.downsample_width
+            self.downsampler = ConvDownsampler(config.latent_channels, width, config.grid, config.scales,
+                                               config.norm_eps, design=config.downsample)
         self.decoder = Decoder(config)
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.encoder.pos_embed, std=config.init_std)
+        if isinstance(self.downsampler, ConvDownsampler):
+            self.downsampler.init_branches()
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -43,8 +43,18 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     warmup_ratio: float = 0.03
+    warmup_steps: Optional[int] = None  # linear warm-up length in steps; when set, replaces warmup_ratio (task restok)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int)
+                                              or self.warmup_steps < 0):
+            raise ValueError(f"optim.warmup_steps must be an integer >= 0 or null, got {self.warmup_steps!r}")
+
+    def warmup_fraction(self, total_steps: int) -> float:
+        """Warm-up as a fraction of ``total_steps``: ``warmup_steps / total_steps`` when set, else ``warmup_ratio``."""
+        return self.warmup_ratio if self.warmup_steps is None else self.warmup_steps / max(1, total_steps)
 
 
 @dataclass
@@ -80,6 +90,12 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/tokenizer"
     log_every: int = 10
+    # tokenizer tasks: per-scale PSNR and colour error of a fixed held-out batch (EMA weights if any,
+    # eval mode, rank 0) every diag_every steps and at the end; 0 = off (see train/diagnostics.py)
+    diag_every: int = 50
+    diag_images: int = 8  # size of that batch
+    diag_data: Optional[str] = None  # its images (folder / shards); None: the embedded held-out photos when
+    # training on the embedded photos, else diag_images fixed (centre-cropped) training images
     image_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
@@ -99,6 +115,11 @@ class TrainConfig:
     sample_count: int = 8
 
     def __post_init__(self) -> None:
+        if self.optim.warmup_steps is not None and self.task != "restok":
+            raise ValueError(f"optim.warmup_steps is read by task 'restok' only (this is task {self.task!r}); "
+                             "set optim.warmup_ratio instead")
+        if self.diag_every < 0 or self.diag_images < 1:
+            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0: off) and diag_images={self.diag_images} >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS} "
                              "(bf16: autocast; fp16 training is not supported)")
@@ -107,9 +128,12 @@ class TrainConfig:
 # Defaults per task, applied before a YAML file and overrides (appendix F for DiT; LlamaGen for AR).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "tokenizer": {},
-    # the release (RESTOK notes): AdamW 1e-4, betas (0.9, 0.95), wd 1e-4, cosine to 1e-5, EMA 0.9999, LPIPS 1.0
+    # the release (configs/training/ResTok/restok_l_128.yaml): AdamW 1e-4, betas (0.9, 0.95), wd 1e-4, 5k
+    # warm-up steps then cosine to 1e-5, grad norm clipped at 10, EMA 0.9999, LPIPS 1.0; its alignment term
+    # (vf.weight=1 turns it on) uses a cosine margin of 0.25 and a constant weight
     "restok": {"preset": "restok-tiny", "out_dir": "runs/restok", "optim.lr": 1e-4, "optim.end_lr": 1e-5,
-               "optim.betas": (0.9, 0.95), "optim.weight_decay": 1e-4, "ema_decay": 0.9999},
+               "optim.betas": (0.9, 0.95), "optim.weight_decay": 1e-4, "optim.warmup_steps": 5000,
+               "optim.grad_clip": 10.0, "ema_decay": 0.9999, "vf.margin_cos": 0.25, "vf.adaptive": False},
     "dit": {"preset": "dit-xl", "optim.lr": 1e-4, "optim.end_lr": 1e-4, "optim.warmup_ratio": 0.0,
             "optim.betas": (0.9, 0.999), "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "ema_decay": 0.9999,
             "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/dit", "image_every": 5000},

@@ -24,6 +24,7 @@ from torch import nn
 from ..losses.reconstruction import MultiScaleReconstructionLoss
 from ..tokenizers import HieraTok
 from .config import TrainConfig
+from .diagnostics import posterior_stats
 from .parallel import unwrap
 
 __all__ = ["Phase", "Task", "TokenizerTask", "ResTokTask", "DiTTask", "ARTask", "build_task"]
@@ -90,6 +91,17 @@ class Task:
                   out_dir: Path, step: int) -> None:
         """Write images of the current state (reconstruction grids, sample grids)."""
 
+    def diagnostic_images(self) -> Optional[tuple[torch.Tensor, str]]:
+        """The fixed batch of the periodic diagnostics (on CPU) and a phrase saying what it is, or
+        None: this task has no held-out diagnostics. Called once, on rank 0; must not use the
+        global RNG."""
+        return None
+
+    def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics of ``model`` (unwrapped, eval mode, EMA weights if any, under no_grad) on the
+        :meth:`diagnostic_images` batch ``x``: 0-d tensors under their CSV column names."""
+        return {}
+
 
 def _optim_phase(cfg: TrainConfig, modules: tuple[str, ...], loss_fn: Callable) -> Phase:
     o = cfg.optim
@@ -102,7 +114,7 @@ class TokenizerTask(Task):
     def __init__(self, cfg: TrainConfig) -> None:
         perceptual = self._setup(cfg, HieraTok)
         model = self.modules["model"]
-        self.loss = MultiScaleReconstructionLoss(cfg.loss, len(model.config.scales), perceptual)
+        self.loss = MultiScaleReconstructionLoss(cfg.loss, model.config.scales, perceptual)
         if cfg.vf.weight > 0:
             from ..losses.alignment import VFAlignmentLoss, build_frozen_encoder
 
@@ -169,6 +181,37 @@ class TokenizerTask(Task):
                              random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip, rank=rank,
                              world_size=world_size, short_side=d.short_side)
 
+    def diagnostic_images(self) -> Optional[tuple[torch.Tensor, str]]:
+        """``diag_images`` images of ``diag_data``, else of the embedded photos' held-out split when
+        training on the embedded photos, else fixed training images (centre crop, no flip: the data
+        has no held-out split the config names)."""
+        from ..data import build_dataset
+        from .diagnostics import fixed_images
+
+        c, d = self.cfg, self.cfg.data
+        source = c.diag_data or d.path
+        # an evaluation split: centre crops, no flip, shards in order, every shard on this (the main) rank
+        data = build_dataset(source, "heldout", self.image_size, seed=c.seed, short_side=d.short_side, rank=0,
+                             world_size=1, on_error="none")
+        x = fixed_images(data, c.diag_images)
+        if x.shape[0] == 0:
+            raise ValueError(f"{source}: no readable image for the diagnostics: set diag_data=<folder> or diag_every=0")
+        if c.diag_data:
+            what = f"held-out images of {c.diag_data}"
+        elif d.path is None:
+            what = "crops of the embedded held-out photos (" + ", ".join(data.names) + ")"
+        else:
+            what = (f"TRAINING images of {d.path} (centre crops; the data has no held-out split: "
+                    "set diag_data=<folder> for held-out images)")
+        return x, f"{x.shape[0]} fixed {what}"
+
+    def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-scale PSNR and colour error of the reconstructions (posterior mode in eval mode)."""
+        from .diagnostics import reconstruction_diagnostics
+
+        recs = model(x)["reconstructions"]
+        return reconstruction_diagnostics(x, [recs] if isinstance(recs, torch.Tensor) else list(recs))
+
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
                   out_dir: Path, step: int) -> None:
         from ..report import reconstruction_grid
@@ -197,6 +240,7 @@ class TokenizerTask(Task):
         out = mods["model"](x)
         recs = out["reconstructions"]
         logs = self.loss(x, recs, out["posterior"])
+        logs.update(posterior_stats(out["posterior"]))  # on the device: read back with the other logs
         ctx.setdefault("recs", []).append([r.detach() for r in recs])
         model = unwrap(mods["model"])
         self._add_gan_term(logs, recs, step, model.decoder.head.weight, logs["rec_loss"])
@@ -222,28 +266,84 @@ class TokenizerTask(Task):
 
 
 class ResTokTask(TokenizerTask):
-    """ResTok: the release's objective (MSE of [0, 1] images, perceptual, VQ codebook + commitment;
-    nested dropout in the model), optionally the GAN phase (``gan.*``; the release's settings are
-    :func:`hieratok.losses.restok_gan_config`). The foundation-model alignment terms need features
-    the CLI does not compute yet: the model is built without its alignment heads (``model.*``
-    overrides can add them for training from Python with :class:`hieratok.losses.ResTokLoss`)."""
+    """ResTok: the release's objective (MSE of [0, 1] images, perceptual on a random pad-and-crop of
+    both images, VQ codebook + commitment; nested dropout in the model), optionally the GAN phase
+    (``gan.*``; the release's settings are :func:`hieratok.losses.restok_gan_config`) and the
+    foundation-feature alignment terms (``vf.weight > 0``: the model gets its two alignment heads,
+    sized to the frozen ``vf.encoder``'s features; weight ``vf.weight``, cosine margin
+    ``vf.margin_cos``; ``vf.margin_dm`` is not used). The warm-up of the generator phase is
+    ``optim.warmup_steps`` when set."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from ..losses.restok import ResTokLoss, ResTokLossConfig
         from ..tokenizers.restok import ResTok
 
-        if cfg.vf.weight > 0:
-            raise ValueError("task 'restok' has no foundation-feature alignment in the CLI yet: set vf.weight=0")
-        perceptual = self._setup(cfg, ResTok, encoder_alignment=False, decoder_alignment=False)
-        self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual), perceptual)
+        encoder, heads = self._alignment_encoder(cfg)
+        perceptual = self._setup(cfg, ResTok, **heads)
+        if encoder is not None:
+            self._check_alignment_heads(encoder)
+            self.vf_encoder = encoder
+        self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual, alignment_weight=cfg.vf.weight,
+                                                alignment_margin=cfg.vf.margin_cos), perceptual)
+
+    @staticmethod
+    def _alignment_encoder(cfg: TrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
+        """The frozen foundation encoder (None without alignment) and the model defaults it implies:
+        both alignment heads of its feature width, or no heads."""
+        if cfg.vf.weight <= 0:
+            return None, {"encoder_alignment": False, "decoder_alignment": False}
+        if cfg.vf.adaptive:
+            raise ValueError("task 'restok' weights its alignment terms by the constant vf.weight (as released): "
+                             "set vf.adaptive=false")
+        from ..losses.alignment import build_frozen_encoder
+        from ..tokenizers.restok import build_restok_config
+
+        encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path)
+        if cfg.init_from:  # the saved config decides; checked against the encoder once built
+            return encoder, {}
+        size = build_restok_config(cfg.preset, **cfg.model).image_size
+        dim = encoder.output_shape(size)[0]
+        return encoder, {"encoder_alignment": True, "decoder_alignment": True, "alignment_dim": dim}
+
+    def _check_alignment_heads(self, encoder: nn.Module) -> None:
+        c = self.model_config
+        dim = encoder.feature_dim or encoder.output_shape(c.image_size)[0]
+        if not (c.encoder_alignment or c.decoder_alignment):
+            raise ValueError("vf.weight > 0 needs a ResTok with alignment heads (model.encoder_alignment / "
+                             "model.decoder_alignment), or set vf.weight=0")
+        if c.alignment_dim != dim:
+            fix = "use a vf.encoder of that width" if self.cfg.init_from else f"set model.alignment_dim={dim}"
+            raise ValueError(f"the ResTok's alignment heads project to {c.alignment_dim} channels, the frozen encoder "
+                             f"{self.cfg.vf.encoder!r} gives {dim}: {fix}")
+
+    def phases(self) -> list[Phase]:
+        """The tokenizer phases, the generator's warm-up taken from ``optim.warmup_steps`` when set
+        (the release: 5k steps)."""
+        from dataclasses import replace
+
+        o = self.cfg.optim
+        ph = super().phases()
+        if o.warmup_steps is None:
+            return ph
+        if o.warmup_steps >= self.cfg.steps:
+            log.warning("optim.warmup_steps=%d is not below steps=%d: the learning rate never reaches optim.lr=%g",
+                        o.warmup_steps, self.cfg.steps, o.lr)
+        frac = o.warmup_fraction(self.cfg.steps)
+        return [replace(p, warmup_ratio=frac) if p.name == "g" else p for p in ph]
 
     def generator_loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
                        step: int) -> dict[str, torch.Tensor]:
-        """ResTok's reconstruction + perceptual + VQ loss (+ GAN generator term)."""
+        """ResTok's reconstruction + perceptual + VQ loss (+ alignment terms + GAN generator term)."""
         x = batch[0]
         out = mods["model"](x)
         rec = out["reconstructions"]
-        logs = self.loss(x, out, step)
+        foundation: dict[str, torch.Tensor] = {}
+        if self.vf_encoder is not None:
+            feats = self.vf_encoder(x)  # (B, A, h, w), no graph
+            # the release aligns the encoder with DINOv3's class token; a feature map gives no class
+            # token, so its spatial mean stands in (the release's choice for SigLIP2, which has none)
+            foundation = {"foundation_cls": feats.mean(dim=(2, 3)), "foundation_features": feats}
+        logs = self.loss(x, out, step, **foundation)
         ctx.setdefault("recs", []).append([rec.detach()])
         self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).pixel_decoder.conv_out.weight, logs["loss"])
         return logs

@@ -2,6 +2,14 @@
 
 ``Trainer(cfg).fit()`` runs on one CPU as well as under ``torchrun`` (DDP, or FSDP2 with
 ``fsdp=True``). ``train_step`` is the whole update for one batch; everything else is plumbing.
+
+What a run writes to ``metrics.csv`` / TensorBoard, one row per step that logs anything: the
+task's logs averaged over ``log_every`` steps (for tokenizers the loss terms, per-scale
+``l1_s{size}`` / ``perceptual_s{size}``, ``kl``, the posterior's ``posterior_snr``,
+``posterior_snr_median``, ``posterior_std``), ``lr``, ``grad_norm``, ``img_per_s``,
+``nonfinite_total``; and every ``diag_every`` steps the task's held-out diagnostics
+(``heldout_psnr_s{size}``, ``heldout_color_err{,_r,_g,_b}``: see :mod:`.diagnostics`). Columns a
+step does not log are empty in its row.
 """
 
 from __future__ import annotations
@@ -168,6 +176,7 @@ class Trainer:
         self.nonfinite_run = 0
         self.history: list[dict[str, float]] = []
         self._build_data()
+        self.diag_x = self._diagnostic_images()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -227,6 +236,57 @@ class Trainer:
         n = f"{len(self.dataset)} images" if hasattr(self.dataset, "__len__") else "the images"
         return (f"{self.cfg.data.path or 'the embedded photos'}: {n} per epoch on this rank (unreadable ones skipped) "
                 f"give no full batch of {per_step} (batch_size x optim.grad_accum): add images or lower batch_size")
+
+    def _rng_devices(self) -> list[int]:
+        return [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
+
+    def _diagnostic_images(self) -> Optional[torch.Tensor]:
+        """The task's fixed diagnostic batch on the device (main rank, ``diag_every > 0``), else None."""
+        if self.cfg.diag_every == 0 or not self.dist.is_main:
+            return None
+        if is_fsdp(self.wrapped["model"]):  # rank 0 alone cannot run the sharded model
+            log.warning("held-out diagnostics are off under FSDP (running the sharded model on rank 0 alone would hang)")
+            return None
+        with torch.random.fork_rng(devices=self._rng_devices()):  # building the batch leaves the RNG streams alone
+            got = self.task.diagnostic_images()
+        if got is None:
+            return None
+        x, what = got
+        log.info("held-out diagnostics every %d steps (%s weights) on %s", self.cfg.diag_every,
+                 "EMA" if self.ema is not None else "model", what)
+        return x.to(self.dist.device)
+
+    @contextlib.contextmanager
+    def _eval_weights(self) -> Iterator[nn.Module]:
+        """The unwrapped model in eval mode with the EMA weights (if any) swapped in; its own weights
+        (bit for bit) and mode come back on exit."""
+        model = unwrap(self.raw["model"])
+        params = [p for p in model.parameters() if p.requires_grad]  # the EMA's order
+        saved = [p.detach().clone() for p in params] if self.ema is not None else None
+        was = model.training
+        try:
+            if self.ema is not None:
+                self.ema.copy_to(model)
+            yield model.eval()
+        finally:
+            model.train(was)
+            if saved is not None:
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+
+    def diagnose(self) -> dict[str, float]:
+        """The task's diagnostics on the fixed batch ({} where there is none): rank 0 only, no
+        collectives, no gradients, and the RNG streams, weights and modes as they were, so a run
+        follows the same trajectory with diagnostics on or off."""
+        if self.diag_x is None:
+            return {}
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad(), self._eval_weights() as model, autocast:
+            out = self.task.diagnostics(model, self.diag_x)
+        if not out:
+            return {}
+        return dict(zip(out, torch.stack([v.double().reshape(()) for v in out.values()]).tolist()))  # one read
 
     # ---- the update ---------------------------------------------------------------------------
     @staticmethod
@@ -431,7 +491,7 @@ class Trainer:
 
             bar = tqdm(total=c.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
         acc: dict[str, list[torch.Tensor]] = {}
-        t0, imgs = time.perf_counter(), 0
+        t0, imgs, diag_s = time.perf_counter(), 0, 0.0
         for m in self.wrapped.values():
             m.train()
         try:
@@ -454,19 +514,26 @@ class Trainer:
                 imgs += batch[0].shape[0] * self.dist.world_size
                 for k, v in logs.items():
                     acc.setdefault(k, []).append(v)
+                row: dict[str, float] = {}
                 if self.step % c.log_every == 0 or self.step == end:
-                    row = {k: float(torch.stack(v).mean()) for k, v in acc.items()}
+                    # every log, averaged over the steps, in one vector: one device-to-host read
+                    vec = torch.stack([torch.stack(v).float().mean().to(self.dist.device) for v in acc.values()])
                     if self.dist.distributed:
-                        vec = torch.tensor(list(row.values()), device=self.dist.device)
                         dist.all_reduce(vec)
-                        row = dict(zip(row, (vec / self.dist.world_size).tolist()))
-                    dt = time.perf_counter() - t0
+                        vec = vec / self.dist.world_size
+                    row = dict(zip(acc, vec.tolist()))
+                    dt = time.perf_counter() - t0 - diag_s  # training throughput: diagnostics time left out
                     row["img_per_s"] = imgs / max(dt, 1e-9)
                     row["nonfinite_total"] = float(self.nonfinite_total)
-                    acc, t0, imgs = {}, time.perf_counter(), 0
+                    acc, t0, imgs, diag_s = {}, time.perf_counter(), 0, 0.0
+                if c.diag_every > 0 and (self.step % c.diag_every == 0 or self.step == c.steps):
+                    t_diag = time.perf_counter()
+                    row.update(self.diagnose())  # {} on the other ranks
+                    diag_s += time.perf_counter() - t_diag
+                if row:  # diagnostics on a step that does not log write a row of their own
                     self.history.append({"step": float(self.step), **row})
                     logger.write(self.step, row)
-                    if bar is not None:
+                    if bar is not None and "loss" in row:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['img_per_s']:.1f}")
                 if bar is not None:
                     bar.update(1)
