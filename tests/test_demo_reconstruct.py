@@ -10,42 +10,63 @@ from hieratok.demo import DemoConfig, run_demo
 
 
 def test_demo_end_to_end_small_budget(tmp_path):
-    cfg = DemoConfig(steps=2, out=str(tmp_path / "demo"), batch_size=4, eval_crops_per_photo=2, tsne_points=60,
-                     tsne_runs=1, progress=False)
+    cfg = DemoConfig(steps=2, seeds=2, out=str(tmp_path / "demo"), batch_size=4, eval_crops_per_photo=2, tsne_runs=1,
+                     threads=1, progress=False)
     res = run_demo(cfg)
     out = tmp_path / "demo"
-    for f in ["report.html", "report.md", "reconstructions.png", "pyramid.png", "loss_curves.png", "tsne_multi.png",
-              "tsne_single.png", "psnr_per_scale.png", "metrics.json"]:
+    for f in ["report.html", "report.md", "reconstructions.png", "pyramid.png", "curves.png", "tsne_multi.png",
+              "tsne_single.png", "psnr_per_scale.png", "summary.json", "ablation.json"]:
         assert (out / f).is_file(), f
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 2 and m["multi"]["num_images"] == m["single"]["num_images"] == 6
-    assert list(m["multi"]["psnr_per_scale"]) == ["8", "16", "32", "64"] and len(m["single"]["psnr_per_scale"]) == 1
-    text = res["table"].to_text()
-    assert "single-scale (baseline)" in text and "multi-scale" in text and "density CV" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 2 and s["seeds_done"] == 2 and "cpu" in s
+    for seed in (0, 1):
+        r = {k: json.loads((out / "runs" / k / f"seed{seed}" / "result.json").read_text()) for k in ("multi", "single")}
+        assert r["multi"]["num_images"] == r["single"]["num_images"] == 6
+        assert list(r["multi"]["psnr_per_scale"]) == ["8", "16", "32", "64"] and len(r["single"]["psnr_per_scale"]) == 1
+        assert r["multi"]["uniformity"]["protocol"] == "vavae" and r["multi"]["uniformity"]["normalization"] == "train"
+        # both twins of a seed saw the same data: the same number of logged steps
+        csv = {k: (out / "runs" / k / f"seed{seed}" / "metrics.csv").read_text().count("\n") for k in r}
+        assert csv["multi"] == csv["single"]
+    t1, t2 = res["tables"]
+    assert "±" in t1.to_text() and "p=" in t2.to_text() or "within seed spread" in t2.to_text()
     html = (out / "report.html").read_text()
-    assert "not LPIPS" in html and "tsne_multi.png" in html
-    # both twins saw the same data: same number of steps and identical encoder architecture
-    assert (out / "multi" / "metrics.csv").read_text().count("\n") == (out / "single" / "metrics.csv").read_text().count("\n")
+    assert "not LPIPS" in html and "tsne_multi.png" in html and "What these numbers support" in html
+    assert "rKID" in html and "rank-deficient" in html
+    # a second demo into the same folder refuses instead of destroying the first
+    with pytest.raises(ValueError, match="not empty"):
+        run_demo(cfg)
+    assert main(["demo", "--steps", "1", "--out", str(out)]) == 2
 
 
-def test_demo_time_budget_leaves_the_real_runs_their_whole_schedule(tmp_path):
-    """Calibration runs on throw-away trainers: the real runs start at step 0 with the warm-up LR."""
-    import time
-
-    from hieratok.demo import _data_text, _train
+def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path, caplog, monkeypatch):
+    """Calibration runs on throw-away trainers: the real runs start at step 0 with the warm-up LR;
+    a budget too small for every seed stops after a complete round and says so."""
+    from hieratok import ablation
+    from hieratok.ablation import AblationConfig, run_ablation
     from hieratok.train import lr_at
 
-    c = DemoConfig(minutes=0.0, eval_reserve_s=-8.0, out=str(tmp_path / "demo"), batch_size=2, progress=False)
-    trainers = _train(c, time.perf_counter())  # about 8 s of budget after the calibration
-    steps = trainers["multi"].step
-    assert steps >= 1 and trainers["single"].step == steps
-    for t in trainers.values():
-        assert t.cfg.steps == steps and t.history[-1]["step"] == steps
-        assert t.history[0]["step"] == min(5, steps)  # no calibration rows in the run's log (log_every=5)
-        o = t.cfg.optim
-        assert t.history[0]["lr"] == pytest.approx(sum(lr_at(s, steps, o.lr, o.end_lr, o.warmup_ratio)
-                                                      for s in range(min(5, steps))) / min(5, steps), rel=1e-5)
-    assert _data_text(DemoConfig()) == "the embedded photos" and "my/imgs" in _data_text(DemoConfig(data="my/imgs"))
+    calibrate = ablation._calibrate
+
+    def optimistic(*a):  # the real calibration, claimed 6x faster: the first round alone outlasts the budget
+        per_step, threads, timings = calibrate(*a)
+        return {k: v / 6 for k, v in per_step.items()}, threads, timings
+
+    monkeypatch.setattr(ablation, "_calibrate", optimistic)
+    monkeypatch.setattr(ablation, "_eval_estimate_s", lambda c: 0.0)
+    c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
+                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1)
+    res = run_ablation(c)
+    steps = res["steps"]
+    assert steps >= 1 and 1 <= res["seeds_done"] < 5
+    assert f"{res['seeds_done']} of 5 seeds done" in caplog.text
+    for name in ("single", "multi"):
+        hist = [line.split(",") for line in (tmp_path / "a" / "runs" / name / "seed0" / "metrics.csv").read_text().splitlines()]
+        head = hist[0]
+        first = dict(zip(head, hist[1]))
+        assert int(first["step"]) == min(5, steps)  # no calibration rows in the run's log (log_every=5)
+        lr = float(first["lr"])  # the demo's optimiser: lr 4e-4 -> 4e-5, 3% warm-up
+        assert lr == pytest.approx(sum(lr_at(s, steps, 4e-4, 4e-5, 0.03) for s in range(min(5, steps))) / min(5, steps),
+                                   rel=1e-5)
 
 
 def test_reconstruct_crop_and_tile(tmp_path, capsys):

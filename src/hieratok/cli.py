@@ -165,16 +165,50 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_ablation(res: dict[str, Any]) -> None:
+    import resource
+
+    from .ablation import conclusions
+
+    t1, t2 = res["tables"]
+    print()
+    print(t1.to_text())
+    print()
+    print(t2.to_text())
+    print()
+    for line in conclusions(res["summary"], res["baseline"]):
+        print(line)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\n{res['steps']} steps per run, {res['seeds_done']} of {res['seeds_asked']} seeds, {res['threads']} thread(s), "
+          f"{res['seconds'] / 60:.1f} min, peak memory {peak:.2f} GiB")
+    print(f"report: {res['report']}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(minutes=args.minutes, steps=args.steps, preset=args.preset, data=args.data, out=args.out,
-                     seed=args.seed)
+    cfg = DemoConfig(minutes=args.minutes, steps=args.steps, seeds=args.seeds, preset=args.preset, data=args.data,
+                     out=args.out, threads=args.threads, overwrite=args.overwrite, resume=args.resume)
     res = run_demo(cfg)
-    print()
-    print(res["table"].to_text())
-    print(f"\n{res['steps']} steps per model, {res['seconds'] / 60:.1f} min, peak memory {res['peak_memory_gib']:.2f} GiB")
-    print(f"report: {res['report']}")
+    res["baseline"] = "single"
+    _print_ablation(res)
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import AblationConfig, run_ablation, summary_tables, write_report
+
+    cfg = AblationConfig(preset=args.preset, variants=tuple(args.variants), baseline=args.baseline, seeds=args.seeds,
+                         minutes=args.minutes, steps=args.steps, data=args.data, eval_data=args.eval_data,
+                         out=args.out, batch_size=args.batch_size, eval_crops_per_photo=args.eval_crops,
+                         threads=args.threads, overwrite=args.overwrite, resume=args.resume)
+    res = run_ablation(cfg)
+    intro = (f"Variants of {args.preset}, each trained for {res['steps']} steps of {cfg.batch_size} images with "
+             f"{res['seeds_done']} seed(s) (seed k: the same data order and encoder initialisation for every variant), "
+             f"evaluated on held-out images; differences to {cfg.baseline} are paired by seed.")
+    res["report"] = write_report(res, cfg, f"HieraTok ablation ({args.preset})", intro)
+    res["tables"], res["baseline"] = summary_tables(res["summary"], cfg.baseline), cfg.baseline
+    _print_ablation(res)
     return 0
 
 
@@ -238,6 +272,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation_options(p: argparse.ArgumentParser, seeds: int) -> None:
+    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the faster of 1 and all cores, timed at the start)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the runs in --out (same settings)")
+    g.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -257,8 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-scale preset; its twin is <preset>-single")
     p.add_argument("--data", default=None, help="training images (default: the embedded photos)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
+    _ablation_options(p, seeds=3)
     p.set_defaults(func=_cmd_demo)
+
+    from .ablation import VARIANTS
+
+    p = sub.add_parser("ablate", help="train variants of a preset with several seeds, compare them with mean +- std "
+                                      "and paired differences (the paper's Tables 2-4 in miniature)")
+    p.add_argument("--preset", default="tiny", choices=[n for n in preset_names() if not n.endswith("-single")])
+    p.add_argument("--variants", nargs="+", default=["single", "conv", "conv-residual", "conv-prenorm", "interp",
+                                                     "full", "independent", "fewer-scales", "pixels"],
+                   help=f"names ({', '.join(VARIANTS)}) or name:key=value,... (training-config overrides)")
+    p.add_argument("--baseline", default="single")
+    p.add_argument("--minutes", type=float, default=60.0, help="time budget (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps per run instead")
+    p.add_argument("--data", default=None, help="training images (default: the embedded photos)")
+    p.add_argument("--eval-data", default=None, help="held-out images (default: the embedded held-out photos)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-crops", type=int, default=64, help="crops per embedded held-out photo (default 64)")
+    p.add_argument("--out", default="runs/ablate")
+    _ablation_options(p, seeds=3)
+    p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("reconstruct", help="reconstruct your own images and write their per-scale pyramids")
     p.add_argument("images", nargs="+")

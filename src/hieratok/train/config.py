@@ -119,7 +119,8 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps is read by task 'restok' only (this is task {self.task!r}); "
                              "set optim.warmup_ratio instead")
         if self.diag_every < 0 or self.diag_images < 1:
-            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0: off) and diag_images={self.diag_images} >= 1")
+            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0: off) and "
+                             f"diag_images={self.diag_images} >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS} "
                              "(bf16: autocast; fp16 training is not supported)")

@@ -30,7 +30,8 @@ def posterior_stats(posterior: DiagonalGaussian) -> dict[str, torch.Tensor]:
 
     ``posterior_snr`` is mean |mu| / mean sigma over every latent element of the batch;
     ``posterior_snr_median`` the median of the element-wise |mu| / sigma (the typical element, not
-    dominated by a few large-mean channels); ``posterior_std`` the mean sigma. A large SNR means the
+    dominated by a few large-mean channels; torch's median, the lower middle value of an even
+    count); ``posterior_std`` the mean sigma. A large SNR means the
     decoder sees nearly the posterior mean (the KL term barely regularises); an SNR near or below
     1 means the sampled latent is mostly noise.
     """

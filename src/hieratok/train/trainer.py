@@ -237,6 +237,7 @@ class Trainer:
         return (f"{self.cfg.data.path or 'the embedded photos'}: {n} per epoch on this rank (unreadable ones skipped) "
                 f"give no full batch of {per_step} (batch_size x optim.grad_accum): add images or lower batch_size")
 
+    # ---- diagnostics --------------------------------------------------------------------------
     def _rng_devices(self) -> list[int]:
         return [self.dist.device.index or 0] if self.dist.device.type == "cuda" else []
 
@@ -245,15 +246,16 @@ class Trainer:
         if self.cfg.diag_every == 0 or not self.dist.is_main:
             return None
         if is_fsdp(self.wrapped["model"]):  # rank 0 alone cannot run the sharded model
-            log.warning("held-out diagnostics are off under FSDP (running the sharded model on rank 0 alone would hang)")
+            log.warning("held-out diagnostics are off under FSDP "
+                        "(running the sharded model on rank 0 alone would hang)")
             return None
         with torch.random.fork_rng(devices=self._rng_devices()):  # building the batch leaves the RNG streams alone
             got = self.task.diagnostic_images()
         if got is None:
             return None
         x, what = got
-        log.info("held-out diagnostics every %d steps (%s weights) on %s", self.cfg.diag_every,
-                 "EMA" if self.ema is not None else "model", what)
+        log.info("diagnostics every %d steps, with the %s weights, on %s", self.cfg.diag_every,
+                 "EMA" if self.ema is not None else "model's", what)
         return x.to(self.dist.device)
 
     @contextlib.contextmanager
@@ -282,7 +284,8 @@ class Trainer:
         if self.diag_x is None:
             return {}
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad(), self._eval_weights() as model, autocast:
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad(), \
+                self._eval_weights() as model, autocast:
             out = self.task.diagnostics(model, self.diag_x)
         if not out:
             return {}

@@ -1,0 +1,580 @@
+"""``hieratok ablate``: variants of a tokenizer preset, each trained with several seeds for the same
+steps, evaluated on held-out images, and compared with mean +- std and paired differences.
+
+The demo (:mod:`hieratok.demo`) is this with the variants ``single`` and ``multi``. A variant is a
+name from :data:`VARIANTS` (the paper's Tables 2-4 and the downsampler designs) or a custom
+``name:key=value,key=value`` of training-config overrides. Seed ``k`` gives every variant the same
+data order and (through the shared construction order) the same encoder initialisation, so
+differences are paired by seed: a direction is claimed only when a paired t-test over the seeds
+says so (p < 0.05), and every table shows the seed spread.
+
+Runs are written to ``<out>/runs/<variant>/seed<k>/`` (training logs, ``result.json``) in seed
+order (every variant of seed 0 first), so a budget that runs out still leaves complete rounds;
+``--resume`` keeps finished runs of the same plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from .config import settings_diff
+from .hub import write_atomic
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+from .presets import build_config
+
+__all__ = ["AblationConfig", "Variant", "VARIANTS", "parse_variant", "run_ablation", "paired_comparison",
+           "choose_threads"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named training setup: a tokenizer preset and training-config overrides (dotted keys)."""
+
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _fewer_scales(preset: str) -> dict[str, Any]:
+    scales = list(build_config(preset).scales)
+    if len(scales) < 3:
+        raise ValueError(f"preset {preset!r} has scales {scales}: too few to drop one")
+    return {"model.scales": scales[:-2] + scales[-1:]}  # drop the second-finest, e.g. [1, 2, 4, 16]
+
+
+# name -> (what it is, overrides of the multi-scale preset); "single" uses the "-single" twin
+VARIANTS: dict[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
+    "single": ("the single-scale twin (baseline of Table 2)", lambda p: {}),
+    "multi": ("the multi-scale preset as configured", lambda p: {}),
+    "conv": ("paper-literal conv stacks (Table 3)", lambda p: {"model.downsample": "conv"}),
+    "conv-residual": ("conv stacks as a residual over area interpolation", lambda p: {"model.downsample": "conv-residual"}),
+    "conv-prenorm": ("conv stacks with the norm in a residual branch", lambda p: {"model.downsample": "conv-prenorm"}),
+    "interp": ("area interpolation, no parameters (Table 3)", lambda p: {"model.downsample": "interp"}),
+    "full": ("full attention across scales (Table 4)", lambda p: {"model.attention": "full"}),
+    "independent": ("scale-independent attention (Table 4)", lambda p: {"model.attention": "scale_independent"}),
+    "fewer-scales": ("without the second-finest scale", _fewer_scales),
+    "pixels": ("per-scale loss weights by pixel count", lambda p: {"loss.scale_weights": "pixels"}),
+}
+
+
+def parse_variant(spec: str, preset: str) -> Variant:
+    """``"interp"`` (a name of :data:`VARIANTS`) or ``"mine:model.downsample=interp,loss.kl=1e-5"``."""
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"variant {spec!r}: the name must be a plain word")
+    if not sep:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)} or write name:key=value,...")
+        over = VARIANTS[name][1](preset)
+        return Variant(name, f"{preset}-single" if name == "single" else preset, over)
+    over: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise ValueError(f"variant {spec!r}: {item!r} is not key=value")
+        over[k.strip()] = yaml.safe_load(v)
+    return Variant(name, over.pop("preset", preset), over)
+
+
+@dataclass
+class AblationConfig:
+    """What to compare and on what budget (defaults: the demo's miniature training settings)."""
+
+    preset: str = "tiny"
+    variants: tuple[str, ...] = ("single", "multi")
+    baseline: str = "single"
+    seeds: int = 3
+    minutes: float = 10.0  # whole budget; training gets what calibration, evaluation and the report leave
+    steps: Optional[int] = None  # fixed steps per run instead of the budget
+    data: Optional[str] = None  # training images; None = the embedded photos
+    eval_data: Optional[str] = None  # held-out images; None = the embedded held-out photos
+    out: str = "runs/ablate"
+    batch_size: int = 16
+    lr: float = 4e-4
+    eval_crops_per_photo: int = 64  # embedded held-out photos: crops per photo (3 photos)
+    kid: bool = True  # rKID on the held-out images (unbiased at this count; rFID is not)
+    uniformity: bool = True  # latent uniformity (VA-VAE protocol) of every run
+    tsne_runs: int = 1  # per run: the spread over runs comes from the seeds
+    threads: Optional[int] = None  # torch threads; None = the faster of 1 and all cores, timed
+    report_reserve_s: float = 45.0  # time kept for the report
+    resume: bool = False  # keep finished runs of the same plan
+    overwrite: bool = False  # replace a non-empty output folder
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(self.variants)
+        if len(set(self.variants)) != len(self.variants) or not self.variants:
+            raise ValueError(f"variants must be distinct and at least one, got {list(self.variants)}")
+        names = [v.partition(":")[0] for v in self.variants]
+        if self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not among the variants {names}")
+        if self.seeds < 1 or (self.steps is not None and self.steps < 1) or not self.minutes > 0:
+            raise ValueError(f"need seeds >= 1, steps >= 1 and minutes > 0 (got {self.seeds}, {self.steps}, {self.minutes})")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def _train_config(c: AblationConfig, v: Variant, seed: int, steps: int, out: Path) -> Any:
+    from .train import load_config
+
+    over: dict[str, Any] = {"data.path": c.data, "seed": seed, "batch_size": c.batch_size, "optim.lr": c.lr,
+                            "optim.end_lr": c.lr / 10, "log_every": 5, "image_every": 0, "ckpt_every": 0,
+                            "keep_last": 1, "ema_decay": 0.99, "progress": c.progress, "tensorboard": False,
+                            "data.short_side": None, "steps": steps, "preset": v.preset, "out_dir": str(out)}
+    if c.data is None:  # embedded photos: crops see more of each scene at twice the crop size
+        over["data.short_side"] = 2 * build_config(c.preset).image_size
+    return load_config(overrides={**over, **v.overrides})
+
+
+def choose_threads(step: Callable[[], None], candidates: tuple[int, ...], repeats: int = 3) -> tuple[int, dict[int, float]]:
+    """The thread count among ``candidates`` whose ``step`` runs fastest (median of ``repeats``).
+
+    On a machine where another process holds a core, all-core OpenMP regions wait for a descheduled
+    thread at every barrier (steps 10-100x slower); one thread then wins by far.
+    """
+    timings: dict[int, float] = {}
+    before = torch.get_num_threads()
+    for n in candidates:
+        torch.set_num_threads(n)
+        step()  # warm-up at this thread count
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+        timings[n] = float(np.median(ts))
+    torch.set_num_threads(before)
+    return min(timings, key=timings.get), timings
+
+
+def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[dict[str, float], int, dict[int, float]]:
+    """Seconds per training step of every variant, and the thread count to use."""
+    import os
+
+    from .train import Trainer
+
+    per_step: dict[str, float] = {}
+    threads, timings = c.threads, {}
+    for i, v in enumerate(variants):
+        t = Trainer(_train_config(c, v, 0, 10**6, tmp / v.name))
+        t.fit(max_steps=2)  # allocation and lazy initialisation
+        if i == 0 and threads is None:
+            cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+            threads, timings = choose_threads(lambda: t.fit(max_steps=1), tuple(sorted({1, cores})))
+            log.info("threads: %s s per step -> using %d", {k: round(s, 3) for k, s in timings.items()}, threads)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        t.fit(max_steps=4)
+        per_step[v.name] = (time.perf_counter() - t0) / 4
+    return per_step, threads, timings
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+class _CachedInception(torch.nn.Module):
+    """The Inception extractor with the features of inputs seen before reused (every run of an
+    ablation scores the same held-out originals)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.source, self.cache = inner, inner.source, {}
+
+    def forward(self, x_u8: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha1(x_u8.cpu().numpy().tobytes()).hexdigest() + str(tuple(x_u8.shape))
+        if key not in self.cache:
+            self.cache[key] = self.inner(x_u8)
+        return self.cache[key]
+
+
+def _model_from(trainer: Any) -> torch.nn.Module:
+    from .train.parallel import unwrap
+
+    model = copy.deepcopy(unwrap(trainer.raw["model"])).eval()
+    if trainer.ema is not None:
+        trainer.ema.copy_to(model)
+    return model
+
+
+def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[torch.nn.Module], seed: int,
+              train_stats: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
+    from .evaluate import ReconEvalConfig, evaluate_latents, evaluate_reconstruction
+    from .evaluate.latents import _encode
+
+    size = model.config.image_size
+    short = 2 * size if c.eval_data is None else None
+    ecfg = ReconEvalConfig(data=c.eval_data, num=10**6, batch_size=16, keep_images=6, progress=False, fid=False,
+                           kid=c.kid and inception is not None, crops_per_photo=c.eval_crops_per_photo, short_side=short)
+    res = evaluate_reconstruction(model, ecfg, "cpu", inception=inception)
+    if c.uniformity:
+        lat, lat_flip, _ = _encode(model, c.eval_data, 10**6, 32, "cpu", mirror=True,
+                                   crops_per_photo=c.eval_crops_per_photo, short_side=short)
+        res["uniformity"] = evaluate_latents(model, None, latents=lat, latents_flip=lat_flip, num_points=10**6,
+                                             num_runs=c.tsne_runs, seed=seed, train_stats=train_stats)
+        res.update({k: res["uniformity"][k] for k in ("density_cv", "gini", "normalized_entropy")})
+    return res
+
+
+def _train_stats(c: AblationConfig, model: torch.nn.Module, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean / std of the model's latents on training crops (VA-VAE normalises with the
+    training set's statistics)."""
+    from .data import build_dataset
+
+    ds = build_dataset(c.data, "train", model.config.image_size, seed=seed,
+                       short_side=2 * model.config.image_size if c.data is None else None)
+    xs = torch.stack([ds[i][0] for i in range(256)])
+    with torch.no_grad():
+        z = torch.cat([model.encode(xs[i:i + 32]).mode() for i in range(0, len(xs), 32)])
+    z = z.double()
+    return z.mean((0, 2, 3)).numpy(), z.std((0, 2, 3), unbiased=False).numpy()
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+def paired_comparison(base: list[float], other: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """Differences ``other - base`` paired by seed: mean, sample std, two-sided paired t-test p, and a
+    verdict: "better"/"worse" at p < 0.05, else "within seed spread" (one seed: "one seed")."""
+    d = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    n = len(d)
+    out: dict[str, Any] = {"n": n, "mean": float(d.mean()), "std": float(d.std(ddof=1)) if n > 1 else float("nan"),
+                           "p": float("nan"), "all_seeds_agree": bool(n > 0 and (np.all(d > 0) or np.all(d < 0)))}
+    if n < 2:
+        out["verdict"] = "one seed"
+        return out
+    if out["std"] == 0.0:
+        p = 0.0 if out["mean"] != 0 else 1.0
+    else:
+        from scipy import stats
+
+        p = float(stats.t.sf(abs(out["mean"]) / (out["std"] / math.sqrt(n)), n - 1) * 2)
+    out["p"] = p
+    good = (out["mean"] > 0) == higher_is_better
+    out["verdict"] = ("better" if good else "worse") if p < 0.05 else "within seed spread"
+    return out
+
+
+# name, label, higher is better, format, scale for display
+METRICS: list[tuple[str, str, bool, str, float]] = [
+    ("psnr", "PSNR (dB)", True, ".2f", 1.0),
+    ("ssim", "SSIM", True, ".3f", 1.0),
+    ("perceptual", "perceptual", False, ".3f", 1.0),
+    ("rkid", "rKID x1e3", False, ".1f", 1e3),
+    ("color_error", "colour error", False, ".3f", 1.0),
+    ("density_cv", "density CV", False, ".3f", 1.0),
+    ("gini", "Gini", False, ".3f", 1.0),
+    ("normalized_entropy", "norm. entropy", True, ".4f", 1.0),
+]
+
+
+def _value(res: dict[str, Any], key: str) -> Optional[float]:
+    if key == "perceptual":
+        key = res.get("perceptual_name", "none")
+    v = res.get(key)
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], baseline: str) -> dict[str, Any]:
+    """Mean / std per variant and metric, and paired comparisons with ``baseline`` over the seeds
+    both have."""
+    summary: dict[str, Any] = {"variants": {}, "vs_baseline": {}}
+    for name, runs in results.items():
+        row = {}
+        for key, *_ in METRICS:
+            vals = [_value(r, key) for r in runs.values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                row[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"),
+                            "n": len(vals), "values": vals}
+        per_scale = [r.get("psnr_per_scale", {}) for r in runs.values()]
+        if per_scale and per_scale[0]:
+            row["psnr_per_scale"] = {str(s): float(np.mean([p[s] for p in per_scale])) for s in per_scale[0]}
+        summary["variants"][name] = row
+    for name, runs in results.items():
+        if name == baseline:
+            continue
+        seeds = sorted(set(runs) & set(results[baseline]))
+        cmp = {}
+        for key, _, higher, *_ in METRICS:
+            a = [_value(results[baseline][s], key) for s in seeds]
+            b = [_value(runs[s], key) for s in seeds]
+            pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+            if pairs:
+                cmp[key] = paired_comparison([x for x, _ in pairs], [y for _, y in pairs], higher)
+        summary["vs_baseline"][name] = cmp
+    return summary
+
+
+def _fmt(m: Optional[dict[str, Any]], fmt: str, scale: float) -> str:
+    if not m:
+        return "-"
+    s = format(m["mean"] * scale, fmt)
+    return s if not np.isfinite(m["std"]) else f"{s} ± {format(m['std'] * scale, fmt)}"
+
+
+def summary_tables(summary: dict[str, Any], baseline: str) -> tuple[Any, Any]:
+    """(mean ± std per variant, paired differences with the baseline) as report tables."""
+    from .report.table import SimpleTable
+
+    keys = [m for m in METRICS if any(m[0] in row for row in summary["variants"].values())]
+    n = max((row[k]["n"] for row in summary["variants"].values() for k in row if k != "psnr_per_scale"), default=0)
+    t1 = SimpleTable(["variant"] + [m[1] for m in keys],
+                     [[name] + [_fmt(row.get(k), f, s) for k, _, _, f, s in keys] for name, row in summary["variants"].items()],
+                     ["left"] + ["right"] * len(keys), caption=f"mean ± std over seeds (up to {n})")
+    rows = []
+    for name, cmp in summary["vs_baseline"].items():
+        cells = [name]
+        for k, _, _, f, s in keys:
+            c = cmp.get(k)
+            if not c:
+                cells.append("-")
+                continue
+            d = format(c["mean"] * s, "+" + f)
+            spread = "" if not np.isfinite(c["std"]) else f" ± {format(c['std'] * s, f)}"
+            p = "" if not np.isfinite(c["p"]) else f", p={c['p']:.2g}"
+            cells.append(f"{d}{spread} ({c['verdict']}{p})")
+        rows.append(cells)
+    t2 = SimpleTable(["variant"] + [m[1] for m in keys], rows, ["left"] + ["right"] * len(keys),
+                     caption=f"difference to {baseline}, paired by seed: mean ± std (verdict, paired t-test p)")
+    return t1, t2
+
+
+def conclusions(summary: dict[str, Any], baseline: str) -> list[str]:
+    """One sentence per variant saying what the numbers support, and no more."""
+    lines = []
+    labels = {k: lab for k, lab, *_ in METRICS}
+    for name, cmp in summary["vs_baseline"].items():
+        if not cmp:
+            continue
+        n = max(c["n"] for c in cmp.values())
+        if n < 2:
+            lines.append(f"{name} vs {baseline}: one seed only, no direction can be claimed.")
+            continue
+        better = [labels[k] for k, c in cmp.items() if c["verdict"] == "better"]
+        worse = [labels[k] for k, c in cmp.items() if c["verdict"] == "worse"]
+        same = [labels[k] for k, c in cmp.items() if c["verdict"] == "within seed spread"]
+        parts = []
+        if better:
+            parts.append("better on " + ", ".join(better))
+        if worse:
+            parts.append("worse on " + ", ".join(worse))
+        if same:
+            parts.append("not distinguishable from the seed spread on " + ", ".join(same))
+        lines.append(f"{name} vs {baseline} ({n} seeds, paired t-test p < 0.05): " + "; ".join(parts) + ".")
+    return lines
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def _plan(c: AblationConfig) -> dict[str, Any]:
+    keep = ("preset", "variants", "baseline", "seeds", "data", "eval_data", "batch_size", "lr", "eval_crops_per_photo",
+            "kid", "uniformity", "tsne_runs")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items() if k in keep}
+
+
+def _prepare_out(c: AblationConfig) -> tuple[Path, Optional[dict[str, Any]]]:
+    """The output folder, refusing to overwrite one that is not empty without ``overwrite`` or ``resume``."""
+    out = Path(c.out)
+    plan_path = out / "ablation.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file")
+    if out.exists() and any(out.iterdir()):
+        if c.overwrite:
+            shutil.rmtree(out)
+        elif c.resume:
+            if not plan_path.is_file():
+                raise ValueError(f"{out} holds no ablation to resume (no ablation.json)")
+            old = json.loads(plan_path.read_text())
+            diff = settings_diff(old["plan"], _plan(c))
+            if diff:
+                raise ValueError(f"{out} holds an ablation with other settings ({'; '.join(diff)}); use another --out")
+            return out, old
+        else:
+            raise ValueError(f"{out} is not empty: pass --resume to continue it, --overwrite to replace it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str, Any]:
+    """Train, evaluate and compare every variant over the seeds; write ``summary.json`` and return
+    ``{"results": {variant: {seed: result}}, "summary", "steps", "seeds_done", "threads", ...}``."""
+    import tempfile
+
+    from .metrics import InceptionFeatures
+    from .train import Trainer
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    variants = [parse_variant(s, c.preset) for s in c.variants]
+    out, old = _prepare_out(c)
+    threads, timings = c.threads or torch.get_num_threads(), {}
+    if old is not None:
+        steps, threads = old["steps"], old["threads"]
+    elif c.steps is not None:
+        steps = c.steps
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            per_step, threads, timings = _calibrate(c, variants, Path(tmp))
+        round_s = sum(per_step.values())
+        # evaluation: about 40 model passes per held-out image plus Inception on each reconstruction
+        left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
+        left -= c.seeds * len(variants) * _eval_estimate_s(c)
+        steps = max(1, int(left / (c.seeds * round_s)))
+        log.info("%.2f s per step for one seed of all variants: %d steps per run fit %d seeds in %.1f minutes",
+                 round_s, steps, c.seeds, c.minutes)
+        if steps < 50:
+            log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
+    torch.set_num_threads(threads)
+    _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads})
+    inception = _CachedInception(InceptionFeatures()) if c.kid else None
+    results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
+    deadline = t_start + c.minutes * 60 - c.report_reserve_s
+    seeds_done = 0
+    for seed in range(c.seeds):
+        t_round = time.perf_counter()
+        for v in variants:
+            run_dir = out / "runs" / v.name / f"seed{seed}"
+            done = run_dir / "result.json"
+            if done.is_file():
+                results[v.name][seed] = json.loads(done.read_text())
+                continue
+            if run_dir.exists():  # an interrupted run: train it again from the start
+                shutil.rmtree(run_dir)
+            log.info("training %s (%s), seed %d, %d steps", v.name, v.preset, seed, steps)
+            t0 = time.perf_counter()
+            t = Trainer(_train_config(c, v, seed, steps, run_dir))
+            t.fit()
+            train_s = time.perf_counter() - t0
+            model = _model_from(t)
+            stats = _train_stats(c, model, seed) if c.uniformity else None
+            res = _evaluate(c, model, inception, seed, stats)
+            res["train_seconds"] = train_s
+            samples = res.pop("samples")
+            if seed == 0:  # tensors only, read back with weights_only=True
+                torch.save({"inputs": samples["inputs"], "pyramids": samples["pyramids"]}, run_dir / "samples.pt")
+            lean = {k: v2 for k, v2 in res.items() if k != "uniformity"}
+            if "uniformity" in res:
+                lean["uniformity"] = {k: v2 for k, v2 in res["uniformity"].items() if k not in ("points_2d", "densities")}
+                if seed == 0:
+                    np.savez(run_dir / "tsne.npz", points_2d=res["uniformity"]["points_2d"],
+                             densities=res["uniformity"]["densities"])
+            _write_json(done, lean)
+            results[v.name][seed] = lean
+        seeds_done = seed + 1
+        round_s = time.perf_counter() - t_round
+        if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:
+            log.warning("budget: %d of %d seeds done (a round takes %.0f s, %.0f s left); comparing those",
+                        seeds_done, c.seeds, round_s, deadline - time.perf_counter())
+            break
+    summary = summarize({k: {s: r for s, r in v.items() if s < seeds_done} for k, v in results.items()}, c.baseline)
+    info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads,
+            "thread_timings_s": timings, "seconds": time.perf_counter() - t_start, "cpu": _cpu_name(),
+            "machine": platform.machine(), "torch": torch.__version__}
+    _write_json(out / "summary.json", {**info, "summary": summary})
+    return {"results": results, "summary": summary, "variants": variants, "out": out, **info}
+
+
+def _eval_estimate_s(c: AblationConfig) -> float:
+    """A rough time for one run's evaluation on two CPU cores (held-out crops through the model,
+    Inception on the reconstructions, t-SNE)."""
+    n = 3 * c.eval_crops_per_photo if c.eval_data is None else 500
+    return 2.0 + n * (0.25 if c.kid else 0.02) + (8.0 * c.tsne_runs if c.uniformity else 0.0)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str) -> Path:
+    """``report.html`` / ``report.md`` in the output folder: both tables, what they support, the
+    reconstructions of seed 0 of every variant on the same held-out crops, the pyramid, per-scale
+    PSNR, training and held-out curves, t-SNE plots."""
+    from .report import Report, plot_loss_curves, plot_per_scale_metric, plot_tsne, pyramid_strip, reconstruction_grid
+    from .report.plots import read_csv_log
+
+    out, summary, variants = Path(res["out"]), res["summary"], res["variants"]
+    t1, t2 = summary_tables(summary, c.baseline)
+    rep = Report(title)
+    rep.add_paragraph(intro)
+    rep.add_table(t1)
+    rep.add_table(t2)
+    rep.add_heading("What these numbers support")
+    for line in conclusions(summary, c.baseline):
+        rep.add_paragraph(line)
+    if res["seeds_done"] < res["seeds_asked"]:
+        rep.add_paragraph(f"The budget bought {res['seeds_done']} of the {res['seeds_asked']} seeds asked for.")
+    rep.add_paragraph("rFID is not reported: on a few hundred crops of three photos the 2048-dimensional "
+                      "covariance is rank-deficient and FID is biased by the image count; rKID (unbiased) "
+                      "stands in for it. A miniature trained for minutes is not the paper's 100-epoch "
+                      "ImageNet model: read directions, not values.")
+    first = {v.name: out / "runs" / v.name / "seed0" for v in variants}
+    samples = {k: torch.load(d / "samples.pt", weights_only=True) for k, d in first.items() if (d / "samples.pt").is_file()}
+    if samples and next(iter(samples.values()))["inputs"] is not None:
+        inputs = next(iter(samples.values()))["inputs"]
+        reconstruction_grid(inputs, {k: s["pyramids"] for k, s in samples.items()}, out / "reconstructions.png")
+        rep.add_image(out / "reconstructions.png", "seed 0 of every variant on the same held-out crops: input, then "
+                                                   "each variant's scales coarse to fine")
+        multi = [k for k, s in samples.items() if len(s["pyramids"]) > 1]
+        if multi:
+            pyramid_strip([p[0] for p in samples[multi[0]]["pyramids"]], out / "pyramid.png")
+            rep.add_image(out / "pyramid.png", f"the multi-scale pyramid of one held-out crop ({multi[0]}, seed 0)")
+    per_scale = {k: {int(s): v for s, v in row["psnr_per_scale"].items()}
+                 for k, row in summary["variants"].items() if "psnr_per_scale" in row}
+    if per_scale:
+        scales = sorted({s for v in per_scale.values() for s in v})
+        plot_per_scale_metric(per_scale, scales, out / "psnr_per_scale.png", "PSNR (dB)")
+        rep.add_image(out / "psnr_per_scale.png", "held-out PSNR of every scale (mean over seeds) against the input "
+                                                  "downsampled to that size")
+    csvs = {k: d / "metrics.csv" for k, d in first.items() if (d / "metrics.csv").is_file()}
+    if csvs:
+        size = build_config(c.preset).image_size
+        cols = [set(read_csv_log(p)) for p in csvs.values()]
+        keys = [k for k in (f"l1_s{size}", f"heldout_psnr_s{size}", "heldout_color_err", "posterior_snr")
+                if all(k in cs for cs in cols)]
+        if keys:
+            plot_loss_curves(csvs, out / "curves.png", keys=keys, log_y={f"l1_s{size}"})
+            rep.add_image(out / "curves.png", "seed 0 of every variant: finest-scale L1 on training batches, and on a "
+                                              "fixed held-out batch the finest-scale PSNR and the mean-colour error")
+    for k, d in first.items():
+        if (d / "tsne.npz").is_file():
+            z = np.load(d / "tsne.npz")
+            u = summary["variants"][k]
+            cv = u.get("density_cv", {}).get("mean", float("nan"))
+            plot_tsne(z["points_2d"], z["densities"], out / f"tsne_{k}.png", title=f"{k}, seed 0 (density CV, mean over seeds: {cv:.3f})")
+            rep.add_image(out / f"tsne_{k}.png", f"t-SNE of {k} latents (one position per held-out crop, VA-VAE "
+                                                 "protocol), coloured by KDE density")
+    rep.add_key_values({"steps per run": res["steps"], "seeds": f"{res['seeds_done']} of {res['seeds_asked']}",
+                        "batch size": c.batch_size, "variants": ", ".join(f"{v.name} ({v.preset} {v.overrides or ''})".strip()
+                                                                          for v in variants),
+                        "threads": res["threads"], "total time (s)": round(res["seconds"], 1), "cpu": res["cpu"],
+                        "torch": res["torch"]}, title="Run")
+    rep.write(out)
+    return out / "report.html"
