@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hieratok.cli import main, parse_overrides
 
 
@@ -26,3 +28,26 @@ def test_info_bad_override_is_one_line_error(capsys):
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "hieratok", "info", "tiny"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "decoder 85" in r.stdout
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lr.x=1", "optim.lr"),
+    ("steps=[1,", "steps"),
+    ("log_every=0", "'log_every' must be an integer >= 1"),
+    ("optim.warmup_ratio=.nan", "'optim.warmup_ratio' must be a finite number"),
+])
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, override, match):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hieratok train: error:") and "\n" not in err and match in err, err
+    assert not out.exists()  # refused before any folder or network was made
+    with pytest.raises(Exception):
+        main(["train", "--out", str(out), override, "--debug"])
+
+
+def test_cli_out_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train", "--out", str(f), "steps=1"]) == 2
+    assert "is a file" in capsys.readouterr().err

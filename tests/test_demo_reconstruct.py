@@ -111,3 +111,21 @@ def test_reconstruct_bad_input_is_one_line(tmp_path, capsys, content, match):
     assert main(["reconstruct", str(f), "--checkpoint", str(tmp_path / "tok")]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+def test_reconstruct_names_are_unique_and_nothing_is_overwritten(tmp_path):
+    HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).save_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(tmp_path / d / "x.png")
+    args = ["reconstruct", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "a" / "x.png"),
+            "--checkpoint", str(tmp_path / "tok"), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.recon.png")) == ["x-1.recon.png", "x-2.recon.png"]
+    one, two = (np.asarray(Image.open(tmp_path / "out" / f"x-{k}.input.png")) for k in (1, 2))
+    assert not np.array_equal(one, two)  # each input kept its own output
+    before = (tmp_path / "out" / "x-1.recon.png").read_bytes()
+    assert main(args) == 2  # outputs exist: refused
+    assert main(args + ["--overwrite"]) == 0
+    assert (tmp_path / "out" / "x-1.recon.png").read_bytes() == before

@@ -352,11 +352,13 @@ def summary_tables(summary: dict[str, Any], baseline: str) -> tuple[Any, Any]:
                 continue
             d = format(c["mean"] * s, "+" + f)
             spread = "" if not np.isfinite(c["std"]) else f" ± {format(c['std'] * s, f)}"
-            p = "" if not np.isfinite(c["p"]) else f", p={c['p']:.2g}"
-            cells.append(f"{d}{spread} ({c['verdict']}{p})")
+            p = "" if not np.isfinite(c["p"]) else f" p={c['p']:.2g}"
+            mark = {"better": " better", "worse": " worse"}.get(c["verdict"], "")
+            cells.append(f"{d}{spread}{mark}{p}")
         rows.append(cells)
     t2 = SimpleTable(["variant"] + [m[1] for m in keys], rows, ["left"] + ["right"] * len(keys),
-                     caption=f"difference to {baseline}, paired by seed: mean ± std (verdict, paired t-test p)")
+                     caption=f"difference to {baseline}, paired by seed: mean ± std, paired t-test p; "
+                             "'better' / 'worse' only where p < 0.05")
     return t1, t2
 
 
@@ -479,7 +481,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
                     np.savez(run_dir / "tsne.npz", points_2d=res["uniformity"]["points_2d"],
                              densities=res["uniformity"]["densities"])
             _write_json(done, lean)
-            results[v.name][seed] = lean
+            results[v.name][seed] = json.loads(done.read_text())  # as a resumed run reads it (string keys)
         seeds_done = seed + 1
         round_s = time.perf_counter() - t_round
         if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:

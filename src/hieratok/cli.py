@@ -55,6 +55,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import NonFiniteLossError, Trainer, load_config
+    from .train.trainer import check_run_dir
 
     overrides = parse_overrides(args.overrides)
     for flag, key in ((args.task, "task"), (args.preset, "preset"), (args.data, "data.path"), (args.out, "out_dir"),
@@ -64,8 +65,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.fsdp:
         overrides["fsdp"] = True
     cfg = load_config(args.config, overrides)
+    check_run_dir(cfg.out_dir, args.resume, args.overwrite)  # before any network is built
     try:
-        Trainer(cfg).fit(resume=args.resume)
+        Trainer(cfg, allow_code_execution=args.allow_code_execution, overwrite=args.overwrite).fit(resume=args.resume)
     except NonFiniteLossError as e:  # a training outcome, not a bug: one line, no traceback
         print(f"hieratok train: error: {e}", file=sys.stderr)
         return 3
@@ -98,14 +100,15 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
     tok = load_any_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
     model, info = tok.model, tok.info
     cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
-                          fid=not args.no_fid, inception_weights=args.inception_weights, num_workers=args.workers)
+                          fid=not args.no_fid, kid=args.kid, inception_weights=args.inception_weights,
+                          num_workers=args.workers)
     res = evaluate_reconstruction(model, cfg, dev)
     out = Path(args.out or Path(info["model_dir"]) / "eval")
     from .evaluate.recon import _world
 
     if _world()[0] == 0:
         report = write_recon_report(res, out, f"Reconstruction: {args.checkpoint}", info)
-        keys = [k for k in ("rfid", "psnr", "ssim", res.get("perceptual_name")) if k in res]
+        keys = [k for k in ("rfid", "rkid", "psnr", "ssim", res.get("perceptual_name"), "color_error") if k in res]
         print("  ".join(f"{k} {res[k]:.4f}" for k in keys) + f"  ({res['num_images']} images)")
         if len(res["psnr_per_scale"]) > 1:
             print("PSNR per scale: " + "  ".join(f"{s}px {v:.2f}" for s, v in res["psnr_per_scale"].items()))
@@ -217,7 +220,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct_files
 
     model, _ = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=_device(args.device))
-    for f in reconstruct_files(model, args.images, args.out, args.mode):
+    for f in reconstruct_files(model, args.images, args.out, args.mode, overwrite=args.overwrite):
         print(f)
     return 0
 
@@ -285,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
     ap = argparse.ArgumentParser(prog="hieratok", description="Multi-scale visual tokenizers: train, evaluate, inspect.")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameters, FLOPs and token counts of a preset")
     p.add_argument("preset", choices=preset_names())
@@ -328,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["crop", "tile"], default="crop",
                    help="crop: ADM centre crop to the model size; tile: whole image, tile by tile")
     p.add_argument("--out", default=None, help="output folder (default: next to each image)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs written before")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_reconstruct)
@@ -345,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/tokenizer)")
     p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its log, config, "
+                                                            "checkpoints); without it such a folder is refused")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="accept inputs that run code while loading: torch.export (.pt2) frozen encoders and webdataset "
+                        "'pipe:' data specs (a config file cannot enable this)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=_cmd_train)
@@ -357,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--perceptual", default="auto", choices=["auto", "lpips-vgg", "effnet-lite0", "none"])
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception network)")
+    p.add_argument("--kid", action="store_true", help="also rKID (unbiased on few images; one process)")
     p.add_argument("--inception-weights", default=None, help="FID Inception weight file (default: hub cache, then the offline trunk)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--workers", type=int, default=0)
@@ -473,7 +484,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = build_parser()
-    args, extra = ap.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args, extra = ap.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = args.debug or debug
     # key=value overrides may follow options too (argparse only takes positionals before them)
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -482,9 +496,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"hieratok {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure is one line (exit 2); --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"hieratok {args.command}: error: {_error_line(e)}", file=sys.stderr)
         return 2
+
+
+def _error_line(e: BaseException) -> str:
+    """One line a user can act on: the message of errors we raise; the kind, file and message of others."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on the device of {e.filename or 'the output folder'}"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    known = (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError)
+    msg = text if type(e) in known or isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
+    return msg + " (--debug shows the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

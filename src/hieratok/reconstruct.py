@@ -52,14 +52,43 @@ def reconstruct_image(model: Any, x_CHW: torch.Tensor, mode: str = "crop", batch
     return out
 
 
+def _output_stems(paths: Sequence[Path], out_dir: Optional[str | Path]) -> list[tuple[Path, str]]:
+    """(output folder, name stem) per input, unique: inputs of one stem that land in one folder
+    (``a/x.png`` and ``b/x.jpg`` into ``--out``) are numbered ``x-1``, ``x-2`` in input order."""
+    targets = [(Path(out_dir) if out_dir else p.parent, p.stem) for p in paths]
+    counts: dict[tuple[Path, str], int] = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    seen: dict[tuple[Path, str], int] = {}
+    out = []
+    for d, stem in targets:
+        if counts[(d, stem)] > 1:
+            seen[(d, stem)] = seen.get((d, stem), 0) + 1
+            stem = f"{stem}-{seen[(d, stem)]}"
+        out.append((d, stem))
+    return out
+
+
 def reconstruct_files(model: Any, paths: Sequence[str | Path], out_dir: Optional[str | Path] = None,
-                      mode: str = "crop") -> list[Path]:
+                      mode: str = "crop", overwrite: bool = False) -> list[Path]:
     """Write ``<stem>.recon.png`` and ``<stem>.pyramid.png`` (and ``<stem>.input.png`` for ``crop``)
-    next to each image (or into ``out_dir``); returns the reconstruction files."""
+    next to each image (or into ``out_dir``); returns the reconstruction files. An image given twice
+    is reconstructed once; stems that would collide are numbered (:func:`_output_stems`); existing
+    outputs are replaced only with ``overwrite``."""
     from .report import pyramid_strip
 
+    unique: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        unique.setdefault(p.resolve(), p)
+    paths = list(unique.values())
+    names = _output_stems(paths, out_dir)
+    if not overwrite:
+        for d, stem in names:
+            existing = [d / f"{stem}.{k}.png" for k in ("recon", "pyramid", "input") if (d / f"{stem}.{k}.png").exists()]
+            if existing:
+                raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or --out another folder")
     written = []
-    for path in map(Path, paths):
+    for path, (d, stem) in zip(paths, names):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         img = load_rgb(path)  # raises UnreadableImageError (a ValueError) with the file name
@@ -67,13 +96,12 @@ def reconstruct_files(model: Any, paths: Sequence[str | Path], out_dir: Optional
             img = center_crop_arr(img, model.config.image_size)
         x = pil_to_tensor(img)
         pyr = reconstruct_image(model, x, mode)
-        d = Path(out_dir) if out_dir else path.parent
         d.mkdir(parents=True, exist_ok=True)
         if mode == "crop":
-            img.save(d / f"{path.stem}.input.png")
-        tensor_to_pil(pyr[-1].clamp(-1, 1)).save(d / f"{path.stem}.recon.png")
+            img.save(d / f"{stem}.input.png")
+        tensor_to_pil(pyr[-1].clamp(-1, 1)).save(d / f"{stem}.recon.png")
         if len(pyr) > 1:
-            pyramid_strip([p[None] for p in pyr], d / f"{path.stem}.pyramid.png")
-        written.append(d / f"{path.stem}.recon.png")
+            pyramid_strip([p[None] for p in pyr], d / f"{stem}.pyramid.png")
+        written.append(d / f"{stem}.recon.png")
         log.info("%s -> %s", path, written[-1])
     return written

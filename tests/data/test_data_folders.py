@@ -125,3 +125,37 @@ def test_build_dataset_dispatch(tmp_path):
         build_dataset(str(tmp_path / "nothing_here"), "train", 16)
     with pytest.raises(ValueError, match="split"):
         build_dataset(None, "training", 16)
+
+
+def test_fifo_and_other_special_files_are_not_listed(tmp_path):
+    import os
+
+    _write(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")  # a reader would block in open() forever
+    ds = ImageFolderDataset(tmp_path, layout="flat")
+    assert [os.path.basename(f) for f, _ in ds.samples] == ["a.png"]
+
+
+def test_symlink_loops_and_repeated_links_list_each_image_once(tmp_path):
+    import os
+
+    for i in range(3):
+        _write(tmp_path / "root" / "sub" / f"{i}.png", seed=i)
+    os.symlink(tmp_path / "root", tmp_path / "root" / "sub" / "loop")  # a cycle
+    os.symlink(tmp_path / "root" / "sub", tmp_path / "root" / "again")  # a second way into sub
+    os.symlink(tmp_path / "missing", tmp_path / "root" / "dangling.png")
+    ds = ImageFolderDataset(tmp_path / "root", layout="flat")
+    assert sorted(os.path.basename(f) for f, _ in ds.samples) == ["0.png", "1.png", "2.png"]
+
+
+def test_pipe_data_specs_need_the_command_line_opt_in(tmp_path):
+    from hieratok.data import expand_shard_urls
+
+    marker = tmp_path / "ran"
+    spec = f"pipe:touch {marker}; cat /dev/null"
+    with pytest.raises(ValueError, match="runs a shell command.*--allow-code-execution"):
+        build_dataset(spec, "train", 16)
+    with pytest.raises(ValueError, match="runs a shell command"):
+        expand_shard_urls(f"{tmp_path}/x.tar::{spec}")
+    assert expand_shard_urls(spec, allow_pipe=True) == [spec]
+    assert not marker.exists()

@@ -127,3 +127,21 @@ def test_bytes_source_and_tensor_roundtrip():
     assert torch.equal(tensor_to_uint8(x), torch.from_numpy(arr).permute(2, 0, 1))
     assert np.array_equal(np.asarray(tensor_to_pil(x)), arr)
     assert tensor_to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+def test_16bit_scaled_by_bit_depth_not_content(tmp_path):
+    """A 16-bit image of small values stays dark: its scale is its bit depth, so one pixel above 255
+    changes nothing else (the content-based rule rescaled the whole image 257x)."""
+    low = np.full((4, 4), 200, np.uint16)
+    Image.fromarray(low).save(tmp_path / "a.png")
+    low[0, 0] = 256
+    Image.fromarray(low).save(tmp_path / "b.png")
+    a, b = np.asarray(load_rgb(tmp_path / "a.png")), np.asarray(load_rgb(tmp_path / "b.png"))
+    assert a.max() == 1 and np.array_equal(a[1:], b[1:])  # round(200 / 257) = 1
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path):
+    Image.fromarray(np.zeros((40, 50), np.uint16)).save(tmp_path / "big.png")
+    with pytest.raises(UnreadableImageError, match="big.png: 50x40 pixels is more than the limit of 1999"):
+        load_rgb(tmp_path / "big.png", max_pixels=1999)
+    assert load_rgb(tmp_path / "big.png", max_pixels=2000).size == (50, 40)

@@ -168,3 +168,19 @@ def test_backward_reaches_every_parameter():
     loss = m(torch.randint(0, 64 + 127, (2, 9)), torch.tensor([1, 2])).logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_gpt_built_and_run_inside_inference_mode():
+    """Inference tensors have no version counter: the prepacked-weight path must not need one."""
+    from hieratok.generators.har import har_layout, sample_layout
+
+    ref_model = _tiny(num_classes=3)
+    labels = torch.tensor([0, 2])
+    layout = har_layout(16, 4)
+    with torch.no_grad():
+        ref = sample_layout(ref_model, labels, layout, cfg_scale=2.0).codes
+    with torch.inference_mode():
+        m = GPT(ref_model.config).eval()
+        m.load_state_dict(ref_model.state_dict())
+        codes = sample_layout(m, labels, layout, cfg_scale=2.0).codes
+    assert torch.equal(codes, ref)

@@ -239,7 +239,10 @@ def test_build_torchscript_and_dinov2_from_file(tmp_path, gen: torch.Generator) 
     net = _TinyViT(patch=14)
     pt2 = tmp_path / "vit.pt2"
     torch.export.save(torch.export.export(net, (torch.randn(1, 3, 56, 56),)), str(pt2))
-    exported = build_frozen_encoder("torchscript", pt2, input_size=56)
+    # it may hold pickles that run code while loading: refused unless the caller opts in
+    with pytest.raises(ValueError, match="can run code while it loads.*--allow-code-execution"):
+        build_frozen_encoder("torchscript", pt2, input_size=56)
+    exported = build_frozen_encoder("torchscript", pt2, allow_code_execution=True, input_size=56)
     holder = nn.Module()
     holder.enc = exported
     holder.train()  # exported graphs reject .train(); the holder must not pass it on

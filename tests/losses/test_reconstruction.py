@@ -104,5 +104,5 @@ def test_named_scale_weightings(gen):
                        (["a"], "list of numbers"), ([float("nan")], "finite")):
         with pytest.raises(ValueError, match=match):
             ReconLossConfig(scale_weights=bad)
-    with pytest.raises(ValueError, match="needs the scale sides"):
-        MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="pixels"), 3)
+    by_size = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="pixels"), 3)
+    assert by_size(x, recs, None)["loss"] == named(x, recs, None)["loss"]  # sides from the reconstructions

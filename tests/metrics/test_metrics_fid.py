@@ -210,3 +210,13 @@ def test_corrupt_sources_name_the_file(tmp_path):
     for call in (npz_kind, GaussianStats.load, stats_from_source, lambda p: list(iter_npz_images(p))):
         with pytest.raises(ValueError, match=r"stats\.npz: not a readable \.npz"):
             call(bad)
+
+
+def test_identical_statistics_give_zero_and_non_finite_ones_an_error():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    d = frechet_distance(mu, sigma, mu, sigma)
+    assert d >= 0.0 and str(round(d, 4)) != "-0.0" and f"{d:.4f}" == "0.0000"
+    with pytest.raises(ValueError, match="NaN or Inf.*sigma of the second set"):
+        frechet_distance(mu, sigma, mu, np.full_like(sigma, np.nan))

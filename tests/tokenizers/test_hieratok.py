@@ -186,3 +186,22 @@ def test_empty_batch_round_trips():
     with torch.no_grad():
         recs = m(torch.zeros(0, 3, 32, 32))["reconstructions"]
     assert [tuple(r.shape) for r in recs] == [(0, 3, 8 * s, 8 * s) for s in m.config.scales]
+
+
+def test_image_values_checked_outside_training(gen, caplog):
+    from hieratok.tokenizers import inputs
+
+    m = make()
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        m.encode(bad)
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        m.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    inputs._warned = False
+    m.encode((x + 1) * 127.5)  # [0, 255] given as it is: a warning, once
+    m.encode((x + 1) * 127.5)
+    assert caplog.text.count("tokenizers expect [-1, 1]") == 1
+    m.train()
+    m.encode(bad)  # training batches are not read back (no host sync per step)

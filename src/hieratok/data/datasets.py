@@ -108,10 +108,35 @@ def _is_image(name: str, extensions: tuple[str, ...]) -> bool:
 
 
 def _images_under(folder: str, extensions: tuple[str, ...]) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f, extensions))
+    """Image files under ``folder``, depth first in sorted order (a folder's files, then its
+    sub-folders): regular files only (a FIFO or device named like an image would block or fail a
+    reader), symlinks followed, each real folder listed once (a symlink loop or a second link to a
+    listed folder adds nothing), hidden names skipped."""
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as err:
+            logger.warning("skipping unreadable folder %s: %s", d, err.strerror or err)
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    subdirs.append(e.path)
+                elif _is_image(e.name, extensions) and e.is_file(follow_symlinks=True):
+                    found.append(e.path)
+            except OSError:  # a dangling symlink
+                continue
+        stack.extend(reversed(subdirs))
     return found
 
 
@@ -253,15 +278,18 @@ def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
-def expand_shard_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[str]:
+def expand_shard_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                      allow_pipe: bool = False) -> list[str]:
     """Expand shard specifications into a list of shard paths.
 
     A string may join several specifications with ``::``; each may be a brace pattern
     (``shards/train-{0000..0099}.tar``), a glob (``shards/*.tar``, sorted) or a plain path.
-    Local paths must exist; ``pipe:`` and URL shards are passed through unchecked.
+    Local paths must exist; URL shards are passed through unchecked. A ``pipe:`` shard runs a
+    shell command (webdataset's feature): refused unless ``allow_pipe`` (the CLI's
+    ``--allow-code-execution``, which a config file cannot set).
 
     Raises:
-        ValueError: nothing matches, or a local shard does not exist.
+        ValueError: nothing matches, a local shard does not exist, or a ``pipe:`` without ``allow_pipe``.
     """
     from webdataset.shardlists import expand_urls  # brace + '::' expansion
 
@@ -269,6 +297,9 @@ def expand_shard_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathL
     out: list[str] = []
     for spec in specs:
         for url in expand_urls(spec):
+            if url.startswith("pipe:") and not allow_pipe:
+                raise ValueError(f"data spec {url!r} runs a shell command (webdataset 'pipe:'): refused unless you "
+                                 "pass --allow-code-execution on the command line (a config file cannot enable it)")
             if _is_remote(url):
                 out.append(url)
             elif any(c in url for c in _GLOB_CHARS):
@@ -333,6 +364,7 @@ class WebDatasetShards(IterableDataset):
     Args:
         urls: shard paths, a glob, a brace pattern, or several joined with ``::``
             (see :func:`expand_shard_urls`).
+        allow_pipe: accept ``pipe:`` shards, which run shell commands.
         transform: ``img -> out`` or ``(img, rng) -> out``; a PIL result becomes a tensor.
         seed: seed for shard order, shuffle buffer and augmentations.
         shuffle_shards: shuffle the shard order each epoch.
@@ -352,6 +384,7 @@ class WebDatasetShards(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
@@ -360,7 +393,7 @@ class WebDatasetShards(IterableDataset):
             raise ValueError(f"rank must be in [0, {world_size - 1}], got {rank}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        self.urls = expand_shard_urls(urls)
+        self.urls = expand_shard_urls(urls, allow_pipe=allow_pipe)
         if world_size is not None and len(self.urls) < world_size:
             raise ValueError(f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks")
         self.transform = transform
@@ -637,6 +670,7 @@ def build_dataset(
     crops_per_photo: int = 4,
     short_side: Optional[int] = None,
     on_error: Literal["next", "none"] = "next",
+    allow_pipe: bool = False,
 ) -> Union[EmbeddedPhotos, ImageFolderDataset, WebDatasetShards]:
     """Pick the dataset a data specification names.
 
@@ -661,6 +695,7 @@ def build_dataset(
         on_error: image folders only: ``"next"`` serves the next readable image in place of an
             unreadable one (training); ``"none"`` returns ``None`` for it, so every image is
             seen at most once (evaluation; batch with :func:`collate_drop_none`).
+        allow_pipe: accept webdataset ``pipe:`` shards, which run shell commands.
 
     Raises:
         ValueError: unknown split, or ``spec`` is neither a folder nor a shard specification.
@@ -674,11 +709,13 @@ def build_dataset(
     transform = build_transform(size, train, random_resized_crop_scale=random_resized_crop_scale, hflip=hflip)
     if isinstance(spec, (list, tuple)):
         return WebDatasetShards(list(spec), transform, seed=seed, shuffle_shards=train,
-                                shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size)
+                                shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size,
+                                allow_pipe=allow_pipe)
     spec = os.fspath(spec)
     if os.path.isdir(spec):
         return ImageFolderDataset(spec, transform, seed=seed, on_error=on_error)
     if _looks_like_shards(spec):
         return WebDatasetShards(spec, transform, seed=seed, shuffle_shards=train,
-                                shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size)
+                                shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size,
+                                allow_pipe=allow_pipe)
     raise ValueError(f"data spec {spec!r} is neither a directory nor a .tar shard / glob / brace pattern")

@@ -62,7 +62,10 @@ def _describe(src: ImageSource, name: str | None) -> str:
     return getattr(src, "name", repr(src))
 
 
-def load_rgb(src: ImageSource, *, name: str | None = None) -> Image.Image:
+MAX_PIXELS = 8192 * 8192  # larger images are refused before decoding (a small file can decode to gigabytes)
+
+
+def load_rgb(src: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an image file (path, bytes or binary file object) to an 8-bit RGB PIL image.
 
     The whole image is decoded here (not lazily), so truncated files fail now rather than
@@ -72,6 +75,8 @@ def load_rgb(src: ImageSource, *, name: str | None = None) -> Image.Image:
     Args:
         src: a file path, the encoded bytes, or an open binary file object.
         name: how to name the source in error messages (defaults to the path).
+        max_pixels: refuse images with more pixels than this (checked from the header, before
+            decoding), whatever their mode.
 
     Returns:
         The image in mode ``"RGB"``; see :func:`to_rgb` for how each mode is converted.
@@ -85,6 +90,10 @@ def load_rgb(src: ImageSource, *, name: str | None = None) -> Image.Image:
         if isinstance(src, (bytes, bytearray, memoryview)):
             src = io.BytesIO(bytes(src))
         with Image.open(src) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise UnreadableImageError(f"cannot read image {label}: {w}x{h} pixels is more than the limit of "
+                                           f"{max_pixels} (max_pixels); downscale it first")
             img.load()
             return to_rgb(img)
     except UnreadableImageError:
@@ -102,13 +111,20 @@ def _composite_on_white(img_rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, img_rgba).convert("RGB")
 
 
+def _uint16_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """16-bit pixels to 8 bits by their bit depth, round(x / 257) (0 -> 0, 65535 -> 255), in
+    integer arithmetic (4 bytes a pixel, no float64 copy): the scale never depends on the content."""
+    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
 def _integer_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map integer pixels to 8 bits: 16-bit data by /257 (0 -> 0, 65535 -> 255)."""
+    """32-bit integer pixels (mode ``I``, whose bit depth the mode does not say) to 8 bits: values
+    within 0..255 kept, within 0..65535 read as 16-bit data, anything else min-max normalised."""
     lo, hi = int(arr.min()), int(arr.max())
     if lo >= 0 and hi <= 255:  # 8-bit values stored in a wider mode (e.g. convert("I"))
         return arr.astype(np.uint8)
     if lo >= 0 and hi <= 65535:  # 16-bit data
-        return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        return _uint16_to_uint8(arr)
     return _minmax_to_uint8(arr)
 
 
@@ -138,9 +154,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
       (0, 255, 255)).
     * Alpha (``RGBA``, ``LA``, ``PA``) and palette images with a transparent colour:
       composited onto a white background.
-    * 16-bit integer modes (``I;16*``, and ``I`` holding values up to 65535): scaled by
-      1/257 so the full 16-bit range maps onto 0..255; ``I`` holding 8-bit values is kept;
-      other ``I`` ranges are min-max normalised.
+    * 16-bit modes (``I;16*``): scaled by their bit depth, round(x / 257), so the 16-bit range
+      maps onto 0..255 whatever the content. Mode ``I`` (32-bit, depth unknown) holding 8-bit
+      values is kept, values up to 65535 are read as 16-bit, other ranges min-max normalised.
     * Float ``F``: values in [0, 1] are scaled by 255, values in [0, 255] are rounded,
       anything else is min-max normalised.
 
@@ -158,13 +174,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
         return _composite_on_white(img.convert("RGBA"))
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img)
-        grey = _integer_to_uint8(arr.astype(np.int64))
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode.startswith("I;16"):
+        grey = _uint16_to_uint8(np.asarray(img))
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "I":
+        grey = _integer_to_uint8(np.asarray(img))
+        return Image.fromarray(grey, "L").convert("RGB")
     if mode == "F":
         grey = _float_to_uint8(np.asarray(img))
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+        return Image.fromarray(grey, "L").convert("RGB")
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:

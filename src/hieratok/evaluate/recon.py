@@ -253,6 +253,10 @@ def write_recon_report(result: dict[str, Any], out_dir: str | Path, title: str =
     rep = Report(title)
     pname = result.get("perceptual_name", "none")
     row = {"rFID": result.get("rfid"), "PSNR": result["psnr"], "SSIM": result["ssim"]}
+    if "rkid" in result:
+        row["rKID"] = result["rkid"]
+    if "color_error" in result:
+        row["colour error"] = result["color_error"]
     if pname != "none":
         row[pname] = result.get(pname)
     rep.add_heading("Metrics")

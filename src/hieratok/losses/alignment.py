@@ -466,10 +466,15 @@ class _ExportedModule(nn.Module):
         return self.module(x_BCHW)
 
 
-def _load_program(path: os.PathLike | str) -> nn.Module:
-    """Load a TorchScript file, or a ``torch.export`` program (``.pt2``)."""
+def _load_program(path: os.PathLike | str, allow_code_execution: bool = False) -> nn.Module:
+    """Load a TorchScript file, or a ``torch.export`` program (``.pt2``, only with
+    ``allow_code_execution``: such an archive may hold pickles, which run code while loading)."""
     path = Path(path)
     if path.suffix == ".pt2":
+        if not allow_code_execution:
+            raise ValueError(f"{path} is a torch.export program, which can run code while it loads (it may hold "
+                             "pickles): refused unless you pass --allow-code-execution (allow_code_execution=True) "
+                             "for a file you trust; a TorchScript file (torch.jit.save) loads without that risk")
         try:
             return _ExportedModule(torch.export.load(str(path)).module())
         except Exception as e:  # noqa: BLE001 - torch.export raises many types on a bad file
@@ -489,6 +494,7 @@ def _load_program(path: os.PathLike | str) -> nn.Module:
 def build_frozen_encoder(
     kind: Union[str, nn.Module, Callable[[torch.Tensor], Any]],
     path: Optional[str | os.PathLike] = None,
+    allow_code_execution: bool = False,
     **options: Any,
 ) -> FrozenFeatureEncoder:
     """Build the frozen encoder whose features the VF loss aligns the latent to.
@@ -511,6 +517,7 @@ def build_frozen_encoder(
     Args:
         kind: one of :data:`FROZEN_ENCODER_KINDS`, or a module / callable.
         path: weight, TorchScript or ``.pt2`` file.
+        allow_code_execution: accept ``.pt2`` programs, whose loading can run code.
         **options: keyword arguments of :class:`FrozenFeatureEncoder` (``mean``, ``std``,
             ``input_size``, ``num_prefix_tokens``, ``feature_dim``, ``name``) overriding the
             kind's defaults; ``tap`` for ``"effnet-lite0"``.
@@ -548,7 +555,7 @@ def build_frozen_encoder(
         )
         options.setdefault("name", f"torchscript:{w.path.name}")
         logger.info("VF encoder: TorchScript from %s: %s", w.source, w.path)
-        return FrozenFeatureEncoder(_load_program(w.path), **options)
+        return FrozenFeatureEncoder(_load_program(w.path, allow_code_execution), **options)
     preset = _TORCHSCRIPT_PRESETS[kind]
     w = resolve_weights(
         kind.upper(), preset.filename, user_path=path,
@@ -557,4 +564,4 @@ def build_frozen_encoder(
     for key, value in (("mean", preset.mean), ("std", preset.std), ("input_size", preset.input_size), ("name", kind)):
         options.setdefault(key, value)
     logger.info("VF encoder: %s TorchScript from %s: %s", kind, w.source, w.path)
-    return FrozenFeatureEncoder(_load_program(w.path), **options)
+    return FrozenFeatureEncoder(_load_program(w.path, allow_code_execution), **options)

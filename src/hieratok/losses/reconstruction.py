@@ -29,7 +29,7 @@ class ReconLossConfig:
     perceptual: float = 1.0
     perceptual_kind: str = "auto"  # "auto" | "lpips-vgg" | "effnet-lite0" | "none"
     kl: float = 1e-6
-    scale_weights: Any = "equal"  # "equal" | "pixels" | one weight per scale, coarse to fine: resolve_scale_weights
+    scale_weights: Any = "pixels"  # "equal" | "pixels" | a weight per scale, coarse to fine; default: README ablation
 
     def __post_init__(self) -> None:
         if self.perceptual_kind == "none" and self.perceptual > 0:
@@ -82,30 +82,30 @@ class MultiScaleReconstructionLoss(nn.Module):
 
     Args:
         cfg: weights.
-        scales: the decoder's token-grid sides, coarse to fine (an int: that many scales, for
-            ``"equal"`` or explicit weights).
+        scales: the decoder's token-grid sides, coarse to fine, or just their number (then
+            ``"pixels"`` weights come from the reconstructions' sizes at each call).
         perceptual: a frozen module ``(x, y) -> (B,)`` distances, or None when its weight is 0.
     """
 
     def __init__(self, cfg: ReconLossConfig, scales: int | Sequence[int], perceptual: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        if isinstance(scales, int):
-            if cfg.scale_weights == "pixels":
-                raise ValueError("scale_weights='pixels' needs the scale sides, not only their number")
-            scales = [1] * scales
-        self.scale_weights = resolve_scale_weights(cfg.scale_weights, list(scales))
+        self.num_scales = scales if isinstance(scales, int) else len(scales)
+        by_size = isinstance(scales, int) and cfg.scale_weights == "pixels"
+        # None: "pixels" resolved from the reconstructions' pixel counts in forward
+        self.scale_weights = None if by_size else resolve_scale_weights(
+            cfg.scale_weights, [1] * scales if isinstance(scales, int) else list(scales))
         if cfg.perceptual > 0 and perceptual is None:
             raise ValueError("perceptual weight > 0 needs a perceptual module")
         self.perceptual = perceptual
 
     def forward(self, x_BCHW: torch.Tensor, recs: Sequence[torch.Tensor], posterior: Optional[DiagonalGaussian]) -> dict[str, torch.Tensor]:
         """``loss`` (to minimise), ``rec_loss`` (the same without KL), and detached logs: ``l1``,
-        ``mse``, ``perceptual`` (weighted sums over scales), ``l1_s{size}``, ``perceptual_s{size}``
+        ``mse``, ``perceptual`` (weighted sums over scales), ``l1_s{size}``, ``mse_s{size}``, ``perceptual_s{size}``
         and ``kl``. ``recs``: one reconstruction per scale, coarse to fine, each at most the input's size."""
         c = self.cfg
-        if len(recs) != len(self.scale_weights):
-            raise ValueError(f"{len(recs)} reconstructions for a loss built for {len(self.scale_weights)} scales")
+        if len(recs) != self.num_scales:
+            raise ValueError(f"{len(recs)} reconstructions for a loss built for {self.num_scales} scales")
         H, W = x_BCHW.shape[-2:]
         for r in recs:
             if r.shape[:2] != x_BCHW.shape[:2] or r.shape[-2] > H or r.shape[-1] > W:
@@ -114,7 +114,9 @@ class MultiScaleReconstructionLoss(nn.Module):
         logs: dict[str, torch.Tensor] = {}
         total = x_BCHW.new_zeros(())
         l1_sum, mse_sum, p_sum = x_BCHW.new_zeros(()), x_BCHW.new_zeros(()), x_BCHW.new_zeros(())
-        for k, (rec, tgt, w) in enumerate(zip(recs, targets, self.scale_weights)):
+        n = [r.shape[-2] * r.shape[-1] for r in recs]
+        weights = self.scale_weights or tuple(len(n) * v / sum(n) for v in n)
+        for k, (rec, tgt, w) in enumerate(zip(recs, targets, weights)):
             rec = rec.float()
             l1, mse = F.l1_loss(rec, tgt), F.mse_loss(rec, tgt)
             term = c.l1 * l1 + c.mse * mse
@@ -125,7 +127,7 @@ class MultiScaleReconstructionLoss(nn.Module):
                 logs[f"perceptual_s{rec.shape[-1]}"] = p.detach()
             total = total + w * term
             l1_sum, mse_sum = l1_sum + w * l1.detach(), mse_sum + w * mse.detach()
-            logs[f"l1_s{rec.shape[-1]}"] = l1.detach()
+            logs[f"l1_s{rec.shape[-1]}"], logs[f"mse_s{rec.shape[-1]}"] = l1.detach(), mse.detach()
         logs.update(l1=l1_sum, mse=mse_sum, perceptual=p_sum)
         logs["rec_loss"] = total  # VQGAN's / VA-VAE's "nll": what adaptive GAN / VF weights balance against
         if posterior is not None:

@@ -105,12 +105,17 @@ def frechet_distance(
     s2 = s2.reshape(1, 1) if s2.ndim == 0 else s2
     if s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"covariances must be ({d}, {d}), got {tuple(s1.shape)} and {tuple(s2.shape)}")
+    for name, v in (("mu of the first set", mu1), ("mu of the second set", mu2), ("sigma of the first set", s1),
+                    ("sigma of the second set", s2)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"FID statistics contain NaN or Inf ({name}): recompute them")
     s1 = (s1 + s1.T) / 2
     s2 = (s2 + s2.T) / 2
     # tr (S1 S2)^{1/2} = sum of singular values of S1^{1/2} S2^{1/2} (nuclear norm)
     tr_covmean = torch.linalg.svdvals(_psd_sqrt(s1) @ _psd_sqrt(s2)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + s1.trace() + s2.trace() - 2.0 * tr_covmean)
+    # a squared distance: a tiny negative value (identical sets) is rounding; no "-0.0000"
+    return max(0.0, float(diff @ diff + s1.trace() + s2.trace() - 2.0 * tr_covmean)) + 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,14 +288,12 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        from ..data.images import UnreadableImageError, load_rgb
 
-        try:
-            with Image.open(self.files[i]) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # as pytorch-fid reads them
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt / truncated files
-            raise ValueError(f"{self.files[i]}: unreadable image ({' '.join(str(err).split())}); "
-                             "regenerate it or remove it from the folder") from err
+        try:  # the one robust reader: 8-bit RGB as pytorch-fid reads them, 16-bit scaled by its depth
+            arr = np.asarray(load_rgb(self.files[i]), dtype=np.uint8)
+        except UnreadableImageError as err:
+            raise ValueError(f"{err}; regenerate it or remove it from the folder") from err
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 

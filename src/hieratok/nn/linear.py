@@ -95,8 +95,11 @@ class Linear(nn.Linear):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # inference tensors (a model built or loaded under torch.inference_mode) have no version
+        # counter to tell a stale pack from a fresh one: they take the plain path
         if (self.fast and _MKL and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")):
+                and x.dtype == torch.float32 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+                and not self.weight.is_inference()):
             packed = self._packed()
             if packed is not None:
                 return packed_linear(x, packed, self.weight, self.bias)

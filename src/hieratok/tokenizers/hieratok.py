@@ -26,6 +26,7 @@ from ..distributions import DiagonalGaussian
 from ..hub import PretrainedMixin
 from ..nn import ATTENTION_BACKENDS, ATTENTION_MODES, LayerNorm2d, MultiScalePosEmbed, PatchEmbed, Transformer
 from ..nn import dense_mask, mask_mod, unpatchify
+from .inputs import check_images
 
 __all__ = ["HieraTokConfig", "HieraTok", "ConvDownsampler", "InterpDownsampler", "DOWNSAMPLERS",
            "area_downsample", "default_scales"]
@@ -57,7 +58,7 @@ class HieraTokConfig:
     latent_channels: int = 16
     multiscale: bool = True
     scales: Optional[tuple[int, ...]] = None
-    downsample: str = "conv"  # one of DOWNSAMPLERS (ConvDownsampler / InterpDownsampler); README "The model"
+    downsample: str = "conv-residual"  # one of DOWNSAMPLERS; chosen by the ablation in README "Downsampler designs"
     downsample_width: Optional[int] = None  # hidden width of the conv downsamplers; None = decoder_width
     attention: str = "scale_causal"  # "scale_causal" | "scale_independent" | "full"
     encoder_depth: int = 6
@@ -362,9 +363,7 @@ class HieraTok(PretrainedMixin, nn.Module):
     # ---- API ----------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor) -> None:
         c = self.config
-        want = (c.in_channels, c.image_size, c.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}) in [-1, 1], got {tuple(x.shape)}")
+        check_images(x, c.in_channels, c.image_size, self.training)
 
     def encode(self, x_BCHW: torch.Tensor) -> DiagonalGaussian:
         """Images in [-1, 1] -> diagonal Gaussian posterior over z (B, d, G, G)."""

@@ -75,6 +75,7 @@ from ..nn.masks import block_causal_mask, block_causal_mask_mod
 from ..nn.rope import apply_rope, apply_rope_reference, mixed_positions, rope_table
 from ..nn.vit import Mlp
 from ..quantizers.vq import VectorQuantizer
+from .inputs import check_images
 
 __all__ = [
     "ResTokConfig", "ResTok", "RESTOK_PRESETS", "restok_preset_names", "build_restok_config",
@@ -707,9 +708,7 @@ class ResTok(PretrainedMixin, nn.Module):
 
     # ---- API ----------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor) -> None:
-        s = self.config.image_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
-            raise ValueError(f"expected images of shape (B, 3, {s}, {s}) in [-1, 1], got {tuple(x.shape)}")
+        check_images(x, 3, self.config.image_size, self.training)
 
     def encode(self, x_BCHW: torch.Tensor, image_tokens: bool = True) -> dict[str, Any]:
         """Images in [-1, 1] -> codes (``image_tokens=False``: no image stages and no alignment

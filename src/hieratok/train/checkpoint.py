@@ -16,6 +16,7 @@ No pickle is used anywhere.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint_files", "rng_state", "set_rng_state",
-           "flatten_optim", "unflatten_optim", "STATE_NAME"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "complete_checkpoints", "checkpoint_problem", "load_checkpoint_files",
+           "rng_state", "set_rng_state", "flatten_optim", "unflatten_optim", "STATE_NAME"]
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -105,15 +106,21 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-step_{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    model_dir_writer(tmp)
-    for name, sd in weights.items():
-        save_file(sd, str(tmp / f"{name}.safetensors"))
-    save_file(optim_tensors, str(tmp / "optim.safetensors"))
-    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():  # on disk before the rename makes the directory visible
-        _fsync(f)
-    _fsync(tmp)
+    try:
+        tmp.mkdir()
+        model_dir_writer(tmp)
+        for name, sd in weights.items():
+            save_file(sd, str(tmp / f"{name}.safetensors"))
+        save_file(optim_tensors, str(tmp / "optim.safetensors"))
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():  # on disk before the rename makes the directory visible
+            _fsync(f)
+        _fsync(tmp)
+    except BaseException as e:  # a full disk, a kill: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_root)) from e
+        raise
     replaced = None
     if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first,
         replaced = ckpt_root / f".old-step_{step:08d}-{os.getpid()}"  # so no half-deleted step_* is ever visible
@@ -138,13 +145,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint directory of a run, or None."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoint directories of a run (renamed into place), newest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     done = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / STATE_NAME).is_file()]
-    return max(done, key=lambda p: p.name) if done else None
+    return sorted(done, key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory of a run, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[0] if done else None
+
+
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed from (an unreadable JSON file, or a truncated or corrupt
+    safetensors file: the header is read and checked against the file's length), else None. Cheap:
+    no tensor is loaded."""
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    for f in [ckpt / STATE_NAME, *sorted(ckpt.glob("*.json"))]:
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            return f"{f.name}: {' '.join(str(e).split())}"
+    for f in sorted(ckpt.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{f.name}: {' '.join(str(e).split()) or type(e).__name__}"
+    return None
 
 
 def load_checkpoint_files(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

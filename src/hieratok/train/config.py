@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -72,6 +73,20 @@ class VFConfig:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def _non_finite_floats(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every float field (also inside tuples and nested configs) that is NaN or infinite."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg):
+        v, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            out += _non_finite_floats(v, key + ".")
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                out.append((key, v))
+                break
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Everything a tokenizer training run needs; saved with the run."""
@@ -115,6 +130,24 @@ class TrainConfig:
     sample_count: int = 8
 
     def __post_init__(self) -> None:
+        bad = _non_finite_floats(self)
+        if bad:
+            raise ValueError(f"config key {bad[0][0]!r} must be a finite number, got {bad[0][1]!r}")
+        for key in ("batch_size", "steps", "log_every", "keep_last", "max_nonfinite"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config key {key!r} must be an integer >= 1, got {v!r}")
+        for key in ("image_every", "ckpt_every"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"config key {key!r} must be an integer >= 0 (0: off), got {v!r}")
+        o = self.optim
+        if not o.lr > 0 or o.end_lr < 0 or not 0 <= o.warmup_ratio < 1 or o.weight_decay < 0 or o.grad_clip < 0:
+            raise ValueError(f"optim needs lr > 0, end_lr >= 0, 0 <= warmup_ratio < 1, weight_decay >= 0 and "
+                             f"grad_clip >= 0 (got lr={o.lr}, end_lr={o.end_lr}, warmup_ratio={o.warmup_ratio}, "
+                             f"weight_decay={o.weight_decay}, grad_clip={o.grad_clip})")
+        if not all(0 <= b < 1 for b in o.betas) or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.betas {list(o.betas)} and ema_decay {self.ema_decay} must lie in [0, 1)")
         if self.optim.warmup_steps is not None and self.task != "restok":
             raise ValueError(f"optim.warmup_steps is read by task 'restok' only (this is task {self.task!r}); "
                              "set optim.warmup_ratio instead")

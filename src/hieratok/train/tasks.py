@@ -70,6 +70,9 @@ class Task:
 
     cfg: TrainConfig
     modules: dict[str, nn.Module]
+    # files or data specs that run code (torch.export programs, webdataset ``pipe:``) are refused
+    # unless the user asks on the command line; a config file cannot set this
+    allow_code_execution: bool = False
     visualize_runs_model = False  # whether ``visualize`` runs the trained model (not possible on one rank under FSDP)
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -111,14 +114,15 @@ def _optim_phase(cfg: TrainConfig, modules: tuple[str, ...], loss_fn: Callable) 
 class TokenizerTask(Task):
     """HieraTok (or its single-scale twin): multi-scale reconstruction + KL, optionally GAN + VF alignment."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+        self.allow_code_execution = allow_code_execution
         perceptual = self._setup(cfg, HieraTok)
         model = self.modules["model"]
         self.loss = MultiScaleReconstructionLoss(cfg.loss, model.config.scales, perceptual)
         if cfg.vf.weight > 0:
             from ..losses.alignment import VFAlignmentLoss, build_frozen_encoder
 
-            self.vf_encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path)
+            self.vf_encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path, self.allow_code_execution)
             feat_dim = self.vf_encoder.output_shape(model.config.image_size)[0]
             self.vf = VFAlignmentLoss(feat_dim, model.config.latent_channels, cfg.vf.margin_cos, cfg.vf.margin_dm,
                                       weight=cfg.vf.weight, adaptive=cfg.vf.adaptive)
@@ -179,7 +183,7 @@ class TokenizerTask(Task):
         c, d = self.cfg, self.cfg.data
         return build_dataset(d.path, "train", self.image_size, seed=c.seed, length=d.samples_per_epoch,
                              random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip, rank=rank,
-                             world_size=world_size, short_side=d.short_side)
+                             world_size=world_size, short_side=d.short_side, allow_pipe=self.allow_code_execution)
 
     def diagnostic_images(self) -> Optional[tuple[torch.Tensor, str]]:
         """``diag_images`` images of ``diag_data``, else of the embedded photos' held-out split when
@@ -192,7 +196,7 @@ class TokenizerTask(Task):
         source = c.diag_data or d.path
         # an evaluation split: centre crops, no flip, shards in order, every shard on this (the main) rank
         data = build_dataset(source, "heldout", self.image_size, seed=c.seed, short_side=d.short_side, rank=0,
-                             world_size=1, on_error="none")
+                             world_size=1, on_error="none", allow_pipe=self.allow_code_execution)
         x = fixed_images(data, c.diag_images)
         if x.shape[0] == 0:
             raise ValueError(f"{source}: no readable image for the diagnostics: set diag_data=<folder> or diag_every=0")
@@ -274,10 +278,11 @@ class ResTokTask(TokenizerTask):
     ``vf.margin_cos``; ``vf.margin_dm`` is not used). The warm-up of the generator phase is
     ``optim.warmup_steps`` when set."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         from ..losses.restok import ResTokLoss, ResTokLossConfig
         from ..tokenizers.restok import ResTok
 
+        self.allow_code_execution = allow_code_execution
         encoder, heads = self._alignment_encoder(cfg)
         perceptual = self._setup(cfg, ResTok, **heads)
         if encoder is not None:
@@ -298,7 +303,7 @@ class ResTokTask(TokenizerTask):
         from ..losses.alignment import build_frozen_encoder
         from ..tokenizers.restok import build_restok_config
 
-        encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path)
+        encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path, self.allow_code_execution)
         if cfg.init_from:  # the saved config decides; checked against the encoder once built
             return encoder, {}
         size = build_restok_config(cfg.preset, **cfg.model).image_size
@@ -383,9 +388,10 @@ class _CachedTask(Task):
 
     visualize_runs_model = True
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         from ..data.latent_cache import read_cache_meta
 
+        self.allow_code_execution = allow_code_execution
         if not cfg.data.path:
             raise ValueError(f"task {cfg.task!r} trains on a latent cache: pass --data <cache dir> "
                              "(make one with `hieratok cache-latents`)")
@@ -436,8 +442,8 @@ class _CachedTask(Task):
 class DiTTask(_CachedTask):
     """DiT on tokenizer latents (paper appendix F): diffusion (eps, learned variance) or flow matching."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+        super().__init__(cfg, allow_code_execution)
         from ..generators import DiT, GeneratorObjective, build_dit_config
 
         if self.meta.get("kind") != "latents":
@@ -465,8 +471,8 @@ class DiTTask(_CachedTask):
 class ARTask(_CachedTask):
     """LlamaGen GPT on tokenizer codes: ResTok's next-hierarchy (HAR) or plain next-token layout."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+        super().__init__(cfg, allow_code_execution)
         from ..generators.har import ARObjective
         from ..generators.llamagen import GPT, gpt_config
 
@@ -499,9 +505,9 @@ class ARTask(_CachedTask):
                              **self.sampling).codes
 
 
-def build_task(cfg: TrainConfig) -> Task:
-    """The task a config names."""
+def build_task(cfg: TrainConfig, allow_code_execution: bool = False) -> Task:
+    """The task a config names (``allow_code_execution``: see :attr:`Task.allow_code_execution`)."""
     tasks = {"tokenizer": TokenizerTask, "restok": ResTokTask, "dit": DiTTask, "ar": ARTask}
     if cfg.task not in tasks:
         raise ValueError(f"task {cfg.task!r} is not one of {sorted(tasks)}")
-    return tasks[cfg.task](cfg)
+    return tasks[cfg.task](cfg, allow_code_execution=allow_code_execution)

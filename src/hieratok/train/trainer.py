@@ -30,14 +30,37 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import ResumableDistributedSampler, collate_drop_none
-from .checkpoint import (flatten_optim, latest_checkpoint, load_checkpoint_files, rng_state, save_checkpoint,
-                         set_rng_state, unflatten_optim)
+from .checkpoint import (checkpoint_problem, complete_checkpoints, flatten_optim, latest_checkpoint,
+                         load_checkpoint_files, rng_state, save_checkpoint, set_rng_state, unflatten_optim)
 from .config import TrainConfig, config_dict
 from .ema import EMA
 from .parallel import DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, load_full_state_dict, unwrap, wrap_model
 from .tasks import Phase, build_task, param_groups
 
-__all__ = ["Trainer", "lr_at", "NonFiniteLossError"]
+__all__ = ["Trainer", "lr_at", "NonFiniteLossError", "check_run_dir", "RUN_FILES"]
+
+# what a run writes into its folder (and what --overwrite removes: nothing else)
+RUN_FILES = ("train_config.yaml", "metrics.csv", "checkpoints", "tb", "images")
+
+
+def check_run_dir(run_dir: str | Path, resume: Optional[str], overwrite: bool, remove: bool = True) -> None:
+    """Refuse to start a new run in a folder that holds one (its log, config and checkpoints would
+    be overwritten or mixed with the new run's): ``resume`` continues it, ``overwrite`` removes the
+    old run's files first (when ``remove``: one rank of several removes, every rank checks)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a run folder")
+    held = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume auto to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    for n in held if remove else ():
+        p = run_dir / n
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +161,23 @@ class Trainer:
     Args:
         cfg: the resolved training config.
         device: override the device (default: CUDA for this local rank if available, else CPU).
+        allow_code_execution: accept inputs that run code (``.pt2`` frozen encoders, webdataset
+            ``pipe:`` data): the CLI's ``--allow-code-execution``; never from a config file.
+        overwrite: let the first :meth:`fit` without ``resume`` replace a run already in
+            ``cfg.out_dir`` (otherwise that is a ValueError: see :func:`check_run_dir`).
     """
 
-    def __init__(self, cfg: TrainConfig, device: Optional[str] = None) -> None:
+    def __init__(self, cfg: TrainConfig, device: Optional[str] = None, allow_code_execution: bool = False,
+                 overwrite: bool = False) -> None:
         self.cfg = cfg
+        self.overwrite, self._fitted = overwrite, False
         self.dist: DistInfo = init_distributed(device)
         self.run_dir = Path(cfg.out_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.task = build_task(cfg)
+        self.task = build_task(cfg, allow_code_execution)
         dev = self.dist.device
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.raw: dict[str, nn.Module] = {k: m.to(dev) for k, m in self.task.modules.items()}
@@ -359,6 +388,11 @@ class Trainer:
         return logs, ctx
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def _last_checkpoint_text(self) -> str:
+        last = latest_checkpoint(self.run_dir)
+        return (f"the last checkpoint (finite: only finite weights are saved) is {last}" if last is not None
+                else "no checkpoint was written before")
+
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (collective: every rank must call it)."""
         model_sd = full_state_dict(self.wrapped["model"] if is_fsdp(self.wrapped["model"]) else unwrap(self.wrapped["model"]))
@@ -367,6 +401,11 @@ class Trainer:
             extra["ema"] = self.ema.full_state_dict(unwrap(self.wrapped["model"]))
         for k, m in self.task.state_modules().items():
             extra[k] = {n: t.detach().cpu().contiguous() for n, t in m.state_dict().items()}
+        bad = [f"{group}.{n}" for group, sd in (("model", model_sd), *extra.items()) for n, t in sd.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # never write a checkpoint that resuming from would poison (every rank sees the same tensors)
+            raise NonFiniteLossError(f"weights became non-finite by step {self.step} ({len(bad)} tensors, e.g. "
+                                     f"{bad[0]}): no checkpoint written; {self._last_checkpoint_text()}")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         tensors, groups = {}, {}
@@ -413,6 +452,22 @@ class Trainer:
         if len(ph.modules) == 1:
             return pick(ph.modules[0])
         return nn.ModuleDict({k: pick(k) for k in ph.modules})
+
+    def _resumable(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from: ``resume`` itself (an error naming the bad file if it is
+        damaged), or for ``"auto"`` the newest complete one whose files are intact, with a warning
+        naming each newer one that is not (e.g. truncated by a full disk)."""
+        if resume != "auto":
+            problem = checkpoint_problem(Path(resume))
+            if problem:
+                raise ValueError(f"checkpoint {resume} is damaged ({problem})")
+            return Path(resume)
+        for ckpt in complete_checkpoints(self.run_dir):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            log.warning("checkpoint %s is damaged (%s): falling back to the one before it", ckpt, problem)
+        return None
 
     def resume(self, ckpt: Path) -> None:
         """Restore weights, optimizer, EMA, data position, counters and RNG from a checkpoint."""
@@ -478,8 +533,12 @@ class Trainer:
             max_steps: stop after this many steps of this call (used to simulate interruptions).
         """
         c = self.cfg
+        if not self._fitted:
+            check_run_dir(self.run_dir, resume, self.overwrite, remove=self.dist.is_main)
+            barrier()
+        self._fitted = True
         if resume:
-            ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+            ckpt = self._resumable(resume)
             if ckpt is not None:
                 self.resume(ckpt)
             elif self.dist.is_main:
@@ -509,8 +568,7 @@ class Trainer:
                     if self.nonfinite_run >= c.max_nonfinite:  # no save: the last periodic checkpoint stays the latest
                         raise NonFiniteLossError(
                             f"{self.nonfinite_run} consecutive non-finite losses or gradients at step {self.step}: "
-                            f"stopping (resume from the last checkpoint in {self.run_dir / 'checkpoints'}); "
-                            "lower optim.lr or check the data")
+                            f"stopping; {self._last_checkpoint_text()}; lower optim.lr or check the data")
                     continue
                 self.nonfinite_run = 0
                 self.step += 1

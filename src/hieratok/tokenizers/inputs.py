@@ -1,0 +1,34 @@
+"""Checks of the images a tokenizer is given: shape, and (outside training) their values."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["check_images"]
+
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def check_images(x_BCHW: torch.Tensor, channels: int, size: int, training: bool) -> None:
+    """ValueError for a wrong shape, or (outside training, where it costs one read-back per call)
+    NaN/Inf values; a warning, once per process, for images far outside [-1, 1] (uint8 [0, 255] or
+    [0, 1] images passed as they are). Training batches come from our data pipeline and are not
+    read back, so a training step makes no host sync here."""
+    global _warned
+    if x_BCHW.ndim != 4 or tuple(x_BCHW.shape[1:]) != (channels, size, size):
+        raise ValueError(f"expected images of shape (B, {channels}, {size}, {size}) in [-1, 1], got {tuple(x_BCHW.shape)}")
+    if not x_BCHW.dtype.is_floating_point:
+        raise ValueError(f"expected float images in [-1, 1], got dtype {x_BCHW.dtype} (uint8 images: x / 127.5 - 1)")
+    if training or x_BCHW.numel() == 0 or x_BCHW.device.type == "meta":
+        return
+    x = x_BCHW.detach().float()
+    finite, lo, hi = torch.stack([torch.isfinite(x).all().float(), x.amin(), x.amax()]).tolist()
+    if not finite:
+        raise ValueError("images contain NaN or Inf values")
+    if not _warned and (hi > 1.5 or lo < -1.5):
+        _warned = True
+        log.warning("images span [%.3g, %.3g]: tokenizers expect [-1, 1] (uint8 images: x / 127.5 - 1; "
+                    "[0, 1] images: 2 * x - 1)", lo, hi)
