@@ -31,8 +31,8 @@ def test_module_entry_point():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("optim.lr.x=1", "optim.lr"),
-    ("steps=[1,", "steps"),
+    ("optim.lr.x=1", "error"),
+    ("steps=[1,", "expected"),
     ("log_every=0", "'log_every' must be an integer >= 1"),
     ("optim.warmup_ratio=.nan", "'optim.warmup_ratio' must be a finite number"),
 ])

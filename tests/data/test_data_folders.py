@@ -156,6 +156,6 @@ def test_pipe_data_specs_need_the_command_line_opt_in(tmp_path):
     with pytest.raises(ValueError, match="runs a shell command.*--allow-code-execution"):
         build_dataset(spec, "train", 16)
     with pytest.raises(ValueError, match="runs a shell command"):
-        expand_shard_urls(f"{tmp_path}/x.tar::{spec}")
+        expand_shard_urls(f"{spec}::{tmp_path}/x.tar")
     assert expand_shard_urls(spec, allow_pipe=True) == [spec]
     assert not marker.exists()

@@ -53,7 +53,8 @@ def test_rec_loss_leaves_out_kl_and_keeps_its_graph(gen):
 def test_non_square_scales_get_non_square_targets(gen):
     x = torch.rand(1, 3, 8, 16, generator=gen)
     recs = [torch.rand(1, 3, 2, 4, generator=gen), x.clone()]
-    out = MultiScaleReconstructionLoss(ReconLossConfig(l1=1.0, mse=0.0, perceptual=0.0, kl=0.0), 2)(x, recs, None)
+    out = MultiScaleReconstructionLoss(ReconLossConfig(l1=1.0, mse=0.0, perceptual=0.0, kl=0.0,
+                                                               scale_weights="equal"), 2)(x, recs, None)
     torch.testing.assert_close(out["loss"], F.l1_loss(recs[0], F.avg_pool2d(x, 4)))
 
 
@@ -93,7 +94,7 @@ def test_named_scale_weightings(gen):
     wp = resolve_scale_weights("pixels", [1, 2, 4])
     named = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="pixels"), [1, 2, 4])
     listed = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=list(wp)), 3)
-    equal = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0), [1, 2, 4])
+    equal = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights="equal"), [1, 2, 4])
     assert named(x, recs, None)["loss"] == listed(x, recs, None)["loss"]
     assert named(x, recs, None)["loss"] != equal(x, recs, None)["loss"]
     only_finest = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, scale_weights=[0, 0, 1]), 3)

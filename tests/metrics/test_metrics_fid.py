@@ -203,7 +203,7 @@ def test_corrupt_sources_name_the_file(tmp_path):
     assert sum(b.shape[0] for b in iter_image_folder(folder)) == len(ImageFolderDataset(folder)) == 2
     good = (folder / "1.png").read_bytes()
     (folder / "1.png").write_bytes(good[: len(good) // 2])  # truncated PNG
-    with pytest.raises(ValueError, match=r"1\.png: unreadable image"):
+    with pytest.raises(ValueError, match=r"1\.png: not a recognised image format"):
         list(iter_image_folder(folder))
     bad = tmp_path / "stats.npz"
     bad.write_bytes(b"<html>not found</html>")  # e.g. a failed download

@@ -291,8 +291,7 @@ class ResTokTask(TokenizerTask):
         self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual, alignment_weight=cfg.vf.weight,
                                                 alignment_margin=cfg.vf.margin_cos), perceptual)
 
-    @staticmethod
-    def _alignment_encoder(cfg: TrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
+    def _alignment_encoder(self, cfg: TrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
         """The frozen foundation encoder (None without alignment) and the model defaults it implies:
         both alignment heads of its feature width, or no heads."""
         if cfg.vf.weight <= 0:
