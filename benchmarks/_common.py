@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from hieratok.machine import cpu_model
+
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak (no sparsity)
 
 
@@ -166,17 +168,6 @@ def _version(pkg: str) -> Optional[str]:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> Optional[str]:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -190,7 +181,7 @@ def machine_info() -> dict[str, Any]:
     """Where and with what a benchmark ran (goes into every JSON result)."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -455,7 +455,7 @@ def tokenizer_section(off: Official, args: argparse.Namespace) -> tuple[list[dic
     ref = " (reference paths)" if args.reference_paths else None
     rows = [_row(f"tokenizer {w}, per image (batch {args.batch})", res, f"{w} official", f"{w} ours", args.batch,
                  f"{w} ours{ref}" if ref else None) for w in ("encode", "decode")]
-    del theirs, ours
+    theirs = ours = None  # free both models before the next stage
     return rows, parity
 
 
@@ -522,7 +522,7 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
     if args.ar_repeats > 0:
         vanilla = off.gpt_vanilla.GPT_models[off.config.model.generator.model_type](off.config).eval()
         share_gpt_weights(theirs, vanilla)
-        del theirs
+        theirs = None
         with torch.inference_mode():
             torch.manual_seed(args.seed)
             with ScaleRecorder(off.generate) as rec:

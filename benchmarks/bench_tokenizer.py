@@ -33,8 +33,18 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (H100_BF16_DENSE_TFLOPS, interleaved, machine_info, matmul_gflops, peak_rss_mb,  # noqa: E402
-                     print_table, rss_now_mb, run_worker, wait_for_quiet, write_json)
+from _common import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS,
+    interleaved,
+    machine_info,
+    matmul_gflops,
+    peak_rss_mb,
+    print_table,
+    rss_now_mb,
+    run_worker,
+    wait_for_quiet,
+    write_json,
+)
 
 from hieratok import HieraTok  # noqa: E402
 from hieratok.flops import count_flops  # noqa: E402
@@ -194,7 +204,7 @@ def cuda_section(args: argparse.Namespace, names: list[str]) -> Optional[dict[st
                          "ms_per_img": 1e3 / ips, "tflops": flops * ips / 1e12,
                          "mfu_h100_bf16": flops * ips / (H100_BF16_DENSE_TFLOPS * 1e12),
                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30})
-            del coder, x, zz
+            coder = x = zz = None  # free the model before the next one
             torch.cuda.empty_cache()
     return {"rows": rows, "bf16_matmul_tflops": ceil, "device": torch.cuda.get_device_name()}
 

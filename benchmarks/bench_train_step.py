@@ -30,8 +30,18 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (H100_BF16_DENSE_TFLOPS, Samples, machine_info, matmul_gflops, peak_rss_mb,  # noqa: E402
-                     print_table, run_worker, time_once, wait_for_quiet, write_json)
+from _common import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS,
+    Samples,
+    machine_info,
+    matmul_gflops,
+    peak_rss_mb,
+    print_table,
+    run_worker,
+    time_once,
+    wait_for_quiet,
+    write_json,
+)
 
 from hieratok import HieraTok  # noqa: E402
 from hieratok.flops import count_flops  # noqa: E402

@@ -1,5 +1,7 @@
 """The ablation's statistics and variant parsing (the end-to-end runs are in test_demo_reconstruct)."""
 
+import time
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -49,3 +51,35 @@ def test_summary_and_conclusions_claim_only_what_the_seeds_support():
     assert s["vs_baseline"]["multi"]["ssim"]["verdict"] == "within seed spread"
     (line,) = conclusions(s, "single")
     assert "better on PSNR (dB)" in line and "not distinguishable from the seed spread on SSIM" in line
+
+
+def test_choose_threads_gives_up_a_stalled_count_after_one_step(monkeypatch):
+    import torch
+
+    from hieratok.ablation import choose_threads
+
+    calls = []
+
+    def step():  # two threads stall (a neighbour holds a core), one thread runs normally
+        calls.append(torch.get_num_threads())
+        time.sleep(0.005 if torch.get_num_threads() == 1 else 0.5)
+
+    before = torch.get_num_threads()
+    n, timings = choose_threads(step, (1, 2), repeats=3)
+    assert n == 1 and calls == [1, 1, 1, 2] and timings[2] > 2 * timings[1]
+    assert torch.get_num_threads() == before
+
+
+def test_load_notes_name_what_the_machine_did():
+    from hieratok.ablation import load_notes
+
+    idle = {"thread_timings_s": {1: 0.8, 2: 0.5}, "thread_switches": [], "budget_s": 600, "seconds": 590}
+    results = {"multi": {0: {"train_seconds": 60.0, "train_seconds_planned": 55.0}}}
+    assert load_notes(idle, results) == []
+    busy = {"thread_timings_s": {"1": 0.9, "2": 25.0}, "thread_switches": [(1, 2), (2, 1)], "budget_s": 600,
+            "seconds": 800}
+    results["single"] = {1: {"train_seconds": 200.0, "train_seconds_planned": 50.0}}
+    notes = " ".join(load_notes(busy, results))
+    assert "2 threads took 25.00 s per step against 0.90 s for 1" in notes
+    assert "1 -> 2, 2 -> 1" in notes and "4.0x slower than calibrated (single, seed 1)" in notes
+    assert "13.3 min against a budget of 10.0 min" in notes

@@ -51,3 +51,27 @@ def test_cli_out_that_is_a_file(tmp_path, capsys):
     f.write_text("x")
     assert main(["train", "--out", str(f), "steps=1"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_version_has_one_source(capsys):
+    import importlib.metadata
+
+    from hieratok import __version__
+    from hieratok.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"hieratok {__version__}"
+    assert importlib.metadata.version("hieratok") == __version__  # pyproject reads hieratok/version.py
+
+
+@pytest.mark.parametrize("preset,kind,millions", [("restok-l-128", "restok", 661.79), ("gpt-l", "llamagen-gpt", 326.26),
+                                                  ("dit-xl", "dit", 674.83)])
+def test_info_covers_every_family(preset, kind, millions, capsys):
+    """Parameter counts of the released / published sizes (ResTok 662M, GPT-L 326M, DiT-XL/2 675M)."""
+    from hieratok.cli import main
+
+    assert main(["info", preset, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == kind and info["params"]["total"] / 1e6 == pytest.approx(millions, abs=0.005)
+    assert sum(v for k, v in info["params"].items() if k != "total") == info["params"]["total"]

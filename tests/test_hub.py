@@ -115,3 +115,35 @@ def test_corrupt_files_and_unknown_overrides_are_one_line_errors(tmp_path):
     cfg.write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object, got list"):
         HieraTok.from_pretrained(tmp_path)
+
+
+def test_absurd_config_is_refused_from_the_header_before_any_model_is_built(tmp_path, monkeypatch):
+    """A config.json claiming 10M decoder blocks must not build anything (it took 5.6 GB before)."""
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    n_tensors = len(load_file(str(tmp_path / WEIGHTS_NAME)))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**cfg, "decoder_depth": 10_000_000}))
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(HieraTok, "__init__", no_build)
+    with pytest.raises(ValueError, match=f"decoder_depth=10000000 .* holds {n_tensors} tensors"):
+        HieraTok.from_pretrained(tmp_path)
+
+
+def test_foreign_widths_are_found_on_the_meta_device_before_allocating(tmp_path, monkeypatch):
+    HieraTok.from_preset("tiny", **TINY).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**cfg, "decoder_width": cfg["decoder_width"] * 2}))
+    built_on = []
+    init = HieraTok.__init__
+
+    def spy(self, *a, **k):
+        built_on.append(torch.empty(0).device.type)  # the default device while the model is built
+        init(self, *a, **k)
+
+    monkeypatch.setattr(HieraTok, "__init__", spy)
+    with pytest.raises(ValueError, match="do not fit the config: .*shape mismatch"):
+        HieraTok.from_pretrained(tmp_path)
+    assert built_on == ["meta"]

@@ -1,8 +1,7 @@
 """hieratok: multi-scale and hierarchical visual tokenizers, and the generators on their latents."""
 
-__version__ = "0.1.0"
-
-from .distributions import DiagonalGaussian  # noqa: E402
-from .tokenizers import HieraTok, HieraTokConfig  # noqa: E402
+from .distributions import DiagonalGaussian
+from .tokenizers import HieraTok, HieraTokConfig
+from .version import __version__
 
 __all__ = ["HieraTok", "HieraTokConfig", "DiagonalGaussian", "__version__"]

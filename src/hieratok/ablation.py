@@ -33,15 +33,16 @@ import yaml
 
 from .config import settings_diff
 from .hub import write_atomic
+from .machine import cpu_model
+from .tokenizers import HieraTok
 
 
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, default=float) + "\n"
     write_atomic(path, lambda tmp: tmp.write_text(text))
-from .presets import build_config
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "parse_variant", "run_ablation", "paired_comparison",
-           "choose_threads"]
+           "choose_threads", "load_notes"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Variant:
 
 
 def _fewer_scales(preset: str) -> dict[str, Any]:
-    scales = list(build_config(preset).scales)
+    scales = list(HieraTok.preset_config(preset).scales)
     if len(scales) < 3:
         raise ValueError(f"preset {preset!r} has scales {scales}: too few to drop one")
     return {"model.scales": scales[:-2] + scales[-1:]}  # drop the second-finest, e.g. [1, 2, 4, 16]
@@ -143,37 +144,39 @@ def _train_config(c: AblationConfig, v: Variant, seed: int, steps: int, out: Pat
     over: dict[str, Any] = {"data.path": c.data, "seed": seed, "batch_size": c.batch_size, "optim.lr": c.lr,
                             "optim.end_lr": c.lr / 10, "log_every": 5, "image_every": 0, "ckpt_every": 0,
                             "keep_last": 1, "ema_decay": 0.99, "progress": c.progress, "tensorboard": False,
+                            "adapt_threads": False,  # one governor for all runs (run_ablation)
                             "data.short_side": None, "steps": steps, "preset": v.preset, "out_dir": str(out)}
     if c.data is None:  # embedded photos: crops see more of each scene at twice the crop size
-        over["data.short_side"] = 2 * build_config(c.preset).image_size
+        over["data.short_side"] = 2 * HieraTok.preset_config(c.preset).image_size
     return load_config(overrides={**over, **v.overrides})
 
 
 def choose_threads(step: Callable[[], None], candidates: tuple[int, ...], repeats: int = 3) -> tuple[int, dict[int, float]]:
-    """The thread count among ``candidates`` whose ``step`` runs fastest (median of ``repeats``).
-
-    On a machine where another process holds a core, all-core OpenMP regions wait for a descheduled
-    thread at every barrier (steps 10-100x slower); one thread then wins by far.
+    """The thread count among ``candidates`` whose ``step`` runs fastest (median of ``repeats``),
+    measured smallest first by a :class:`~hieratok.train.threads.ThreadGovernor`: a count that
+    stalls (another process holds a core) is given up after one slow step.
     """
-    timings: dict[int, float] = {}
+    from .train.threads import ThreadGovernor
+
     before = torch.get_num_threads()
-    for n in candidates:
-        torch.set_num_threads(n)
-        step()  # warm-up at this thread count
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t0)
-        timings[n] = float(np.median(ts))
+    g = ThreadGovernor(candidates, probe_steps=repeats)
+    g.apply()
+    while g.probing:
+        t0 = time.perf_counter()
+        step()
+        g.step_done(time.perf_counter() - t0)
     torch.set_num_threads(before)
-    return min(timings, key=timings.get), timings
+    return g.current, dict(g.speed)
+
+
+def _thread_candidates() -> tuple[int, ...]:
+    import os
+
+    return tuple(sorted({1, max(1, min(os.cpu_count() or 1, torch.get_num_threads()))}))
 
 
 def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[dict[str, float], int, dict[int, float]]:
     """Seconds per training step of every variant, and the thread count to use."""
-    import os
-
     from .train import Trainer
 
     per_step: dict[str, float] = {}
@@ -182,8 +185,7 @@ def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[d
         t = Trainer(_train_config(c, v, 0, 10**6, tmp / v.name))
         t.fit(max_steps=2)  # allocation and lazy initialisation
         if i == 0 and threads is None:
-            cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
-            threads, timings = choose_threads(lambda: t.fit(max_steps=1), tuple(sorted({1, cores})))
+            threads, timings = choose_threads(lambda: t.fit(max_steps=1), _thread_candidates())
             log.info("threads: %s s per step -> using %d", {k: round(s, 3) for k, s in timings.items()}, threads)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -221,7 +223,7 @@ def _model_from(trainer: Any) -> torch.nn.Module:
 def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[torch.nn.Module], seed: int,
               train_stats: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
     from .evaluate import ReconEvalConfig, evaluate_latents, evaluate_reconstruction
-    from .evaluate.latents import _encode
+    from .evaluate.latents import encode_latents_and_mirrored
 
     size = model.config.image_size
     short = 2 * size if c.eval_data is None else None
@@ -229,8 +231,8 @@ def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[tor
                            kid=c.kid and inception is not None, crops_per_photo=c.eval_crops_per_photo, short_side=short)
     res = evaluate_reconstruction(model, ecfg, "cpu", inception=inception)
     if c.uniformity:
-        lat, lat_flip, _ = _encode(model, c.eval_data, 10**6, 32, "cpu", mirror=True,
-                                   crops_per_photo=c.eval_crops_per_photo, short_side=short)
+        lat, lat_flip = encode_latents_and_mirrored(model, c.eval_data, 10**6, 32, "cpu",
+                                                    crops_per_photo=c.eval_crops_per_photo, short_side=short)
         res["uniformity"] = evaluate_latents(model, None, latents=lat, latents_flip=lat_flip, num_points=10**6,
                                              num_runs=c.tsne_runs, seed=seed, train_stats=train_stats)
         res.update({k: res["uniformity"][k] for k in ("density_cv", "gini", "normalized_entropy")})
@@ -425,11 +427,12 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
 
     from .metrics import InceptionFeatures
     from .train import Trainer
+    from .train.threads import ThreadGovernor
 
     t_start = time.perf_counter() if t_start is None else t_start
     variants = [parse_variant(s, c.preset) for s in c.variants]
     out, old = _prepare_out(c)
-    threads, timings = c.threads or torch.get_num_threads(), {}
+    threads, timings, per_step = c.threads or torch.get_num_threads(), {}, {}
     if old is not None:
         steps, threads = old["steps"], old["threads"]
     elif c.steps is not None:
@@ -440,13 +443,17 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
         round_s = sum(per_step.values())
         # evaluation: about 40 model passes per held-out image plus Inception on each reconstruction
         left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
-        left -= c.seeds * len(variants) * _eval_estimate_s(c)
+        # plus once: loading Inception and the held-out originals' features (cached for every later run;
+        # measured: the first evaluation takes about twice as long as the others)
+        left -= (c.seeds * len(variants) + 1) * _eval_estimate_s(c)
         steps = max(1, int(left / (c.seeds * round_s)))
         log.info("%.2f s per step for one seed of all variants: %d steps per run fit %d seeds in %.1f minutes",
                  round_s, steps, c.seeds, c.minutes)
         if steps < 50:
             log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
     torch.set_num_threads(threads)
+    # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
+    governor = None if c.threads is not None else ThreadGovernor(_thread_candidates(), speeds=timings or None)
     _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads})
     inception = _CachedInception(InceptionFeatures()) if c.kid else None
     results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
@@ -465,12 +472,19 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
             log.info("training %s (%s), seed %d, %d steps", v.name, v.preset, seed, steps)
             t0 = time.perf_counter()
             t = Trainer(_train_config(c, v, seed, steps, run_dir))
+            if governor is not None:
+                governor.new_workload()
+                t.threads = governor
             t.fit()
             train_s = time.perf_counter() - t0
+            if governor is not None:
+                torch.set_num_threads(governor.current)  # evaluate at the count training found fastest
             model = _model_from(t)
             stats = _train_stats(c, model, seed) if c.uniformity else None
             res = _evaluate(c, model, inception, seed, stats)
             res["train_seconds"] = train_s
+            if per_step.get(v.name):
+                res["train_seconds_planned"] = steps * per_step[v.name]
             samples = res.pop("samples")
             if seed == 0:  # tensors only, read back with weights_only=True
                 torch.save({"inputs": samples["inputs"], "pyramids": samples["pyramids"]}, run_dir / "samples.pt")
@@ -490,27 +504,47 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
             break
     summary = summarize({k: {s: r for s, r in v.items() if s < seeds_done} for k, v in results.items()}, c.baseline)
     info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads,
-            "thread_timings_s": timings, "seconds": time.perf_counter() - t_start, "cpu": _cpu_name(),
+            "thread_timings_s": timings, "thread_switches": governor.switches if governor else [],
+            "budget_s": None if c.steps is not None else c.minutes * 60,
+            "seconds": time.perf_counter() - t_start, "cpu": cpu_model(),
             "machine": platform.machine(), "torch": torch.__version__}
+    info["load_notes"] = load_notes(info, results)
+    for line in info["load_notes"]:
+        log.warning("%s", line)
     _write_json(out / "summary.json", {**info, "summary": summary})
     return {"results": results, "summary": summary, "variants": variants, "out": out, **info}
 
 
+def load_notes(info: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """What the machine's load did to a run, in sentences for the console and the report (empty on
+    an idle machine): stalled all-core steps at the start, thread switches, runs slower than
+    calibrated, a budget overrun."""
+    notes = []
+    t = {int(k): v for k, v in info.get("thread_timings_s", {}).items()}
+    if len(t) > 1 and t[max(t)] > t[min(t)]:
+        notes.append(f"At the start {max(t)} threads took {t[max(t)]:.2f} s per step against {t[min(t)]:.2f} s for "
+                     f"{min(t)}: another process was using the CPU, so the runs started with {min(t)} thread(s) "
+                     f"and fewer steps than an idle machine would give.")
+    if info.get("thread_switches"):
+        notes.append("The CPU load changed during the runs; thread count switches: "
+                     + ", ".join(f"{a} -> {b}" for a, b in info["thread_switches"]) + ".")
+    slow = [(r["train_seconds"] / r["train_seconds_planned"], name, seed) for name, runs in results.items()
+            for seed, r in runs.items() if r.get("train_seconds_planned")]
+    if slow and max(slow)[0] > 1.5:
+        ratio, name, seed = max(slow)
+        notes.append(f"Training ran up to {ratio:.1f}x slower than calibrated ({name}, seed {seed}): the machine was "
+                     f"busy. Steps were fixed at the start, so the comparison stays paired, but it took longer.")
+    budget = info.get("budget_s")
+    if budget and info["seconds"] > 1.1 * budget:
+        notes.append(f"The whole run took {info['seconds'] / 60:.1f} min against a budget of {budget / 60:.1f} min.")
+    return notes
+
+
 def _eval_estimate_s(c: AblationConfig) -> float:
-    """A rough time for one run's evaluation on two CPU cores (held-out crops through the model,
-    Inception on the reconstructions, t-SNE)."""
+    """A rough time for one run's evaluation (held-out crops through the model, Inception on the
+    reconstructions, t-SNE): measured 31-33 s for the demo's runs on one core of a busy 2-core machine."""
     n = 3 * c.eval_crops_per_photo if c.eval_data is None else 500
     return 2.0 + n * (0.25 if c.kid else 0.02) + (8.0 * c.tsne_runs if c.uniformity else 0.0)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -531,6 +565,10 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
     rep.add_heading("What these numbers support")
     for line in conclusions(summary, c.baseline):
         rep.add_paragraph(line)
+    if res.get("load_notes"):
+        rep.add_heading("Machine load")
+        for line in res["load_notes"]:
+            rep.add_paragraph(line)
     if res["seeds_done"] < res["seeds_asked"]:
         rep.add_paragraph(f"The budget bought {res['seeds_done']} of the {res['seeds_asked']} seeds asked for.")
     rep.add_paragraph("rFID is not reported: on a few hundred crops of three photos the 2048-dimensional "
@@ -557,7 +595,7 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
                                                   "downsampled to that size")
     csvs = {k: d / "metrics.csv" for k, d in first.items() if (d / "metrics.csv").is_file()}
     if csvs:
-        size = build_config(c.preset).image_size
+        size = HieraTok.preset_config(c.preset).image_size
         cols = [set(read_csv_log(p)) for p in csvs.values()]
         keys = [k for k in (f"l1_s{size}", f"heldout_psnr_s{size}", "heldout_color_err", "posterior_snr")
                 if all(k in cs for cs in cols)]

@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .version import __version__
+
 __all__ = ["main", "parse_overrides"]
 
 
@@ -25,14 +27,33 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _all_presets() -> dict[str, str]:
+    """Preset name -> model_type, over every registered family."""
+    from .registry import MODEL_TYPES, model_class
+
+    return {name: kind for kind in MODEL_TYPES for name in model_class(kind).preset_names()}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from .config import config_to_dict
     from .flops import model_info
-    from .tokenizers import HieraTok
+    from .registry import model_class
 
+    kind = _all_presets()[args.preset]
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = HieraTok.from_preset(args.preset, **parse_overrides(args.overrides))
+        model = model_class(kind).from_preset(args.preset, **parse_overrides(args.overrides))
+    if kind != "hieratok":  # parameters by part and the config
+        parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+        total = sum(p.numel() for p in model.parameters())
+        if args.json:
+            print(json.dumps({"model_type": kind, "params": {**parts, "total": total},
+                              "config": config_to_dict(model.config)}, indent=2, default=str))
+            return 0
+        print(f"{args.preset} ({kind}): {total / 1e6:.2f}M parameters")
+        print("  " + "  ".join(f"{name} {n / 1e6:.2f}M" for name, n in parts.items() if n))
+        return 0
     info = model_info(model)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -93,12 +114,11 @@ def _init_eval_dist() -> None:
 def _cmd_eval_recon(args: argparse.Namespace) -> int:
     from .evaluate import ReconEvalConfig, evaluate_reconstruction
     from .evaluate.recon import write_recon_report
-    from .tokenizers.loading import load_any_tokenizer
+    from .registry import TOKENIZERS, load_model
 
     _init_eval_dist()
     dev = _device(args.device)
-    tok = load_any_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
-    model, info = tok.model, tok.info
+    model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=TOKENIZERS)
     cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
                           fid=not args.no_fid, kid=args.kid, inception_weights=args.inception_weights,
                           num_workers=args.workers)
@@ -120,10 +140,11 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_latents(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_latents, load_tokenizer
+    from .evaluate import evaluate_latents
+    from .registry import load_model
 
     dev = _device(args.device)
-    model, info = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=dev)
+    model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=("hieratok",))
     out = Path(args.out or Path(info["model_dir"]) / "eval")
     res = evaluate_latents(model, args.data, protocol=args.protocol, flip=args.flip, train_stats=args.train_stats,
                            train_data=args.train_data, num_train_images=args.num_train_images,
@@ -216,10 +237,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .evaluate import load_tokenizer
     from .reconstruct import reconstruct_files
+    from .registry import load_model
 
-    model, _ = load_tokenizer(args.checkpoint, ema=not args.no_ema, device=_device(args.device))
+    model, _ = load_model(args.checkpoint, ema=not args.no_ema, device=_device(args.device), expect=("hieratok",))
     for f in reconstruct_files(model, args.images, args.out, args.mode, overwrite=args.overwrite):
         print(f)
     return 0
@@ -285,13 +306,14 @@ def _ablation_options(p: argparse.ArgumentParser, seeds: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import preset_names
+    from .tokenizers import HieraTok
 
     ap = argparse.ArgumentParser(prog="hieratok", description="Multi-scale visual tokenizers: train, evaluate, inspect.")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    ap.add_argument("--version", action="version", version=f"hieratok {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="parameters, FLOPs and token counts of a preset")
-    p.add_argument("preset", choices=preset_names())
+    p = sub.add_parser("info", help="parameters (HieraTok: also FLOPs and token counts) of any family's preset")
+    p.add_argument("preset", choices=sorted(_all_presets()))
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. scales=[1,4,16] downsample=interp")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
@@ -300,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "evaluate both on held-out photos, write a report (about 10 minutes on 2 CPU cores)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole demo (default 10)")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps per model instead")
-    p.add_argument("--preset", default="tiny", choices=[n for n in preset_names() if not n.endswith("-single")],
+    p.add_argument("--preset", default="tiny", choices=[n for n in HieraTok.preset_names() if not n.endswith("-single")],
                    help="multi-scale preset; its twin is <preset>-single")
     p.add_argument("--data", default=None, help="training images (default: the embedded photos)")
     p.add_argument("--out", default="runs/demo")
@@ -311,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="train variants of a preset with several seeds, compare them with mean +- std "
                                       "and paired differences (the paper's Tables 2-4 in miniature)")
-    p.add_argument("--preset", default="tiny", choices=[n for n in preset_names() if not n.endswith("-single")])
+    p.add_argument("--preset", default="tiny", choices=[n for n in HieraTok.preset_names() if not n.endswith("-single")])
     p.add_argument("--variants", nargs="+", default=["single", "conv", "conv-residual", "conv-prenorm", "interp",
                                                      "full", "independent", "fewer-scales", "pixels"],
                    help=f"names ({', '.join(VARIANTS)}) or name:key=value,... (training-config overrides)")

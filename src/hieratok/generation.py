@@ -23,7 +23,7 @@ import torch
 from .config import settings_diff
 from .hub import read_json, write_atomic
 
-__all__ = ["cache_latents", "load_generator", "sample_to_folder", "write_npz", "evaluate_generation"]
+__all__ = ["cache_latents", "sample_to_folder", "write_npz", "evaluate_generation"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
 
     from .data import EmbeddedPhotos, build_dataset
     from .data.latent_cache import finalize_cache, write_cache
-    from .tokenizers.loading import load_any_tokenizer
+    from .registry import TOKENIZERS, load_model
     from .train.parallel import barrier
 
-    tok = load_any_tokenizer(tokenizer, device=device)
-    size = tok.model.config.image_size
+    tok, tok_info = load_model(tokenizer, device=device, expect=TOKENIZERS)
+    size = tok.config.image_size
     if ten_crop and not crop_range >= 1.0:
         raise ValueError(f"crop_range must be >= 1 (the crop before TenCrop is crop_range x {size}), got {crop_range}")
     load = int(size * crop_range) if ten_crop else size
@@ -66,47 +66,27 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
             ds = Subset(ds, list(range(min(num, len(ds)))))
     if not hasattr(ds, "__len__"):
         raise ValueError(f"{data}: caching needs an indexable dataset (an image folder); shards are not supported yet")
-    kind = "latents" if tok.kind == "hieratok" else "codes"
+    kind = "latents" if tok.codebook_size is None else "codes"
     rank, world = _world()
-    write_cache(tok.encode_for_cache, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
+    write_cache(tok.tokenize, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
                 shard_size=shard_size, batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
                 world_size=world, progress=progress,
-                source={"tokenizer": str(Path(tok.info["model_dir"]).resolve()), "tokenizer_weights": tok.info["weights"],
+                source={"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_weights": tok_info["weights"],
                         "data": None if data is None else str(Path(data).resolve()), "crop_range": crop_range if ten_crop else None})
     barrier()
     meta: dict[str, Any] = {}
     if rank == 0:
-        meta = {"tokenizer": str(Path(tok.info["model_dir"]).resolve()), "tokenizer_type": tok.kind,
-                "tokenizer_weights": tok.info["weights"], "image_size": size, "flip": flip,
+        meta = {"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_type": tok.model_type,
+                "tokenizer_weights": tok_info["weights"], "image_size": size, "flip": flip,
                 "views": 10 if ten_crop else 1, "data": data or "embedded photos (train)"}
         if ten_crop:
             meta["ten_crop"] = {"crop_size": load, "crop_range": crop_range}
-        if tok.kind == "restok":
-            meta["codebook_size"] = tok.model.config.codebook_size
+        if tok.codebook_size is not None:
+            meta["codebook_size"] = tok.codebook_size
         meta = finalize_cache(out, meta)
         log.info("cached %d %s of shape %s in %s", meta["num"], kind, meta["shape"], out)
     barrier()
     return meta
-
-
-def load_generator(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A trained DiT or GPT (EMA weights when present) and its training config (objective, tokenizer)."""
-    from .evaluate.checkpoints import resolve_model_dir
-    from .generators import DiT, GPT
-    from .hub import EMA_NAME, load_ema_weights, model_type_of
-
-    d = resolve_model_dir(path)
-    kind = model_type_of(d)
-    classes = {"dit": DiT, "llamagen-gpt": GPT}
-    if kind not in classes:
-        raise ValueError(f"{d}: model_type {kind!r} is not a generator (dit or llamagen-gpt)")
-    model = classes[kind].from_pretrained(d)
-    if ema and (d / EMA_NAME).is_file():
-        load_ema_weights(model, d / EMA_NAME)
-    train_cfg: dict[str, Any] = {}
-    if (d / "trainer_state.json").is_file():
-        train_cfg = read_json(d / "trainer_state.json").get("train_config", {})
-    return model.to(device).eval(), {"model_dir": str(d), "kind": kind, "train_config": train_cfg}
 
 
 @torch.no_grad()
@@ -118,26 +98,26 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     """Generate ``num`` images as PNGs (and pyramids) plus an ADM-format ``samples.npz``; returns the npz path."""
     from .data import tensor_to_pil
     from .data.latent_cache import read_cache_meta
-    from .tokenizers.loading import load_any_tokenizer
+    from .registry import GENERATORS, TOKENIZERS, load_model
     from .train.parallel import barrier
 
-    model, info = load_generator(generator_path, device=device)
+    model, info = load_model(generator_path, device=device, expect=GENERATORS)
     tc = info["train_config"]
     tok_path = tokenizer or tc.get("tokenizer")
     if tok_path is None and tc.get("data", {}).get("path") and Path(tc["data"]["path"]).is_dir():
         tok_path = read_cache_meta(tc["data"]["path"]).get("tokenizer")
     if tok_path is None:
         raise ValueError("no tokenizer to decode the samples: pass --tokenizer")
-    tok = load_any_tokenizer(tok_path, device=device)
-    if all_scales and tok.kind != "hieratok":
-        raise ValueError("--all-scales needs a multi-scale HieraTok tokenizer")
-    if info["kind"] != "dit":  # a GPT over codes: N is the code count of the ResTok that decodes them
+    tok, _ = load_model(tok_path, device=device, expect=TOKENIZERS)
+    if all_scales and len(tok.output_sides()) < 2:
+        raise ValueError("--all-scales needs a multi-scale tokenizer")
+    if info["model_type"] != "dit":  # a GPT over codes: N is the code count of the ResTok that decodes them
         from .generators.har import ARObjective, sample_layout
 
-        if tok.kind != "restok":
-            raise ValueError(f"{tok_path}: a GPT generator samples codes, which only a ResTok tokenizer decodes")
+        if tok.codebook_size is None:
+            raise ValueError(f"{tok_path}: a GPT generator samples codes, which only a discrete tokenizer (ResTok) decodes")
         ar_obj = ARObjective.from_dict(tc.get("objective", {}))
-        layout = ar_obj.sequence_layout(tok.model.config.num_latent_tokens)
+        layout = ar_obj.sequence_layout(tok.config.num_latent_tokens)
         ar_kw = ar_obj.sampling_kwargs(top_p=top_p, top_k=top_k, temperature=temperature, cfg_schedule=cfg_schedule)
     out_dir = Path(out)
     rank, world = _world()
@@ -165,7 +145,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
             continue
         labels = torch.tensor([i % num_classes for i in idx], device=device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        if info["kind"] == "dit":
+        if info["model_type"] == "dit":
             from .generators import GeneratorObjective, sample_latents
 
             obj = GeneratorObjective(**tc.get("objective", {}))
@@ -173,14 +153,14 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
         else:
             z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **ar_kw).codes
         if all_scales:
-            pyr = tok.decode_latents_or_codes(z, all_scales=True)
+            pyr = tok.detokenize(z, all_scales=True)
             imgs = pyr[-1]
             from .report import pyramid_strip
 
             for j, i in enumerate(idx):
                 pyramid_strip([p[j:j + 1].float().cpu() for p in pyr], out_dir / "pyramids" / f"{i:06d}.png")
         else:
-            imgs = tok.decode_latents_or_codes(z)
+            imgs = tok.detokenize(z)
         for j, i in enumerate(idx):  # atomic: a killed run never leaves a truncated PNG that counts as done
             img = tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu())
             write_atomic(out_dir / "images" / f"{i:06d}.png", lambda p: img.save(p, format="PNG"))

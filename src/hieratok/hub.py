@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
 
-from .config import architecture_diff, config_from_dict, config_to_dict
+from .config import architecture_diff, config_from_dict, config_from_preset, config_to_dict
+from .version import __version__
 
 __all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "EMA_NAME", "check_state_dict", "state_dict_problems",
-           "meta_shapes", "read_json", "read_safetensors", "model_type_of", "load_ema_weights", "write_atomic"]
+           "meta_shapes", "safetensors_shapes", "check_config_fits_weights", "write_model_dir", "read_json", "read_safetensors", "model_type_of", "load_ema_weights", "write_atomic"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,7 +30,7 @@ EMA_NAME = "ema.safetensors"  # a training checkpoint's averaged trained paramet
 M = TypeVar("M", bound="PretrainedMixin")
 
 
-def _resolve_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revision: Optional[str]) -> Path:
+def resolve_pretrained_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revision: Optional[str]) -> Path:
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
         return p
@@ -87,6 +89,36 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors file's header, without reading the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no {path.name}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _int_fields(config: Any) -> dict[str, int]:
+    return {k: v for k, v in config_to_dict(config).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def check_config_fits_weights(model_cls: Any, config: Any, weights: Path) -> None:
+    """Compare a config with a weight file's header before any model is built (an absurd or foreign
+    ``config.json`` must not cost memory): every ``*depth*`` field is at most the file's tensor count
+    (each block holds tensors), then the shapes of a model built on the meta device must match."""
+    shapes = safetensors_shapes(weights)
+    for key, value in _int_fields(config).items():
+        if "depth" in key and value > len(shapes):
+            raise ValueError(f"config {key}={value} does not fit {weights}, which holds {len(shapes)} tensors: "
+                             f"the config and the weights belong to different models")
+    problems = state_dict_problems(shapes, meta_shapes(model_cls, config), limit=5)
+    if problems:
+        raise ValueError(f"weights in {weights} do not fit the config: " + " | ".join(problems))
+
+
 def load_ema_weights(model: torch.nn.Module, path: Path) -> None:
     """Load an EMA file (one tensor per trained parameter, as the trainer saves it) into ``model``;
     buffers and frozen parameters keep their values. Every trained parameter must be in it."""
@@ -134,22 +166,46 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where:
         raise ValueError(f"weights in {where} do not fit this model: " + " | ".join(problems))
 
 
+def write_model_dir(directory: str | os.PathLike, model: Any,
+                    state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """The one writer of a model folder: ``config.json`` (``model.config`` plus ``model_type`` and
+    the library version) and ``model.safetensors`` (``state_dict``, e.g. gathered from shards by the
+    trainer; else the model's own), each written atomically."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {"model_type": model.model_type, "hieratok_version": __version__, **config_to_dict(model.config)}
+    write_atomic(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    if state_dict is None:
+        write_atomic(d / WEIGHTS_NAME, lambda p: save_model(model, str(p)))
+    else:
+        write_atomic(d / WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in state_dict.items()}, str(p)))
+    return d
+
+
 class PretrainedMixin:
     """Adds ``save_pretrained``/``from_pretrained`` to an ``nn.Module`` built from ``self.config``."""
 
     config_class: ClassVar[Type[Any]]
     model_type: ClassVar[str]
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # name -> config field values (hieratok.presets)
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return sorted(cls.presets)
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> Any:
+        """The config of preset ``name`` with field ``overrides``; a ValueError naming the choices."""
+        return config_from_preset(cls.config_class, cls.presets, name, overrides, cls.__name__)
+
+    @classmethod
+    def from_preset(cls: Type[M], name: str, **overrides: Any) -> M:
+        """A new model (random initialisation) of preset ``name`` with config field ``overrides``."""
+        return cls(cls.preset_config(name, **overrides))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if needed)."""
-        from . import __version__
-
-        d = Path(save_directory)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = {"model_type": self.model_type, "hieratok_version": __version__, **config_to_dict(self.config)}
-        write_atomic(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        write_atomic(d / WEIGHTS_NAME, lambda p: save_model(self, str(p)))
-        return d
+        return write_model_dir(save_directory, self)
 
     @classmethod
     def read_config(cls, directory: str | os.PathLike) -> Any:
@@ -180,13 +236,14 @@ class PretrainedMixin:
         Overriding a field that changes the weights (width, scales, ...) is an error naming the
         field and both values.
         """
-        d = _resolve_dir(path_or_repo, cache_dir, revision)
+        d = resolve_pretrained_dir(path_or_repo, cache_dir, revision)
         saved = cls.read_config(d)
         cfg = config_from_dict(cls.config_class, {**config_to_dict(saved), **overrides}) if overrides else saved
         diff = architecture_diff(saved, cfg)
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{d} was saved with a different architecture ({desc})")
+        check_config_fits_weights(cls, cfg, d / WEIGHTS_NAME)
         model = cls(cfg).to(map_location)
         model.load_pretrained_weights(d, map_location=map_location)
         return model.eval()

@@ -9,9 +9,10 @@ from skimage.metrics import peak_signal_noise_ratio
 from hieratok import HieraTok
 from hieratok.cli import main
 from hieratok.data import EmbeddedPhotos
-from hieratok.evaluate import ReconEvalConfig, compare_runs, evaluate_latents, evaluate_reconstruction, load_tokenizer
+from hieratok.evaluate import ReconEvalConfig, compare_runs, evaluate_latents, evaluate_reconstruction
 from hieratok.evaluate.recon import write_recon_report
 from hieratok.metrics import GaussianStats
+from hieratok.registry import load_model
 
 TINY = dict(encoder_depth=1, decoder_depth=1)
 
@@ -25,7 +26,7 @@ def tok_dir(tmp_path_factory):
 
 
 def test_recon_eval_matches_independent_psnr_and_writes_report(tok_dir, tmp_path):
-    model, info = load_tokenizer(tok_dir)
+    model, info = load_model(tok_dir)
     assert info["weights"] == "model"
     res = evaluate_reconstruction(model, ReconEvalConfig(num=6, batch_size=4, perceptual="effnet-lite0", progress=False))
     assert res["num_images"] == 6 and res["perceptual_name"] == "effnet-lite0-perceptual"
@@ -47,22 +48,22 @@ def test_recon_eval_matches_independent_psnr_and_writes_report(tok_dir, tmp_path
     assert saved["psnr"] == pytest.approx(res["psnr"]) and "samples" not in saved
 
 
-def test_load_tokenizer_prefers_ema(tok_dir, tmp_path):
+def test_load_model_prefers_ema(tok_dir, tmp_path):
     m = HieraTok.from_pretrained(tok_dir)
     ckpt = tmp_path / "ckpt"
     m.save_pretrained(ckpt)
     ema = {k: torch.zeros_like(v) for k, v in m.named_parameters()}
     save_file(ema, str(ckpt / "ema.safetensors"))
-    loaded, info = load_tokenizer(ckpt)
+    loaded, info = load_model(ckpt)
     assert info["weights"] == "ema" and all((p == 0).all() for p in loaded.parameters())
-    raw, info = load_tokenizer(ckpt, ema=False)
+    raw, info = load_model(ckpt, ema=False)
     assert info["weights"] == "model" and any((p != 0).any() for p in raw.parameters())
     with pytest.raises(FileNotFoundError, match="no such run"):
-        load_tokenizer(tmp_path / "missing")
+        load_model(tmp_path / "missing")
 
 
 def test_latent_uniformity_eval(tok_dir, tmp_path):
-    model, _ = load_tokenizer(tok_dir)
+    model, _ = load_model(tok_dir)
     res = evaluate_latents(model, None, num_images=8, num_points=200, num_runs=2, iterations=250, out_dir=tmp_path)
     assert res["num_runs"] == 2 and 0 <= res["gini"] <= 1 and 0 < res["normalized_entropy"] <= 1
     assert (tmp_path / "tsne.png").is_file() and res["latent_shape"] == [8, 8, 8]
@@ -93,8 +94,8 @@ def test_compare_table_layout(tmp_path):
 
 
 def test_restok_recon_eval_reports_codebook_statistics():
-    from collections import Counter
     import math
+    from collections import Counter
 
     from hieratok.tokenizers import ResTok
 
@@ -141,7 +142,7 @@ def test_corrupt_image_is_skipped_not_replaced_by_its_neighbour(tok_dir, tmp_pat
     # a.png, b.png, c.png (corrupt), d.png: d must be scored once, c not at all
     x = _write_pngs(tmp_path / "imgs", [("a.png", 0), ("b.png", 1), ("d.png", 3)])
     (tmp_path / "imgs" / "c.png").write_bytes(b"not a png")
-    model, _ = load_tokenizer(tok_dir)
+    model, _ = load_model(tok_dir)
     res = evaluate_reconstruction(model, ReconEvalConfig(data=str(tmp_path / "imgs"), num=4, batch_size=4,
                                                          perceptual="none", fid=False, progress=False))
     assert res["num_images"] == 3 and res["num_skipped"] == 1
@@ -170,7 +171,7 @@ def test_eval_subset_spans_all_classes(tok_dir, tmp_path):
     # two classes of 4 images: 2 evaluation images come one from each class, not both from the first
     imgs = _write_pngs(tmp_path / "cls" / "a", [(f"{i}.png", i) for i in range(4)])
     imgs += _write_pngs(tmp_path / "cls" / "b", [(f"{i}.png", 10 + i) for i in range(4)])
-    model, _ = load_tokenizer(tok_dir)
+    model, _ = load_model(tok_dir)
     z = encode_latents(model, str(tmp_path / "cls"), 2)
     with torch.no_grad():
         ref = model.encode(torch.stack([imgs[0], imgs[4]])).mode()
@@ -193,8 +194,8 @@ def test_fid_false_ignores_a_passed_inception():
 
 def test_compare_finds_eval_of_the_latest_checkpoint(tmp_path):
     # `hieratok eval recon --checkpoint runs/multi` writes runs/multi/checkpoints/<latest>/eval/
+    from hieratok.checkpoint import STATE_NAME
     from hieratok.evaluate.compare import load_metrics
-    from hieratok.train.checkpoint import STATE_NAME
 
     for step, rfid in ((1, 9.0), (2, 1.07)):
         ckpt = tmp_path / "multi" / "checkpoints" / f"step_{step:08d}"
@@ -219,7 +220,6 @@ def test_recon_eval_raises_on_non_finite_reconstructions():
 
 
 def test_exact_reconstructions_give_a_finite_psnr():
-    from hieratok.evaluate.recon import _output_sides
     from hieratok.losses.reconstruction import scale_targets
 
     class Mode:
@@ -232,7 +232,7 @@ def test_exact_reconstructions_give_a_finite_psnr():
     torch.manual_seed(0)
     model = HieraTok.from_preset("tiny", **TINY).eval()
     model.encode = Mode  # a perfect tokenizer: every scale is the input area-downsampled
-    model.decode = lambda z, all_scales=True: scale_targets(z, _output_sides(model))
+    model.decode = lambda z, all_scales=True: scale_targets(z, model.output_sides())
     res = evaluate_reconstruction(model, ReconEvalConfig(num=3, perceptual="none", fid=False, progress=False))
     assert res["psnr_exact_matches"] == 3
     assert res["psnr"] == pytest.approx(10 * np.log10(255.0**2 * 3 * 64 * 64), rel=1e-12)
@@ -253,7 +253,6 @@ def test_latent_eval_records_the_settings_it_used(caplog):
 def test_colour_error_and_kid(gen):
     """A tokenizer whose reconstruction is the input plus a constant per channel: the colour error is
     that offset (closed form, on the 8-bit images), and KID is the unbiased MMD of the same features."""
-    from hieratok.evaluate.recon import _output_sides
     from hieratok.losses.reconstruction import scale_targets
     from hieratok.metrics import InceptionFeatures, polynomial_mmd2
     from hieratok.metrics.image import quantize_to_uint8
@@ -269,7 +268,7 @@ def test_colour_error_and_kid(gen):
     torch.manual_seed(0)
     model = HieraTok.from_preset("tiny", **TINY).eval()
     model.encode = Mode
-    model.decode = lambda z, all_scales=True: [t + offset for t in scale_targets(z, _output_sides(model))]
+    model.decode = lambda z, all_scales=True: [t + offset for t in scale_targets(z, model.output_sides())]
     inception = InceptionFeatures()
     res = evaluate_reconstruction(model, ReconEvalConfig(num=4, perceptual="none", fid=False, kid=True, progress=False),
                                   inception=inception)

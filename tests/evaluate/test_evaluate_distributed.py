@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hieratok import HieraTok
-from hieratok.evaluate import ReconEvalConfig, evaluate_reconstruction, load_tokenizer
+from hieratok.evaluate import ReconEvalConfig, evaluate_reconstruction
+from hieratok.registry import load_model
 
 CFG = dict(num=5, batch_size=2, perceptual="none", progress=False)
 
@@ -27,7 +28,7 @@ def _worker(rank: int, port: int, tok: str, shards: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    model, _ = load_tokenizer(tok)
+    model, _ = load_model(tok)
     res = {data: _scalars(evaluate_reconstruction(model, ReconEvalConfig(data=data, **CFG))) for data in (None, shards)}
     if rank == 0:
         with open(out, "w") as f:
@@ -59,7 +60,7 @@ def test_two_ranks_match_one(tmp_path):
     mp.start_processes(_worker, args=(port, str(tmp_path / "tok"), shards, str(tmp_path / "r.json")), nprocs=2,
                        join=True, start_method="spawn")
     two = json.loads((tmp_path / "r.json").read_text())
-    model, _ = load_tokenizer(tmp_path / "tok")
+    model, _ = load_model(tmp_path / "tok")
     for data, key in ((None, "null"), (shards, shards)):
         one = _scalars(evaluate_reconstruction(model, ReconEvalConfig(data=data, **CFG)))
         assert one["num_images"] == 5 and "rfid" in one, data

@@ -15,7 +15,7 @@ from hieratok import HieraTok
 from hieratok.cli import main
 from hieratok.data import EmbeddedPhotos
 from hieratok.evaluate import evaluate_latents
-from hieratok.evaluate.latents import encode_latents, load_latent_stats
+from hieratok.evaluate.latents import encode_latents, encode_latents_and_mirrored, load_latent_stats
 
 
 class PoolingStub:
@@ -74,6 +74,11 @@ def test_flip_encodes_the_mirrored_images(monkeypatch, fast_tsne):
     # encode_latents(mirror=True) gives the same mirrored latents for a caller (the demo)
     torch.testing.assert_close(encode_latents(PoolingStub(), None, 6, mirror=True), z_flip)
     torch.testing.assert_close(encode_latents(PoolingStub(), None, 6), z)
+    one_pass = PoolingStub()
+    pair = encode_latents_and_mirrored(one_pass, None, 6)  # both from one pass over the data (the ablation)
+    torch.testing.assert_close(pair[0], z)
+    torch.testing.assert_close(pair[1], z_flip)
+    assert len(one_pass.inputs) == 2
     # --no-flip: one pass, no mirrored latents
     stub = PoolingStub()
     res = evaluate_latents(stub, None, num_images=6, num_points=6, num_runs=1, flip=False)

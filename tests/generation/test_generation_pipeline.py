@@ -18,7 +18,8 @@ from hieratok.generation import cache_latents, sample_to_folder
 from hieratok.tokenizers import ResTok
 from hieratok.train import Trainer, load_config
 
-FAST = {"progress": False, "tensorboard": False, "log_every": 1, "image_every": 0, "ckpt_every": 0, "batch_size": 16}
+FAST = {"adapt_threads": False,  # fixed threads: trajectories are compared bit for bit
+        "progress": False, "tensorboard": False, "log_every": 1, "image_every": 0, "ckpt_every": 0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from hieratok.generators import (
-    DIT_PRESETS, DiT, DiTConfig, LatentNormalizer, build_dit_config, count_parameters, sincos_pos_embed_2d,
+    DIT_PRESETS,
+    DiT,
+    DiTConfig,
+    LatentNormalizer,
+    count_parameters,
+    sincos_pos_embed_2d,
     timestep_embedding,
 )
 
@@ -33,7 +38,7 @@ def inputs(gen, B=3, C=4, S=4, num_classes=3):
 def test_paper_parameter_counts(name, want):
     """DiT paper Table 4 sizes for the /2 models on a 32x32x4 latent, learned sigma."""
     with torch.device("meta"):
-        m = DiT(build_dit_config(name, in_channels=4, input_size=32, patch_size=2, learn_sigma=True))
+        m = DiT(DiT.preset_config(name, in_channels=4, input_size=32, patch_size=2, learn_sigma=True))
     assert abs(count_parameters(m) - want) / want < 0.01
 
 
@@ -191,4 +196,4 @@ def test_bad_inputs_raise(gen):
     with pytest.raises(ValueError, match="channels"):
         DiTConfig(in_channels=4, latent_mean=[0.0] * 3, latent_std=[1.0] * 3)
     with pytest.raises(ValueError, match="unknown DiT preset"):
-        build_dit_config("dit-s")
+        DiT.preset_config("dit-s")

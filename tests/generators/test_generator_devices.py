@@ -6,7 +6,7 @@ import torch
 
 from hieratok.distributions import DiagonalGaussian
 from hieratok.generators.har import sample_logits
-from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.generators.llamagen import GPT
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,7 +25,7 @@ def test_cpu_draws_are_the_direct_torch_draws():
     eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(post.sample(torch.Generator().manual_seed(1)), post.mean + post.std * eps,
                                rtol=0, atol=0)
-    m = GPT(gpt_config("gpt-tiny", class_dropout=0.5))
+    m = GPT(GPT.preset_config("gpt-tiny", class_dropout=0.5))
     labels = torch.arange(64) % 10
     u = torch.rand(64, generator=torch.Generator().manual_seed(2))
     want = torch.where(u < 0.5, torch.full_like(labels, m.null_class), labels)
@@ -44,7 +44,7 @@ def test_cpu_generator_drives_cuda_tensors_like_cpu_ones():
     b = DiagonalGaussian(params.cuda()).sample(torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b.cpu())
 
-    m = GPT(gpt_config("gpt-tiny", class_dropout=0.5))
+    m = GPT(GPT.preset_config("gpt-tiny", class_dropout=0.5))
     labels = torch.arange(64) % 10
     a = m.drop_labels(labels, torch.Generator().manual_seed(2))
     b = m.cuda().drop_labels(labels.cuda(), torch.Generator().manual_seed(2))

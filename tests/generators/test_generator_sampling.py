@@ -4,7 +4,13 @@ import torch
 from torch import nn
 
 from hieratok.generators import (
-    DiT, DiTConfig, GeneratorObjective, LatentNormalizer, build_process, sample_latents, training_loss,
+    DiT,
+    DiTConfig,
+    GeneratorObjective,
+    LatentNormalizer,
+    build_process,
+    sample_latents,
+    training_loss,
 )
 
 TOY = dict(input_size=4, in_channels=4, depth=2, width=64, num_heads=4, num_classes=2)

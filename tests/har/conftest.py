@@ -14,10 +14,10 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def model():
     """The tiny GPT with N(0, 0.2) weights (its zero-initialised head would give constant logits)."""
-    from hieratok.generators.llamagen import GPT, gpt_config
+    from hieratok.generators.llamagen import GPT
 
     torch.manual_seed(0)
-    m = GPT(gpt_config("gpt-tiny")).eval()
+    m = GPT(GPT.preset_config("gpt-tiny")).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.2)

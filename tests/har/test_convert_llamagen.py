@@ -7,10 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from hieratok.convert.llamagen import (
-    gpt_config_from_official, convert_llamagen_state_dict, infer_gpt_config, load_llamagen_gpt, llamagen_key_map,
+    convert_llamagen_state_dict,
+    gpt_config_from_official,
+    infer_gpt_config,
+    llamagen_key_map,
+    load_llamagen_gpt,
     to_official_gpt_state_dict,
 )
-from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.generators.llamagen import GPT
 
 # The authors' parameter names (autoregressive/models/gpt_har.py), written out independently.
 OFFICIAL_GLOBAL = {"cls_embedding.embedding_table.weight", "tok_embeddings.weight",
@@ -28,7 +32,7 @@ def _official(m):
 
 
 def test_official_names_are_the_authors():
-    cfg = gpt_config("gpt-tiny")
+    cfg = GPT.preset_config("gpt-tiny")
     expected = OFFICIAL_GLOBAL | {f"layers.{i}.{k}" for i in range(cfg.depth) for k in OFFICIAL_LAYER}
     assert set(llamagen_key_map(cfg)) == expected
     assert set(llamagen_key_map(cfg).values()) == set(GPT(cfg).state_dict())
@@ -75,7 +79,7 @@ def test_config_from_shapes_and_from_the_authors_config(tmp_path, model):
     # the released GPT-L config.json fields (ModelArgs) give our gpt-l preset
     official = dict(dim=1024, n_layer=24, n_head=16, vocab_size=8192, num_classes=1000, spe_token_num=127,
                     multiple_of=256, norm_eps=1e-5, rope_base=10000, model_type="c2i", n_kv_head=None)
-    assert gpt_config_from_official(official) == gpt_config("gpt-l")
+    assert gpt_config_from_official(official) == GPT.preset_config("gpt-l")
     # a Hub-style directory with the authors' config.json and safetensors weights
     plain = {k[len("_orig_mod."):]: v for k, v in sd.items() if k.startswith("_orig_mod.")}
     save_file(plain, str(tmp_path / "model.safetensors"))

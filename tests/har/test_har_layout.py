@@ -5,8 +5,7 @@ import itertools
 import pytest
 import torch
 
-from hieratok.generators.har import (ARObjective, ar_layout, grouped_layout, har_layout, har_level_sizes,
-                                    training_batch)
+from hieratok.generators.har import ARObjective, ar_layout, grouped_layout, har_layout, har_level_sizes, training_batch
 from hieratok.nn.masks import block_causal_mask, block_causal_mask_mod, block_ids
 
 

@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from hieratok.generators.har import (
-    ar_layout, ar_sample, cfg_scale_at, har_layout, har_sample, sample_layout, sample_logits, training_batch,
+    ar_layout,
+    ar_sample,
+    cfg_scale_at,
+    har_layout,
+    har_sample,
+    sample_layout,
+    sample_logits,
+    training_batch,
 )
-from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.generators.llamagen import GPT
 
 
 def _full_logits(model, codes, labels, layout):
@@ -128,7 +135,7 @@ def test_sampling_refuses_training_mode_and_too_few_placeholders(model):
             har_sample(model, torch.tensor([0]))
     finally:
         model.eval()
-    small = GPT(gpt_config("gpt-tiny", num_placeholders=10)).eval()
+    small = GPT(GPT.preset_config("gpt-tiny", num_placeholders=10)).eval()
     with pytest.raises(ValueError, match="placeholders"):
         har_sample(small, torch.tensor([0]))
 

@@ -3,13 +3,13 @@
 import torch
 
 from hieratok.generators.har import har_layout, har_sample, sequence_loss
-from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.generators.llamagen import GPT
 
 
 def test_tiny_gpt_memorises_two_classes():
     torch.manual_seed(0)
     N, V = 32, 32
-    cfg = gpt_config("gpt-tiny", vocab_size=V, num_classes=2, class_dropout=0.0, token_dropout=0.0,
+    cfg = GPT.preset_config("gpt-tiny", vocab_size=V, num_classes=2, class_dropout=0.0, token_dropout=0.0,
                      resid_dropout=0.0, ffn_dropout=0.0)
     model = GPT(cfg)
     layout = har_layout(N, 4)  # groups 1, 1, 1, 1, 4, 8, 16

@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from hieratok.generators.llamagen import (
-    GPT, GPTConfig, RMSNorm, apply_rope_1d, gpt_config, gpt_preset_names, swiglu_hidden_dim,
+    GPT,
+    GPTConfig,
+    RMSNorm,
+    apply_rope_1d,
+    check_ids,
+    rope_angles,
+    swiglu_hidden_dim,
 )
-from hieratok.generators.llamagen import check_ids, rope_angles
 
 
 def _tiny(**kw) -> GPT:
     torch.manual_seed(0)
-    m = GPT(gpt_config("gpt-tiny", **kw)).eval()
+    m = GPT(GPT.preset_config("gpt-tiny", **kw)).eval()
     with torch.no_grad():  # the head is zero-initialised; give every weight some signal
         for p in m.parameters():
             p.normal_(0, 0.2)
@@ -26,7 +31,7 @@ def _count(cfg: GPTConfig) -> int:
 
 
 def test_gpt_l_is_the_released_326m_generator():
-    n = _count(gpt_config("gpt-l"))
+    n = _count(GPT.preset_config("gpt-l"))
     assert abs(n - 326e6) / 326e6 < 0.03, n
     # closed form: per layer qkv + proj + 3 SwiGLU matrices + 2 norms, plus embeddings and head
     D, F, V = 1024, 2816, 8192
@@ -41,9 +46,9 @@ def test_swiglu_width_rule():
 
 
 def test_presets_build_and_bad_values():
-    assert {"gpt-b", "gpt-l", "gpt-tiny"} <= set(gpt_preset_names())
+    assert {"gpt-b", "gpt-l", "gpt-tiny"} <= set(GPT.preset_names())
     with pytest.raises(ValueError, match="unknown GPT preset"):
-        gpt_config("gpt-m")
+        GPT.preset_config("gpt-m")
     with pytest.raises(ValueError, match="heads"):
         GPTConfig(dim=100, num_heads=3)
     with pytest.raises(ValueError, match="attn_backend"):
@@ -87,6 +92,24 @@ def test_sdpa_and_reference_backends_agree():
     m.set_attn_backend("reference")
     b = m(tokens, labels, mask=mask)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """Recomputing blocks in backward changes memory, not results (the same dropout masks: the
+    recomputation replays the RNG state)."""
+    m = _tiny(class_dropout=0.0).train()
+    tokens = torch.randint(0, 64 + 127, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 10])
+    grads = []
+    for on in (False, True):
+        m.zero_grad()
+        m.set_grad_checkpointing(on)
+        torch.manual_seed(1)
+        m(tokens, labels).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert m.grad_checkpointing
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_kv_cache_in_uneven_chunks_equals_full_forward():

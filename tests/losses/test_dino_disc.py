@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hieratok.losses.dino_disc import (DINO_FILE, DinoDiscriminator, FrozenDinoViT, _VirtualBatchNorm1d, diff_augment,
-                                       find_dino_weights)
+from hieratok.losses.dino_disc import (
+    DINO_FILE,
+    DinoDiscriminator,
+    FrozenDinoViT,
+    _VirtualBatchNorm1d,
+    diff_augment,
+    find_dino_weights,
+)
 from hieratok.losses.gan import GANConfig, GANLoss
 from hieratok.weights import MissingWeightsError
 

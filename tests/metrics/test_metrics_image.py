@@ -114,3 +114,19 @@ def test_psnr_floor_for_exact_matches():
     off[:, 0, 0, 0] += torch.where(off[:, 0, 0, 0] < 255, 1, -1).to(torch.uint8)
     torch.testing.assert_close(psnr(off, target, reduction="none"), exact)
     torch.testing.assert_close(psnr(pred, target, floor_mse=True), psnr(pred, target))  # inexact: unchanged
+
+
+def test_color_error_is_the_l1_of_a_pure_cast_and_reads_uint8_in_the_same_units(gen):
+    from hieratok.metrics import color_error
+
+    x = torch.rand(3, 3, 8, 8, generator=gen) * 1.2 - 0.6
+    cast = torch.tensor([0.1, -0.2, 0.05]).view(1, 3, 1, 1)
+    err = color_error(x + cast, x)
+    assert err.shape == (3, 3) and err.dtype == torch.float64
+    torch.testing.assert_close(err, (x + cast - x).abs().double().mean((2, 3)), rtol=0, atol=1e-7)
+    # structure without a cast (a zero-mean pattern per channel) has no colour error
+    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(4, 4) * 0.1
+    assert color_error(x + pattern, x).max() < 1e-7
+    # uint8: 255 levels span 2 units
+    a = torch.full((1, 3, 4, 4), 100, dtype=torch.uint8)
+    torch.testing.assert_close(color_error(a + 51, a), torch.full((1, 3), 0.4, dtype=torch.float64))

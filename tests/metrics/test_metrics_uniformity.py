@@ -10,8 +10,12 @@ from scipy.stats import gaussian_kde
 
 import hieratok.metrics.uniformity as uni
 from hieratok.metrics import density_cv, gini_coefficient, latent_uniformity, normalized_entropy
-from hieratok.metrics.uniformity import (VAVAE_TSNE_SEED, channel_stats, sample_latent_vectors,
-                                         sample_one_position_per_image)
+from hieratok.metrics.uniformity import (
+    VAVAE_TSNE_SEED,
+    channel_stats,
+    sample_latent_vectors,
+    sample_one_position_per_image,
+)
 
 
 def test_uniform_densities():

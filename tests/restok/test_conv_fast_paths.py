@@ -4,8 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hieratok.nn.conv_autoencoder import (ConvDecoder, ConvEncoder, ConvResBlock, upsample_conv,
-                                          upsample_conv_phase_weight)
+from hieratok.nn.conv_autoencoder import (
+    ConvDecoder,
+    ConvEncoder,
+    ConvResBlock,
+    upsample_conv,
+    upsample_conv_phase_weight,
+)
 
 SMALL = dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, groups=8)
 

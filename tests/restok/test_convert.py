@@ -14,8 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from hieratok.config import architecture_diff
-from hieratok.convert.restok import (convert_restok_checkpoint, infer_restok_config, load_official_restok,
-                                     to_official_state_dict)
+from hieratok.convert.restok import (
+    convert_restok_checkpoint,
+    infer_restok_config,
+    load_official_restok,
+    to_official_state_dict,
+)
 from hieratok.tokenizers.restok import ResTok, ResTokConfig
 
 

@@ -3,7 +3,7 @@ from safetensors.torch import save_file
 
 from hieratok.cli import main
 from hieratok.convert import to_official_gpt_state_dict, to_official_state_dict
-from hieratok.generators import GPT, gpt_config
+from hieratok.generators import GPT
 from hieratok.tokenizers import ResTok
 
 
@@ -40,7 +40,7 @@ def test_convert_restok_release_layout_to_model_folder(tmp_path, capsys):
 
 def test_convert_har_gpt(tmp_path):
     torch.manual_seed(0)
-    cfg = gpt_config("gpt-tiny")
+    cfg = GPT.preset_config("gpt-tiny")
     ours = _randomise(GPT(cfg)).eval()
     save_file({k: v.contiguous() for k, v in to_official_gpt_state_dict(ours.state_dict(), cfg).items()},
               str(tmp_path / "gpt.safetensors"))

@@ -3,9 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from hieratok.losses.restok import ResTokLoss, ResTokLossConfig, cosine_margin_loss
-from hieratok.tokenizers.restok import (ResTok, ResTokConfig, build_restok_config, latent_level_sizes,
-                                        latent_levels_to_map, level_pooling_grid, merge_image_tokens,
-                                        nested_dropout_choices, residual_latent_init)
+from hieratok.tokenizers.restok import (
+    ResTok,
+    ResTokConfig,
+    latent_level_sizes,
+    latent_levels_to_map,
+    level_pooling_grid,
+    merge_image_tokens,
+    nested_dropout_choices,
+    residual_latent_init,
+)
 
 TINY_GRIDS = [(1, 1), (1, 1), (1, 2), (2, 2), (2, 4), (4, 4)]
 
@@ -24,7 +31,7 @@ def _images(gen, B=2, size=64):
 
 
 def test_levels_and_grids_of_the_release():
-    cfg = build_restok_config("restok-l-128")
+    cfg = ResTok.preset_config("restok-l-128")
     assert cfg.latent_levels == [1, 1, 2, 4, 8, 16, 32, 64]
     assert cfg.latent_grids == [(1, 1), (1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8)]
     assert cfg.merge_layers == [5, 11, 17]
@@ -309,8 +316,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         ResTokConfig(num_latent_tokens=96)
     with pytest.raises(ValueError, match="does not divide"):
-        build_restok_config("restok-tiny", num_latent_tokens=256)
+        ResTok.preset_config("restok-tiny", num_latent_tokens=256)
     with pytest.raises(ValueError, match="unknown ResTok preset"):
-        build_restok_config("restok-xl")
+        ResTok.preset_config("restok-xl")
     with pytest.raises(ValueError, match="images of shape"):
         ResTok.from_preset("restok-tiny").encode(torch.zeros(1, 3, 32, 32))

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from hieratok import HieraTok, HieraTokConfig
-from hieratok.presets import TOKENIZER_PRESETS, build_config
+from hieratok.presets import HIERATOK_PRESETS
 from hieratok.tokenizers.hieratok import _strided_kernel, default_scales
 
 SMALL = dict(image_size=32, patch_size=8, latent_channels=4, encoder_depth=1, encoder_width=32, encoder_heads=2,
@@ -109,8 +109,8 @@ def test_default_scales():
     assert default_scales(16) == (1, 2, 4, 8, 16)
     assert default_scales(12) == (1, 2, 4, 8, 12)
     assert default_scales(1) == (1,)
-    assert build_config("tiny", image_size=128).scales == (1, 2, 4, 8, 16)
-    assert build_config("tiny-single", image_size=128).scales == (16,)
+    assert HieraTok.preset_config("tiny", image_size=128).scales == (1, 2, 4, 8, 16)
+    assert HieraTok.preset_config("tiny-single", image_size=128).scales == (16,)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -142,7 +142,7 @@ def test_input_errors(gen):
         m.decode(torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match="expected 3 token maps"):
         m.decode_multiscale([torch.zeros(1, 4, 4, 4)])
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown HieraTok preset .huge.; choose one of"):
         HieraTok.from_preset("huge")
     with pytest.raises(ValueError, match="unknown HieraTokConfig field"):
         HieraTok.from_preset("tiny", widht=3)
@@ -174,11 +174,11 @@ def test_backends_agree_on_the_whole_model(gen):
 def test_paper_presets_carry_appendix_c():
     for d in (16, 32):
         for suffix, scales in (("", (1, 2, 4, 8, 16)), ("-single", (16,))):
-            c = build_config(f"hieratok-f16d{d}{suffix}")
+            c = HieraTok.preset_config(f"hieratok-f16d{d}{suffix}")
             assert (c.image_size, c.patch_size, c.latent_channels, c.scales) == (256, 16, d, scales)
             assert (c.encoder_depth, c.encoder_width, c.encoder_heads) == (6, 768, 12)
             assert (c.decoder_depth, c.decoder_width, c.decoder_heads) == (24, 1024, 16)
-    assert {"tiny", "tiny-single", "small", "small-single"} <= set(TOKENIZER_PRESETS)
+    assert {"tiny", "tiny-single", "small", "small-single"} <= set(HIERATOK_PRESETS)
 
 
 def test_empty_batch_round_trips():
@@ -188,8 +188,10 @@ def test_empty_batch_round_trips():
     assert [tuple(r.shape) for r in recs] == [(0, 3, 8 * s, 8 * s) for s in m.config.scales]
 
 
-def test_image_values_checked_outside_training(gen, caplog):
-    from hieratok.tokenizers import inputs
+def test_image_values_checked_outside_training(gen):
+    import warnings
+
+    from hieratok.tokenizers.inputs import InputRangeWarning
 
     m = make()
     x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
@@ -199,9 +201,12 @@ def test_image_values_checked_outside_training(gen, caplog):
         m.encode(bad)
     with pytest.raises(ValueError, match="dtype torch.uint8"):
         m.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    inputs._warned = False
-    m.encode((x + 1) * 127.5)  # [0, 255] given as it is: a warning, once
-    m.encode((x + 1) * 127.5)
-    assert caplog.text.count("tokenizers expect [-1, 1]") == 1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's default: once per calling line
+        for _ in range(3):
+            m.encode((x + 1) * 127.5)  # [0, 255] given as it is
+        m.encode(x)
+    assert [w.category for w in seen] == [InputRangeWarning]
+    assert "tokenizers expect [-1, 1]" in str(seen[0].message) and seen[0].filename == __file__
     m.train()
     m.encode(bad)  # training batches are not read back (no host sync per step)

@@ -5,7 +5,6 @@ import torch
 
 from hieratok import HieraTok
 from hieratok.flops import count_flops, param_counts
-from hieratok.presets import build_config
 
 PAPER = {  # name: (params, GFLOPs) from appendix C
     "hieratok-f16d16": (401.18e6, 230.45e9),
@@ -15,7 +14,7 @@ PAPER = {  # name: (params, GFLOPs) from appendix C
 
 def _meta(name, **kw):
     with torch.device("meta"):
-        return HieraTok(build_config(name, **kw))
+        return HieraTok(HieraTok.preset_config(name, **kw))
 
 
 @pytest.mark.parametrize("downsample", ["conv", "conv-residual", "conv-prenorm"])
@@ -65,6 +64,6 @@ def test_flops_within_10_percent_and_match_formula(name):
 
 
 def test_decoder_token_counts():
-    assert build_config("hieratok-f16d16").decoder_tokens == 341
-    assert build_config("hieratok-f16d16-single").decoder_tokens == 256
-    assert build_config("hieratok-f16d16").encoder_tokens == 256
+    assert HieraTok.preset_config("hieratok-f16d16").decoder_tokens == 341
+    assert HieraTok.preset_config("hieratok-f16d16-single").decoder_tokens == 256
+    assert HieraTok.preset_config("hieratok-f16d16").encoder_tokens == 256

@@ -11,15 +11,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hieratok import HieraTok
+from hieratok.checkpoint import latest_checkpoint
 from hieratok.data import EmbeddedPhotos
 from hieratok.distributions import DiagonalGaussian
 from hieratok.metrics import psnr
-from hieratok.train import Trainer, TrainConfig, load_config
-from hieratok.train.checkpoint import latest_checkpoint
+from hieratok.train import TrainConfig, Trainer, load_config
 from hieratok.train.diagnostics import fixed_images, posterior_stats, reconstruction_diagnostics
 from hieratok.train.tasks import TokenizerTask
 
-FAST = {"model.encoder_depth": 1, "model.decoder_depth": 2, "progress": False, "tensorboard": False,
+FAST = {"adapt_threads": False,  # fixed threads: trajectories are compared bit for bit
+        "model.encoder_depth": 1, "model.decoder_depth": 2, "progress": False, "tensorboard": False,
         "image_every": 0, "log_every": 1, "batch_size": 4, "data.samples_per_epoch": 24,
         "loss.perceptual": 0.0, "ckpt_every": 0}
 SIDES = (8, 16, 32, 64)  # the tiny preset: 64 px images, token grids 1, 2, 4, 8 of 8 px patches

@@ -5,16 +5,16 @@ import torch
 from torch import nn
 
 from hieratok import HieraTok
-from hieratok.generators import DiT, build_dit_config
-from hieratok.generators.llamagen import GPT, gpt_config
+from hieratok.generators import DiT
+from hieratok.generators.llamagen import GPT
 from hieratok.train.parallel import DistInfo, _blocks, wrap_model
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("build, depth, kind", [
-    (lambda: DiT(build_dit_config("dit-tiny")), 4, "DiTBlock"),
-    (lambda: GPT(gpt_config("gpt-tiny")), 2, "GPTBlock"),
+    (lambda: DiT(DiT.preset_config("dit-tiny")), 4, "DiTBlock"),
+    (lambda: GPT(GPT.preset_config("gpt-tiny")), 2, "GPTBlock"),
     (lambda: HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=2), 3, "Block"),
 ])
 def test_blocks_of_every_model_family(build, depth, kind):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from hieratok.checkpoint import latest_checkpoint
 from hieratok.train import load_config, lr_at
-from hieratok.train.checkpoint import latest_checkpoint
 
 QUIET = {"progress": False, "tensorboard": False, "image_every": 0, "log_every": 1, "loss.perceptual": 0.0}
 

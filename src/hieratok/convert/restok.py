@@ -45,7 +45,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..hub import meta_shapes, state_dict_problems
-from ..tokenizers.restok import ResTok, ResTokConfig, build_restok_config
+from ..tokenizers.restok import ResTok, ResTokConfig
 from .checkpoints import load_official_state_dict
 
 __all__ = [
@@ -262,7 +262,7 @@ def infer_restok_config(sd: Mapping[str, torch.Tensor], image_size: int = 256, *
     )
     if "vf_proj.weight" in sd or "vf_proj_dec.weight" in sd:
         fields["alignment_dim"] = sd.get("vf_proj.weight", sd.get("vf_proj_dec.weight")).shape[0]
-    return build_restok_config("restok-l-128", **{**fields, **overrides})
+    return ResTok.preset_config("restok-l-128", **{**fields, **overrides})
 
 
 def load_official_restok(source: Source, config: Optional[ResTokConfig] = None, **overrides: Any) -> ResTok:

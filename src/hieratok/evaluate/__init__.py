@@ -1,10 +1,9 @@
 """Evaluation protocols: reconstruction (rFID, PSNR, SSIM, perceptual, per-scale PSNR), latent
 uniformity, FID between sources, and run comparison tables."""
 
-from .checkpoints import load_tokenizer, resolve_model_dir
 from .compare import compare_runs
 from .latents import evaluate_latents
 from .recon import ReconEvalConfig, evaluate_reconstruction
 
-__all__ = ["load_tokenizer", "resolve_model_dir", "evaluate_reconstruction", "ReconEvalConfig", "evaluate_latents",
+__all__ = ["evaluate_reconstruction", "ReconEvalConfig", "evaluate_latents",
            "compare_runs"]

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoint import latest_checkpoint
 from ..report import MetricSpec, comparison_table
-from ..train.checkpoint import latest_checkpoint
 
 __all__ = ["compare_runs", "load_metrics"]
 

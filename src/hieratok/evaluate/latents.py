@@ -26,7 +26,7 @@ from ..metrics import latent_uniformity
 from ..metrics.uniformity import PROTOCOLS, channel_stats
 from .recon import eval_indices
 
-__all__ = ["encode_latents", "evaluate_latents", "load_latent_stats"]
+__all__ = ["encode_latents", "encode_latents_and_mirrored", "evaluate_latents", "load_latent_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,15 @@ def encode_latents(model: Any, data: Optional[str], num_images: int, batch_size:
     """
     z, z_mirror, _ = _encode(model, data, num_images, batch_size, device, mirror=mirror, **data_kw)
     return z_mirror if mirror else z
+
+
+def encode_latents_and_mirrored(model: Any, data: Optional[str], num_images: int, batch_size: int = 32,
+                                device: str | torch.device = "cpu", **data_kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_latents` of the images and of their mirror images, from one pass over the data
+    (``latents`` and ``latents_flip`` of :func:`evaluate_latents`'s VA-VAE protocol)."""
+    z, z_mirror, _ = _encode(model, data, num_images, batch_size, device, mirror=True, **data_kw)
+    assert z_mirror is not None
+    return z, z_mirror
 
 
 def load_latent_stats(path: str | Path) -> StatsPair:
@@ -231,7 +240,8 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
     mean, std = stats if stats is not None else (None, None)
     res = latent_uniformity(latents, protocol=protocol, latents_flip_NCHW=latents_flip, num_points=points,
                             num_runs=num_runs, seed=seed, iterations=iterations, perplexity=used_perplexity,
-                            channel_mean=mean, channel_std=std, tsne_seed=tsne_seed, num_threads=None)
+                            channel_mean=mean, channel_std=std, tsne_seed=tsne_seed,
+                            num_threads=torch.get_num_threads())  # as many as torch uses (see train/threads.py)
     out = {**res.as_dict(), "num_points_requested": num_points,
            "all_images_each_run": protocol == "vavae" and points == n_img, **stats_info,
            "num_images": int(n_img), "num_skipped": skipped, "latent_shape": list(latents.shape[1:])}

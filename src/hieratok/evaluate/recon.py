@@ -34,9 +34,16 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, collate_drop_none
 from ..losses.reconstruction import scale_targets
-from ..metrics import (FeatureStats, InceptionFeatures, all_reduce_feature_stats, frechet_distance,
-                       kernel_inception_distance, psnr, ssim)
-from ..metrics.image import quantize_to_uint8
+from ..metrics import (
+    FeatureStats,
+    InceptionFeatures,
+    all_reduce_feature_stats,
+    frechet_distance,
+    kernel_inception_distance,
+    psnr,
+    ssim,
+)
+from ..metrics.image import color_error, quantize_to_uint8
 
 __all__ = ["ReconEvalConfig", "evaluate_reconstruction", "write_recon_report"]
 
@@ -81,20 +88,6 @@ def eval_indices(length: int, num: int, rank: int = 0, world: int = 1) -> list[i
     return [i * length // n for i in range(rank, n, world)]
 
 
-def _reconstruct(model: Any, x: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-    """(pyramid coarse to fine, code indices or None): HieraTok decodes the posterior mode at every
-    scale; a VQ tokenizer (ResTok) decodes its code indices, which also feed the codebook statistics."""
-    if hasattr(model, "decode_indices"):
-        idx = model.encode_indices(x)
-        return [model.decode_indices(idx)], idx
-    return model.decode(model.encode(x).mode(), all_scales=True), None
-
-
-def _output_sides(model: Any) -> list[int]:
-    c = model.config
-    return [s * c.patch_size for s in c.scales] if hasattr(c, "scales") else [c.image_size]
-
-
 @torch.no_grad()
 def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torch.device = "cpu",
                             inception: Optional[InceptionFeatures] = None) -> dict[str, Any]:
@@ -133,15 +126,15 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         inception = None
     elif inception is None:
         inception = InceptionFeatures(cfg.inception_weights).to(device)
-    sides = _output_sides(model)
+    sides = model.output_sides()
     # psnr, ssim, perceptual, exact matches, colour error, per-scale psnr
     sums = torch.zeros(5 + len(sides), dtype=torch.float64, device=device)
     feats: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
     usage = None
-    if hasattr(model, "decode_indices"):
+    if model.codebook_size is not None:
         from ..metrics import CodebookUsage
 
-        usage = CodebookUsage(model.config.codebook_size, device=device)
+        usage = CodebookUsage(model.codebook_size, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     real_stats, fake_stats = FeatureStats(), FeatureStats()
     kept_x: list[torch.Tensor] = []
@@ -161,7 +154,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             x = x[: quota - seen]
         if x.shape[0] == 0:
             break
-        pyr, idx = _reconstruct(model, x)
+        pyr, idx = model.reconstruct(x)
         if usage is not None:
             usage.update(idx)
         # metrics are computed on what a user would save: 8-bit images (quantize_to_uint8 clamps
@@ -170,7 +163,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         sums[0] += psnr(rec_u8, x_u8, reduction="none", floor_mse=True).sum()
         sums[3] += (rec_u8 == x_u8).flatten(1).all(1).sum()
         sums[1] += ssim(rec_u8, x_u8, reduction="none").sum()
-        sums[4] += (rec_u8.double().mean((2, 3)) - x_u8.double().mean((2, 3))).abs().mean(1).sum() / 127.5
+        sums[4] += color_error(rec_u8, x_u8).mean(1).sum()
         if perceptual is not None:
             to_pm1 = lambda u8: u8.float() / 127.5 - 1.0  # noqa: E731
             sums[2] += perceptual(to_pm1(rec_u8), to_pm1(x_u8)).double().sum()

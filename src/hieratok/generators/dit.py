@@ -18,20 +18,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_preset, require_positive_ints, runtime_field
+from ..config import require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn import Attention, PatchEmbed, unpatchify
+from ..presets import DIT_PRESETS
 from .latents import LatentNormalizer, rand
 
 __all__ = [
-    "DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "DIT_PRESETS", "build_dit_config",
-    "dit_preset_names", "timestep_embedding", "sincos_pos_embed_2d", "count_parameters",
+    "DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder",
+    "timestep_embedding", "sincos_pos_embed_2d", "count_parameters",
 ]
 
 POS_EMBEDS = ("sincos", "learned")
@@ -109,26 +110,6 @@ class DiTConfig:
     def null_class(self) -> int:
         """Label id of the learned "no class" embedding used for classifier-free guidance."""
         return self.num_classes
-
-
-# Presets as data: the DiT paper's sizes and a CPU model. Latent geometry comes from the
-# DiTConfig defaults (the HieraTok f16d16 latent) or from overrides.
-DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "dit-b": dict(depth=12, width=768, num_heads=12),
-    "dit-l": dict(depth=24, width=1024, num_heads=16),
-    "dit-xl": dict(depth=28, width=1152, num_heads=16),
-    "dit-tiny": dict(depth=4, width=128, num_heads=4),
-}
-
-
-def dit_preset_names() -> list[str]:
-    return sorted(DIT_PRESETS)
-
-
-def build_dit_config(name: str, **overrides: Any) -> DiTConfig:
-    """Config of DiT preset ``name`` (``dit-b``, ``dit-l``, ``dit-xl``, ``dit-tiny``) with field overrides,
-    e.g. ``build_dit_config("dit-xl", in_channels=32, patch_size=2)``."""
-    return config_from_preset(DiTConfig, DIT_PRESETS, name, overrides, "DiT")
 
 
 # ---- embeddings ---------------------------------------------------------------------------------
@@ -266,6 +247,7 @@ class DiT(PretrainedMixin, nn.Module):
 
     config_class: ClassVar[type] = DiTConfig
     model_type: ClassVar[str] = "dit"
+    presets = DIT_PRESETS
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -308,10 +290,6 @@ class DiT(PretrainedMixin, nn.Module):
             nn.init.zeros_(lin.bias)
 
     # ---- construction / switches ----------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "DiT":
-        """Build a DiT from a preset in :data:`DIT_PRESETS` with config field overrides."""
-        return cls(build_dit_config(name, **overrides))
 
     @property
     def normalizer(self) -> LatentNormalizer:

@@ -50,7 +50,7 @@ class LatentNormalizer:
 
     Example:
         >>> norm = LatentNormalizer.from_latents(z_NCHW)           # statistics of the latent cache
-        >>> cfg = build_dit_config("dit-xl", **norm.config_fields())
+        >>> cfg = DiT.preset_config("dit-xl", **norm.config_fields())
     """
 
     def __init__(self, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:

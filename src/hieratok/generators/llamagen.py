@@ -27,21 +27,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_preset, require_positive_ints, runtime_field
+from ..config import require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import attention
 from ..nn.linear import Linear
 from ..nn.rope import rotate_pairs
+from ..presets import GPT_PRESETS
 from .latents import rand
 
 __all__ = [
-    "GPTConfig", "GPT", "KVCache", "check_ids", "RMSNorm", "SwiGLU", "GPT_PRESETS", "gpt_config", "gpt_preset_names",
+    "GPTConfig", "GPT", "KVCache", "check_ids", "RMSNorm", "SwiGLU",
     "swiglu_hidden_dim", "apply_rope_1d",
 ]
 
@@ -108,26 +110,6 @@ class GPTConfig:
     def null_class(self) -> int:
         """Label id of the unconditional (null) class."""
         return self.num_classes
-
-
-# Presets as data. "gpt-b" / "gpt-l" are LlamaGen's GPT-B / GPT-L with ResTok's codebook (8192)
-# and HAR placeholders (127); "gpt-l" is the released `llamagen_l_c2i_restok_l_128` (326M).
-_RESTOK_HEAD: dict[str, Any] = dict(vocab_size=8192, num_classes=1000, num_placeholders=127)
-GPT_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt-b": {**_RESTOK_HEAD, "dim": 768, "depth": 12, "num_heads": 12},
-    "gpt-l": {**_RESTOK_HEAD, "dim": 1024, "depth": 24, "num_heads": 16},
-    "gpt-tiny": dict(vocab_size=64, num_classes=10, num_placeholders=127, dim=64, depth=2, num_heads=4,
-                     ffn_multiple_of=32),
-}
-
-
-def gpt_preset_names() -> list[str]:
-    return sorted(GPT_PRESETS)
-
-
-def gpt_config(name: str, **overrides: Any) -> GPTConfig:
-    """Config of preset ``name`` with field ``overrides``."""
-    return config_from_preset(GPTConfig, GPT_PRESETS, name, overrides, "GPT")
 
 
 def check_ids(ids: torch.Tensor, high: int, what: str) -> None:
@@ -292,6 +274,7 @@ class GPT(PretrainedMixin, nn.Module):
 
     config_class = GPTConfig
     model_type = "llamagen-gpt"
+    presets = GPT_PRESETS
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -304,6 +287,7 @@ class GPT(PretrainedMixin, nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.skip_full_masks = True
+        self.grad_checkpointing = False
         cos, sin = rope_angles(torch.arange(cfg.max_seq_len), cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -328,6 +312,10 @@ class GPT(PretrainedMixin, nn.Module):
                 m.fast = enabled
             elif isinstance(m, SelfAttention):
                 m.fast_rope = enabled
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass of training (same results, less memory)."""
+        self.grad_checkpointing = enabled
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every block to another attention backend (``"sdpa"`` or ``"reference"``)."""
@@ -426,7 +414,10 @@ class GPT(PretrainedMixin, nn.Module):
         if cache is not None and self.skip_full_masks and self.config.attn_backend == "sdpa" and bool(mask.all()):
             attn_mask = None  # every query sees every key so far (a block-causal decoding step)
         for i, blk in enumerate(self.blocks):
-            x_BLD = blk(x_BLD, cos, sin, attn_mask, cache, i)
+            if self.grad_checkpointing and cache is None and self.training and torch.is_grad_enabled():
+                x_BLD = checkpoint(blk, x_BLD, cos, sin, attn_mask, None, i, use_reentrant=False)
+            else:
+                x_BLD = blk(x_BLD, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.length = T
         return self.head(self.norm(x_BLD)).float()

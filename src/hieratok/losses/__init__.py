@@ -2,8 +2,18 @@
 
 from hieratok.losses.alignment import FrozenFeatureEncoder, VFAlignmentLoss, build_frozen_encoder, tokens_to_grid
 from hieratok.losses.dino_disc import DinoDiscriminator, diff_augment
-from hieratok.losses.gan import (GANConfig, GANLoss, LeCamEMA, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss,
-                                 hinge_g_loss, lecam_regularizer, non_saturating_d_loss, non_saturating_g_loss)
+from hieratok.losses.gan import (
+                                 GANConfig,
+                                 GANLoss,
+                                 LeCamEMA,
+                                 PatchDiscriminator,
+                                 adaptive_gan_weight,
+                                 hinge_d_loss,
+                                 hinge_g_loss,
+                                 lecam_regularizer,
+                                 non_saturating_d_loss,
+                                 non_saturating_g_loss,
+)
 from hieratok.losses.perceptual import LPIPS, EfficientNetPerceptual, build_perceptual
 from hieratok.losses.reconstruction import MultiScaleReconstructionLoss, ReconLossConfig, scale_targets
 from hieratok.losses.restok import ResTokLoss, ResTokLossConfig, restok_gan_config

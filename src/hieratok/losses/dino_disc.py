@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch

@@ -16,7 +16,7 @@ from .fid import (
     iter_npz_images,
     stats_from_source,
 )
-from .image import psnr, quantize_to_uint8, ssim
+from .image import color_error, psnr, quantize_to_uint8, ssim
 from .inception import (
     FID_FEATURE_DIM,
     PT_INCEPTION_FILENAME,
@@ -41,7 +41,7 @@ __all__ = [
     "CodebookStats", "CodebookUsage", "codebook_stats",
     "FeatureStats", "FIDResult", "GaussianStats", "all_reduce_feature_stats", "compute_feature_stats",
     "fid_from_sources", "frechet_distance", "iter_image_folder", "iter_npz_images", "stats_from_source",
-    "kernel_inception_distance", "polynomial_mmd2", "psnr", "quantize_to_uint8", "ssim",
+    "color_error", "kernel_inception_distance", "polynomial_mmd2", "psnr", "quantize_to_uint8", "ssim",
     "FID_FEATURE_DIM", "PT_INCEPTION_FILENAME", "FIDInceptionV3", "InceptionFeatures",
     "InceptionScoreResult", "InceptionScoreUnavailable", "inception_score", "inception_score_from_logits",
     "tf_bilinear_resize",

@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize_to_uint8", "psnr", "ssim", "gaussian_window_1d"]
+__all__ = ["quantize_to_uint8", "psnr", "ssim", "color_error", "gaussian_window_1d"]
 
 Reduction = Literal["mean", "none"]
 
@@ -180,3 +180,13 @@ def ssim(
         (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
     )
     return _reduce(ssim_map.flatten(1).mean(1), reduction)
+
+
+def color_error(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Colour cast per image and channel, (B, C) float64: |mean over pixels of (rec - target)| in
+    [-1, 1] units (uint8 inputs are read as 0..255 -> -1..1). An error made only of a uniform cast
+    has colour error equal to its L1."""
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t.double() / 127.5 if t.dtype == torch.uint8 else t.double()
+
+    return (unit(rec) - unit(target)).mean(dim=(2, 3)).abs()

@@ -1,8 +1,8 @@
 """Reusable neural-network blocks: attention, masks, positional embeddings, patching, ViT blocks."""
 
 from .attention import ATTENTION_BACKENDS, Attention, attention_reference
-from .norm import LayerNorm2d
 from .masks import ATTENTION_MODES, allowed_fraction, dense_mask, mask_mod, scale_ids
+from .norm import LayerNorm2d
 from .patch import PatchEmbed, unpatchify
 from .pos_embed import MultiScalePosEmbed
 from .vit import Block, DropPath, Mlp, Transformer

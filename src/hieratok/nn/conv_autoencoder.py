@@ -117,7 +117,7 @@ def upsample_conv(x_BCHW: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, stride-1, padding-1 conv,
     computed at the low resolution (see the module docstring); output in x's memory layout."""
     B, _, H, W = x_BCHW.shape
-    O = conv.out_channels
+    O = conv.out_channels  # noqa: E741 (output channels, as the shape names use)
     bias = None if conv.bias is None else conv.bias.repeat(4)
     # 2x2 kernels with padding 1: output (H+1, W+1); phase (a, b) is the window starting at (a, b)
     r = F.conv2d(x_BCHW, upsample_conv_phase_weight(conv.weight), bias, padding=1)  # (B, 4O, H+1, W+1)

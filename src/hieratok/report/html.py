@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..version import __version__
 from .table import ComparisonTable, SimpleTable, _md_escape, _md_text, simple_table
 
 __all__ = ["Report"]
@@ -351,9 +352,4 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _version() -> str:
-    try:
-        from .. import __version__
-
-        return __version__
-    except ImportError:
-        return "(unknown version)"
+    return __version__

@@ -24,8 +24,18 @@ from torch import nn
 from ..config import require_positive_ints, runtime_field
 from ..distributions import DiagonalGaussian
 from ..hub import PretrainedMixin
-from ..nn import ATTENTION_BACKENDS, ATTENTION_MODES, LayerNorm2d, MultiScalePosEmbed, PatchEmbed, Transformer
-from ..nn import dense_mask, mask_mod, unpatchify
+from ..nn import (
+    ATTENTION_BACKENDS,
+    ATTENTION_MODES,
+    LayerNorm2d,
+    MultiScalePosEmbed,
+    PatchEmbed,
+    Transformer,
+    dense_mask,
+    mask_mod,
+    unpatchify,
+)
+from ..presets import HIERATOK_PRESETS
 from .inputs import check_images
 
 __all__ = ["HieraTokConfig", "HieraTok", "ConvDownsampler", "InterpDownsampler", "DOWNSAMPLERS",
@@ -313,6 +323,7 @@ class HieraTok(PretrainedMixin, nn.Module):
 
     config_class: ClassVar[type] = HieraTokConfig
     model_type: ClassVar[str] = "hieratok"
+    presets = HIERATOK_PRESETS
 
     def __init__(self, config: HieraTokConfig) -> None:
         super().__init__()
@@ -342,12 +353,6 @@ class HieraTok(PretrainedMixin, nn.Module):
             nn.init.zeros_(m.bias)
 
     # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "HieraTok":
-        """Build a model from a named preset (see :mod:`hieratok.presets`), with field overrides."""
-        from ..presets import build_config
-
-        return cls(build_config(name, **overrides))
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` ("sdpa", "reference" or "flex")."""
@@ -391,6 +396,30 @@ class HieraTok(PretrainedMixin, nn.Module):
         """Latent -> finest image (B, 3, H, W), or the whole pyramid (coarse to fine) if ``all_scales``."""
         pyr = self.decode_multiscale(self.multiscale_maps(z_BdGG))
         return pyr if all_scales else pyr[-1]
+
+    # ---- the Tokenizer interface (tokenizers/base.py) ----
+    codebook_size = None  # continuous latents
+
+    def output_sides(self) -> list[int]:
+        return [s * self.config.patch_size for s in self.config.scales]
+
+    def tokenize(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """The posterior mode (B, d, G, G): what a latent generator (DiT) models."""
+        return self.encode(x_BCHW).mode()
+
+    def detokenize(self, z_BdGG: torch.Tensor, all_scales: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        return self.decode(z_BdGG.to(self.last_layer().dtype), all_scales=all_scales)
+
+    def reconstruct(self, x_BCHW: torch.Tensor) -> tuple[list[torch.Tensor], None]:
+        return self.decode(self.tokenize(x_BCHW), all_scales=True), None
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.head.weight
+
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's positions and the decoder's position and scale embeddings."""
+        keep = {id(self.encoder.pos_embed), *(id(p) for p in self.decoder.pos.parameters())}
+        return {n for n, p in self.named_parameters() if id(p) in keep}
 
     def forward(
         self,

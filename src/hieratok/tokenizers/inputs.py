@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import torch
 
-__all__ = ["check_images"]
+__all__ = ["check_images", "InputRangeWarning"]
 
-log = logging.getLogger(__name__)
-_warned = False
+
+class InputRangeWarning(UserWarning):
+    """Images far outside [-1, 1] given to a tokenizer (shown once per calling line, as Python's
+    default warning filter does; ``warnings.simplefilter("ignore", InputRangeWarning)`` silences it)."""
 
 
 def check_images(x_BCHW: torch.Tensor, channels: int, size: int, training: bool) -> None:
     """ValueError for a wrong shape, or (outside training, where it costs one read-back per call)
-    NaN/Inf values; a warning, once per process, for images far outside [-1, 1] (uint8 [0, 255] or
+    NaN/Inf values; an :class:`InputRangeWarning` for images far outside [-1, 1] (uint8 [0, 255] or
     [0, 1] images passed as they are). Training batches come from our data pipeline and are not
     read back, so a training step makes no host sync here."""
-    global _warned
     if x_BCHW.ndim != 4 or tuple(x_BCHW.shape[1:]) != (channels, size, size):
         raise ValueError(f"expected images of shape (B, {channels}, {size}, {size}) in [-1, 1], got {tuple(x_BCHW.shape)}")
     if not x_BCHW.dtype.is_floating_point:
@@ -28,7 +29,6 @@ def check_images(x_BCHW: torch.Tensor, channels: int, size: int, training: bool)
     finite, lo, hi = torch.stack([torch.isfinite(x).all().float(), x.amin(), x.amax()]).tolist()
     if not finite:
         raise ValueError("images contain NaN or Inf values")
-    if not _warned and (hi > 1.5 or lo < -1.5):
-        _warned = True
-        log.warning("images span [%.3g, %.3g]: tokenizers expect [-1, 1] (uint8 images: x / 127.5 - 1; "
-                    "[0, 1] images: 2 * x - 1)", lo, hi)
+    if hi > 1.5 or lo < -1.5:  # one message text, so the default filter shows it once per calling line
+        warnings.warn("images reach far outside [-1, 1]: tokenizers expect [-1, 1] (uint8 images: x / 127.5 - 1; "
+                      "[0, 1] images: 2 * x - 1)", InputRangeWarning, stacklevel=4)

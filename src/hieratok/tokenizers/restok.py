@@ -67,18 +67,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import config_from_preset, require_positive_ints, runtime_field
+from ..config import require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn.attention import ATTENTION_BACKENDS, MaskLike, attention, segment_mask
 from ..nn.conv_autoencoder import ConvDecoder, ConvEncoder, ConvResBlock
 from ..nn.masks import block_causal_mask, block_causal_mask_mod
 from ..nn.rope import apply_rope, apply_rope_reference, mixed_positions, rope_table
 from ..nn.vit import Mlp
+from ..presets import RESTOK_PRESETS
 from ..quantizers.vq import VectorQuantizer
 from .inputs import check_images
 
 __all__ = [
-    "ResTokConfig", "ResTok", "RESTOK_PRESETS", "restok_preset_names", "build_restok_config",
+    "ResTokConfig", "ResTok",
     "residual_latent_init", "latent_levels_to_map", "merge_image_tokens", "latent_level_sizes",
     "level_pooling_grid", "nested_dropout_choices",
 ]
@@ -311,32 +312,9 @@ class ResTokConfig:
         return [(g, g // 2 ** s) for s in reversed(range(self.hierarchy_stages))]
 
 
-_TINY: dict[str, Any] = dict(
-    image_size=64, cnn_channels=32, cnn_channel_mult=(1, 1, 2, 2), cnn_res_blocks=1, cnn_z_channels=32,
-    encoder_width=64, encoder_depth=4, encoder_heads=2, decoder_width=64, decoder_depth=4, decoder_heads=2,
-    num_latent_tokens=32, min_latent_tokens=4, codebook_size=256, codebook_dim=8, legacy_latent_layout=False,
-    alignment_dim=32,
-)
-
-RESTOK_PRESETS: dict[str, dict[str, Any]] = {
-    "restok-l-128": {},  # the release restok_l_128 (662M with its two alignment heads)
-    "restok-tiny": _TINY,  # CPU tests: 64 px, 8x8 tokens, 32 latents in levels [1, 1, 2, 4, 8, 16]
-}
-
-
-def restok_preset_names() -> list[str]:
-    return sorted(RESTOK_PRESETS)
-
-
-def build_restok_config(name: str, **overrides: Any) -> ResTokConfig:
-    """Config of a named ResTok preset with field overrides."""
-    return config_from_preset(ResTokConfig, RESTOK_PRESETS, name, overrides, "ResTok")
-
-
 # --------------------------------------------------------------------------------------------
 # transformer pieces
 # --------------------------------------------------------------------------------------------
-
 
 class RoPEAttention(nn.Module):
     """Self-attention with q/v biases (no k bias), LayerNorm on q and k per head, 2D RoPE on q and k."""
@@ -604,6 +582,7 @@ class ResTok(PretrainedMixin, nn.Module):
 
     config_class: ClassVar[type] = ResTokConfig
     model_type: ClassVar[str] = "restok"
+    presets = RESTOK_PRESETS
 
     def __init__(self, config: ResTokConfig) -> None:
         super().__init__()
@@ -649,10 +628,6 @@ class ResTok(PretrainedMixin, nn.Module):
         self.quantizer.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ResTok":
-        """Build from a named preset (:data:`RESTOK_PRESETS`) with field overrides."""
-        return cls(build_restok_config(name, **overrides))
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` ("sdpa", "reference" or "flex")."""
@@ -767,6 +742,33 @@ class ResTok(PretrainedMixin, nn.Module):
         if n < N:
             q = torch.cat((q, q.new_zeros(B, N - n, q.shape[-1])), dim=1)
         return self.decode(q, keep=n if n < N else None)
+
+    # ---- the Tokenizer interface (tokenizers/base.py) ----
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def output_sides(self) -> list[int]:
+        return [self.config.image_size]
+
+    def tokenize(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, N): what the HAR / AR generator models."""
+        return self.encode_indices(x_BCHW)
+
+    def detokenize(self, indices_Bn: torch.Tensor, all_scales: bool = False) -> torch.Tensor:
+        if all_scales:
+            raise ValueError("all_scales: ResTok decodes one image per code sequence (no pyramid)")
+        return self.decode_indices(indices_Bn.long())
+
+    def reconstruct(self, x_BCHW: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        idx = self.tokenize(x_BCHW)
+        return [self.decode_indices(idx)], idx
+
+    def last_layer(self) -> torch.Tensor:
+        return self.pixel_decoder.conv_out.weight
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
 
     def forward(
         self,

@@ -118,6 +118,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False
     grad_checkpointing: bool = False
+    # CPU: switch between one thread and all cores when another process stalls the all-core steps
+    # (train/threads.py). Thread counts change float rounding (~1e-7): false gives bit-exact reruns
+    adapt_threads: bool = True
     fsdp: bool = False
     max_nonfinite: int = 5  # consecutive skipped steps before the run stops
     tensorboard: bool = True
@@ -193,6 +196,9 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
                 else:
                     obj = obj.setdefault(part, {})
                 continue
+            if not dataclasses.is_dataclass(obj):
+                done = ".".join(parts[:i])
+                raise ValueError(f"config key {key!r}: {done!r} is a value ({type(obj).__name__}), not a section")
             names = {f.name for f in dataclasses.fields(obj)}
             if part not in names:
                 raise ValueError(f"unknown config key {key!r}: {type(obj).__name__} has no field {part!r} (fields: {sorted(names)})")

@@ -18,7 +18,7 @@ import torch
 
 from ..distributions import DiagonalGaussian
 from ..losses.reconstruction import scale_targets
-from ..metrics import psnr
+from ..metrics.image import color_error, psnr
 
 __all__ = ["posterior_stats", "reconstruction_diagnostics", "fixed_images", "CHANNELS"]
 
@@ -63,8 +63,7 @@ def reconstruction_diagnostics(x_BCHW: torch.Tensor, recs: Sequence[torch.Tensor
         # psnr refuses NaN/Inf (no 8-bit value): a diverged model scores NaN instead of stopping the run
         val = psnr(torch.nan_to_num(rec), tgt.float(), reduction="none", floor_mse=True).mean()  # float64
         out[f"heldout_psnr_s{rec.shape[-1]}"] = torch.where(finite, val, torch.full_like(val, float("nan")))
-    cast_BC = (recs[-1].float() - x_BCHW.float()).mean(dim=(2, 3)).abs()  # (B, C)
-    cast_C = cast_BC.mean(0)
+    cast_C = color_error(recs[-1], x_BCHW).mean(0)
     out.update({f"heldout_color_err_{c}": cast_C[i] for i, c in enumerate(CHANNELS[: cast_C.numel()])})
     out["heldout_color_err"] = cast_C.mean()
     return out

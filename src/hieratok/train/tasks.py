@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..losses.reconstruction import MultiScaleReconstructionLoss
-from ..tokenizers import HieraTok
+from ..tokenizers import HieraTok, ResTok
 from .config import TrainConfig
 from .diagnostics import posterior_stats
 from .parallel import unwrap
@@ -51,17 +51,17 @@ class Phase:
     active: Callable[[int], bool] = lambda step: True
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    """Biases, norms, positional and scale embeddings are not weight-decayed."""
-    return p.ndim < 2 or "pos" in name or "scale_embed" in name
-
-
 def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Decayed and not-decayed parameters: biases and norms (fewer than 2 dims) and what a model's
+    ``no_weight_decay()`` names (timm's convention; e.g. positional embeddings) are not decayed.
+    ``modules`` may be wrapped (DDP, compile, FSDP2): names are read on the unwrapped module."""
     decay, no_decay = [], []
     for module in modules:
-        for n, p in module.named_parameters():
+        inner = unwrap(module)
+        skip = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
+        for n, p in inner.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_decay(n, p) else decay).append(p)
+                (no_decay if p.ndim < 2 or n in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -247,7 +247,7 @@ class TokenizerTask(Task):
         logs.update(posterior_stats(out["posterior"]))  # on the device: read back with the other logs
         ctx.setdefault("recs", []).append([r.detach() for r in recs])
         model = unwrap(mods["model"])
-        self._add_gan_term(logs, recs, step, model.decoder.head.weight, logs["rec_loss"])
+        self._add_gan_term(logs, recs, step, model.last_layer(), logs["rec_loss"])
         if self.vf is not None:
             with torch.no_grad():
                 feats = self.vf_encoder(x)
@@ -280,7 +280,6 @@ class ResTokTask(TokenizerTask):
 
     def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         from ..losses.restok import ResTokLoss, ResTokLossConfig
-        from ..tokenizers.restok import ResTok
 
         self.allow_code_execution = allow_code_execution
         encoder, heads = self._alignment_encoder(cfg)
@@ -300,12 +299,12 @@ class ResTokTask(TokenizerTask):
             raise ValueError("task 'restok' weights its alignment terms by the constant vf.weight (as released): "
                              "set vf.adaptive=false")
         from ..losses.alignment import build_frozen_encoder
-        from ..tokenizers.restok import build_restok_config
+
 
         encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path, self.allow_code_execution)
         if cfg.init_from:  # the saved config decides; checked against the encoder once built
             return encoder, {}
-        size = build_restok_config(cfg.preset, **cfg.model).image_size
+        size = ResTok.preset_config(cfg.preset, **cfg.model).image_size
         dim = encoder.output_shape(size)[0]
         return encoder, {"encoder_alignment": True, "decoder_alignment": True, "alignment_dim": dim}
 
@@ -349,7 +348,7 @@ class ResTokTask(TokenizerTask):
             foundation = {"foundation_cls": feats.mean(dim=(2, 3)), "foundation_features": feats}
         logs = self.loss(x, out, step, **foundation)
         ctx.setdefault("recs", []).append([rec.detach()])
-        self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).pixel_decoder.conv_out.weight, logs["loss"])
+        self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).last_layer(), logs["loss"])
         return logs
 
 
@@ -359,13 +358,18 @@ def _sample_decoder(cfg: TrainConfig, meta: dict[str, Any]) -> Optional[Callable
     if not path:
         return None
     try:
-        from ..tokenizers.loading import load_any_tokenizer
+        from ..registry import TOKENIZERS, load_model
 
-        tok = load_any_tokenizer(path)
+        tok, _ = load_model(path, expect=TOKENIZERS)
     except (FileNotFoundError, ValueError) as e:
         log.warning("sample grids off: tokenizer %s not loadable (%s)", path, e)
         return None
-    return tok.decode_latents_or_codes
+
+    @torch.no_grad()
+    def decode(v: torch.Tensor, all_scales: bool = False) -> Any:
+        return tok.detokenize(v.to(tok.last_layer().device), all_scales=all_scales)
+
+    return decode
 
 
 class _Forward:
@@ -443,7 +447,7 @@ class DiTTask(_CachedTask):
 
     def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
-        from ..generators import DiT, GeneratorObjective, build_dit_config
+        from ..generators import DiT, GeneratorObjective
 
         if self.meta.get("kind") != "latents":
             raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, a DiT needs latents")
@@ -452,7 +456,7 @@ class DiTTask(_CachedTask):
         over = {"in_channels": C, "input_size": H, "num_classes": self.meta["num_labels"],
                 "latent_mean": self.meta["mean"], "latent_std": self.meta["std"],
                 "learn_sigma": self.objective.kind == "diffusion", **cfg.model}
-        self.modules = {"model": DiT(build_dit_config(cfg.preset, **over))}
+        self.modules = {"model": DiT(DiT.preset_config(cfg.preset, **over))}
         self.num_classes = self.modules["model"].config.num_classes
 
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
@@ -473,7 +477,7 @@ class ARTask(_CachedTask):
     def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
         from ..generators.har import ARObjective
-        from ..generators.llamagen import GPT, gpt_config
+        from ..generators.llamagen import GPT
 
         if self.meta.get("kind") != "codes":
             raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, an AR generator needs codes")
@@ -482,7 +486,7 @@ class ARTask(_CachedTask):
         self.layout, self.sampling = obj.sequence_layout(N), obj.sampling_kwargs()
         over = {"num_classes": self.meta["num_labels"], **({"vocab_size": self.meta["codebook_size"]}
                                                          if "codebook_size" in self.meta else {}), **cfg.model}
-        self.modules = {"model": GPT(gpt_config(cfg.preset, **over))}
+        self.modules = {"model": GPT(GPT.preset_config(cfg.preset, **over))}
         mc = self.modules["model"].config
         self.num_classes = mc.num_classes
         # the data are checked here once (cache.json records their ranges), not at every step

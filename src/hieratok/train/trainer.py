@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import time
@@ -29,13 +28,34 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..checkpoint import (
+    checkpoint_problem,
+    complete_checkpoints,
+    flatten_optim,
+    latest_checkpoint,
+    load_checkpoint_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_optim,
+)
+from ..config import architecture_diff, settings_diff
 from ..data import ResumableDistributedSampler, collate_drop_none
-from .checkpoint import (checkpoint_problem, complete_checkpoints, flatten_optim, latest_checkpoint,
-                         load_checkpoint_files, rng_state, save_checkpoint, set_rng_state, unflatten_optim)
+from ..hub import EMA_NAME, WEIGHTS_NAME, write_model_dir
 from .config import TrainConfig, config_dict
 from .ema import EMA
-from .parallel import DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, load_full_state_dict, unwrap, wrap_model
+from .parallel import (
+    DistInfo,
+    barrier,
+    full_state_dict,
+    init_distributed,
+    is_fsdp,
+    load_full_state_dict,
+    unwrap,
+    wrap_model,
+)
 from .tasks import Phase, build_task, param_groups
+from .threads import ThreadGovernor
 
 __all__ = ["Trainer", "lr_at", "NonFiniteLossError", "check_run_dir", "RUN_FILES"]
 
@@ -204,6 +224,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.history: list[dict[str, float]] = []
+        self.threads: Optional[ThreadGovernor] = None  # replaceable, e.g. by one shared across runs
+        if cfg.adapt_threads and dev.type == "cpu" and not self.dist.distributed and torch.get_num_threads() > 1:
+            self.threads = ThreadGovernor((1, torch.get_num_threads()))
         self._build_data()
         self.diag_x = self._diagnostic_images()
 
@@ -426,18 +449,8 @@ class Trainer:
                      "nonfinite_total": self.nonfinite_total, "rng": rng_meta, "train_config": config_dict(self.cfg)}
             model = unwrap(self.raw["model"])
 
-            def write_model(d: Path) -> None:
-                from ..hub import CONFIG_NAME, WEIGHTS_NAME
-                from safetensors.torch import save_file
-
-                from .. import __version__
-                from ..config import config_to_dict
-
-                meta = {"model_type": model.model_type, "hieratok_version": __version__, **config_to_dict(model.config)}
-                (d / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-                save_file(model_sd, str(d / WEIGHTS_NAME))
-
-            path = save_checkpoint(self.run_dir, self.step, model_dir_writer=write_model, weights=extra,
+            path = save_checkpoint(self.run_dir, self.step,
+                                   model_dir_writer=lambda d: write_model_dir(d, model, model_sd), weights=extra,
                                    optim_tensors=tensors, state=state, keep_last=self.cfg.keep_last)
             log.info("saved checkpoint %s", path)
         barrier()
@@ -474,13 +487,9 @@ class Trainer:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        from ..hub import WEIGHTS_NAME
-
         state, tensors = load_checkpoint_files(ckpt)
         model = unwrap(self.raw["model"])
         saved = model.read_config(ckpt)
-        from ..config import architecture_diff, settings_diff
-
         diff = architecture_diff(saved, model.config)
         if diff:
             raise ValueError(f"{ckpt} is from another model configuration: {diff}")
@@ -499,8 +508,8 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         for k, m in self.task.state_modules().items():
             m.load_state_dict(load_file(str(Path(ckpt) / f"{k}.safetensors")))
-        if self.ema is not None and (Path(ckpt) / "ema.safetensors").is_file():
-            self.ema.load_full_state_dict(unwrap(self.wrapped["model"]), load_file(str(Path(ckpt) / "ema.safetensors")),
+        if self.ema is not None and (Path(ckpt) / EMA_NAME).is_file():
+            self.ema.load_full_state_dict(unwrap(self.wrapped["model"]), load_file(str(Path(ckpt) / EMA_NAME)),
                                           state["ema_updates"])
         elif self.ema is not None:
             log.info("%s has no EMA weights: the EMA starts from its model weights", ckpt)
@@ -556,10 +565,16 @@ class Trainer:
         t0, imgs, diag_s = time.perf_counter(), 0, 0.0
         for m in self.wrapped.values():
             m.train()
+        threads_before = torch.get_num_threads()
+        if self.threads is not None:
+            self.threads.apply()
         try:
             while self.step < end:
+                t_step = time.perf_counter()
                 batch = self.next_batch()
                 logs, ctx = self.train_step(batch)
+                if self.threads is not None:
+                    self.threads.step_done(time.perf_counter() - t_step)
                 if "skipped" in logs:
                     self.nonfinite_total += 1
                     self.nonfinite_run += 1
@@ -586,6 +601,7 @@ class Trainer:
                     dt = time.perf_counter() - t0 - diag_s  # training throughput: diagnostics time left out
                     row["img_per_s"] = imgs / max(dt, 1e-9)
                     row["nonfinite_total"] = float(self.nonfinite_total)
+                    row["threads"] = float(torch.get_num_threads())
                     acc, t0, imgs, diag_s = {}, time.perf_counter(), 0, 0.0
                 if c.diag_every > 0 and (self.step % c.diag_every == 0 or self.step == c.steps):
                     t_diag = time.perf_counter()
@@ -603,6 +619,7 @@ class Trainer:
                 if c.ckpt_every > 0 and self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.save()
         finally:
+            torch.set_num_threads(threads_before)
             if bar is not None:
                 bar.close()
             logger.close()

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from hieratok.train import checkpoint
-from hieratok.train.checkpoint import STATE_NAME, latest_checkpoint, load_checkpoint_files, save_checkpoint
+from hieratok import checkpoint
+from hieratok.checkpoint import STATE_NAME, latest_checkpoint, load_checkpoint_files, save_checkpoint
 
 
 def _save(run, step, value):

@@ -1,0 +1,93 @@
+"""Every saved model family by the ``model_type`` of its ``config.json``, and one loader for all.
+
+A saved model is a folder with ``config.json`` and ``model.safetensors`` (:mod:`hieratok.hub`); a
+training checkpoint is such a folder with ``ema.safetensors`` and ``trainer_state.json`` beside
+them (:mod:`hieratok.checkpoint`); a run folder holds checkpoints. :func:`load_model` takes any of
+the three (or a Hub repo id), builds the class registered for the folder's ``model_type`` and
+loads the EMA weights when there are some. A new model family adds one entry to
+:data:`MODEL_TYPES` (its class must use :class:`~hieratok.hub.PretrainedMixin`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .checkpoint import STATE_NAME, latest_checkpoint
+from .hub import CONFIG_NAME, EMA_NAME, load_ema_weights, model_type_of, read_json, resolve_pretrained_dir
+
+__all__ = ["MODEL_TYPES", "TOKENIZERS", "GENERATORS", "model_class", "resolve_model_dir", "load_model"]
+
+log = logging.getLogger(__name__)
+
+# model_type -> (module, class); imported when a folder of that type is loaded
+MODEL_TYPES: dict[str, tuple[str, str]] = {
+    "hieratok": ("hieratok.tokenizers.hieratok", "HieraTok"),
+    "restok": ("hieratok.tokenizers.restok", "ResTok"),
+    "dit": ("hieratok.generators.dit", "DiT"),
+    "llamagen-gpt": ("hieratok.generators.llamagen", "GPT"),
+}
+TOKENIZERS = ("hieratok", "restok")
+GENERATORS = ("dit", "llamagen-gpt")
+
+
+def model_class(model_type: str) -> Any:
+    """The class registered for ``model_type``; ValueError naming the known types otherwise."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
+    module, name = MODEL_TYPES[model_type]
+    cls = getattr(importlib.import_module(module), name)
+    assert cls.model_type == model_type, f"{module}.{name}.model_type is {cls.model_type!r}, registered as {model_type!r}"
+    return cls
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A folder with ``config.json``: ``path`` itself, the latest complete checkpoint of a run
+    folder, or a Hub repo id resolved from the local cache."""
+    p = Path(path).expanduser()
+    if (p / CONFIG_NAME).is_file():
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        return ckpt
+    if p.is_dir():
+        raise FileNotFoundError(f"{p}: neither a model folder (no {CONFIG_NAME}) nor a run with checkpoints/")
+    try:
+        return resolve_pretrained_dir(path, None, None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such run, checkpoint or model folder") from None
+
+
+def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu",
+               expect: Optional[Sequence[str]] = None, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    """Load any saved model in eval mode: a model folder, a training checkpoint, a run folder
+    (its latest checkpoint) or a cached Hub repo id.
+
+    Args:
+        ema: use a checkpoint's EMA weights when it has them.
+        expect: the model types the caller can use (e.g. :data:`TOKENIZERS`); another type is a
+            ValueError naming both.
+        overrides: runtime config fields (e.g. ``attn_backend="reference"``), as ``from_pretrained``.
+
+    Returns:
+        ``(model, info)``, ``info = {"model_dir", "model_type", "weights": "ema" | "model",
+        "train_config"}`` (the training config recorded in a checkpoint, else ``{}``).
+    """
+    d = resolve_model_dir(path)
+    kind = model_type_of(d)
+    if expect is not None and kind not in expect:
+        raise ValueError(f"{d}: model_type {kind!r} is not one of {list(expect)}")
+    model = model_class(kind).from_pretrained(d, **overrides)
+    weights = "model"
+    if ema and (d / EMA_NAME).is_file():
+        load_ema_weights(model, d / EMA_NAME)
+        weights = "ema"
+    train_config = read_json(d / STATE_NAME).get("train_config", {}) if (d / STATE_NAME).is_file() else {}
+    log.info("%s %s (%s weights)", kind, d, weights)
+    return model.to(device).eval(), {"model_dir": str(d), "model_type": kind, "weights": weights,
+                                     "train_config": train_config}
