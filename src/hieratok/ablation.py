@@ -445,7 +445,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
         left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
         # plus once: loading Inception and the held-out originals' features (cached for every later run;
         # measured: the first evaluation takes about twice as long as the others)
-        left -= (c.seeds * len(variants) + 1) * _eval_estimate_s(c)
+        left -= (c.seeds * len(variants) + 1) * _eval_estimate_s(c, threads)
         steps = max(1, int(left / (c.seeds * round_s)))
         log.info("%.2f s per step for one seed of all variants: %d steps per run fit %d seeds in %.1f minutes",
                  round_s, steps, c.seeds, c.minutes)
@@ -540,11 +540,14 @@ def load_notes(info: dict[str, Any], results: dict[str, dict[int, dict[str, Any]
     return notes
 
 
-def _eval_estimate_s(c: AblationConfig) -> float:
+def _eval_estimate_s(c: AblationConfig, threads: int) -> float:
     """A rough time for one run's evaluation (held-out crops through the model, Inception on the
-    reconstructions, t-SNE): measured 31-33 s for the demo's runs on one core of a busy 2-core machine."""
+    reconstructions, t-SNE). Measured for the demo's runs (96 crops, AMD EPYC): 19 s with 2 threads on
+    an idle machine, 31-40 s with 1 thread beside a busy core; the first evaluation of a plan about
+    twice that (loading, the held-out originals' features)."""
     n = 3 * c.eval_crops_per_photo if c.eval_data is None else 500
-    return 2.0 + n * (0.25 if c.kid else 0.02) + (8.0 * c.tsne_runs if c.uniformity else 0.0)
+    two_threads = 2.0 + n * (0.1 if c.kid else 0.02) + (8.0 * c.tsne_runs if c.uniformity else 0.0)
+    return two_threads * 2 / min(2, max(1, threads))
 
 
 # ---- the report ------------------------------------------------------------------------------------
