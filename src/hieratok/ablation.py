@@ -35,6 +35,7 @@ from .config import settings_diff
 from .hub import write_atomic
 from .machine import cpu_model
 from .tokenizers import HieraTok
+from .train.threads import ThreadGovernor, thread_candidates
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -156,8 +157,6 @@ def choose_threads(step: Callable[[], None], candidates: tuple[int, ...], repeat
     measured smallest first by a :class:`~hieratok.train.threads.ThreadGovernor`: a count that
     stalls (another process holds a core) is given up after one slow step.
     """
-    from .train.threads import ThreadGovernor
-
     before = torch.get_num_threads()
     g = ThreadGovernor(candidates, probe_steps=repeats)
     g.apply()
@@ -167,12 +166,6 @@ def choose_threads(step: Callable[[], None], candidates: tuple[int, ...], repeat
         g.step_done(time.perf_counter() - t0)
     torch.set_num_threads(before)
     return g.current, dict(g.speed)
-
-
-def _thread_candidates() -> tuple[int, ...]:
-    import os
-
-    return tuple(sorted({1, max(1, min(os.cpu_count() or 1, torch.get_num_threads()))}))
 
 
 def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[dict[str, float], int, dict[int, float]]:
@@ -185,7 +178,7 @@ def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[d
         t = Trainer(_train_config(c, v, 0, 10**6, tmp / v.name))
         t.fit(max_steps=2)  # allocation and lazy initialisation
         if i == 0 and threads is None:
-            threads, timings = choose_threads(lambda: t.fit(max_steps=1), _thread_candidates())
+            threads, timings = choose_threads(lambda: t.fit(max_steps=1), thread_candidates())
             log.info("threads: %s s per step -> using %d", {k: round(s, 3) for k, s in timings.items()}, threads)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -427,8 +420,6 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
 
     from .metrics import InceptionFeatures
     from .train import Trainer
-    from .train.threads import ThreadGovernor
-
     t_start = time.perf_counter() if t_start is None else t_start
     variants = [parse_variant(s, c.preset) for s in c.variants]
     out, old = _prepare_out(c)
@@ -453,7 +444,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
             log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
     torch.set_num_threads(threads)
     # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
-    governor = None if c.threads is not None else ThreadGovernor(_thread_candidates(), speeds=timings or None)
+    governor = None if c.threads is not None else ThreadGovernor(thread_candidates(), speeds=timings or None)
     _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads})
     inception = _CachedInception(InceptionFeatures()) if c.kid else None
     results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}

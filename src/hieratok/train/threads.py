@@ -17,9 +17,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["ThreadGovernor"]
+__all__ = ["ThreadGovernor", "thread_candidates"]
 
 log = logging.getLogger(__name__)
+
+
+def thread_candidates() -> tuple[int, ...]:
+    """One thread and all the cores torch may use (the two counts worth comparing on a CPU)."""
+    import os
+
+    return tuple(sorted({1, max(1, min(os.cpu_count() or 1, torch.get_num_threads()))}))
 
 
 class ThreadGovernor:

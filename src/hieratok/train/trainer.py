@@ -55,7 +55,7 @@ from .parallel import (
     wrap_model,
 )
 from .tasks import Phase, build_task, param_groups
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, thread_candidates
 
 __all__ = ["Trainer", "lr_at", "NonFiniteLossError", "check_run_dir", "RUN_FILES"]
 
@@ -226,7 +226,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.threads: Optional[ThreadGovernor] = None  # replaceable, e.g. by one shared across runs
         if cfg.adapt_threads and dev.type == "cpu" and not self.dist.distributed and torch.get_num_threads() > 1:
-            self.threads = ThreadGovernor((1, torch.get_num_threads()))
+            self.threads = ThreadGovernor(thread_candidates())
         self._build_data()
         self.diag_x = self._diagnostic_images()
 
