@@ -30,15 +30,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine_info, print_table, wait_for_quiet, write_json  # noqa: E402
 
-from hieratok.nn import ATTENTION_MODES, allowed_fraction, dense_mask, mask_mod  # noqa: E402
-from hieratok.nn.attention import attention, attention_reference, segment_mask  # noqa: E402
+from hieratok.nn import ATTENTION_MODES, MaskSpec  # noqa: E402
+from hieratok.nn.attention import attention, attention_reference, resolve_mask  # noqa: E402
 
 
 def variants(mode: str, scales: list[int], device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     """name -> fn(q, k, v) for one mode."""
-    m = dense_mask(mode, scales, device)
-    seg = segment_mask(m)
-    assert seg is not None, "the scale masks always have a segmented form"  # (85 masked + 256 unmasked queries)
+    spec = MaskSpec.for_scales(mode, scales)
+    m = spec.dense(device)
+    seg = resolve_mask(spec, "sdpa", device)  # (85 masked + 256 unmasked queries; None for full)
     bias = torch.zeros(m.shape, device=device).masked_fill(~m, float("-inf"))
     out: dict[str, Callable[..., torch.Tensor]] = {
         "reference": lambda q, k, v: attention_reference(q, k, v, m),
@@ -50,7 +50,7 @@ def variants(mode: str, scales: list[int], device: torch.device) -> dict[str, Ca
         from torch.nn.attention.flex_attention import create_block_mask
 
         L = m.shape[0]
-        bm = create_block_mask(mask_mod(mode, scales, device), None, None, L, L, device=device)
+        bm = create_block_mask(spec.mask_mod(device), None, None, L, L, device=device)
         out["flex"] = lambda q, k, v: attention(q, k, v, bm, "flex")
     return out
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> l
     for mode in ATTENTION_MODES:  # every variant of every mode in one interleaved run
         fns = variants(mode, args.scales, device)
         with torch.inference_mode():
-            ref = attention_reference(q.double(), k.double(), v.double(), dense_mask(mode, args.scales, device))
+            ref = attention_reference(q.double(), k.double(), v.double(), MaskSpec.for_scales(mode, args.scales).dense(device))
             errs.update({(mode, n): (fn(q, k, v).double() - ref).abs().max().item() for n, fn in fns.items()})
         timed.update({f"{mode}|{n}|fwd": fwd(fn) for n, fn in fns.items()})
         if args.backward:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> l
 
     rows = []
     for (mode, n), err in errs.items():
-        row: dict[str, Any] = {"mode": mode, "variant": n, "allowed": allowed_fraction(mode, args.scales), "max_abs_err": err}
+        row: dict[str, Any] = {"mode": mode, "variant": n, "allowed": MaskSpec.for_scales(mode, args.scales).allowed_fraction(), "max_abs_err": err}
         for part in ("fwd", "fwd+bwd"):
             key = f"{mode}|{n}|{part}"
             if key in res:

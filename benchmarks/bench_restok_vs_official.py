@@ -54,7 +54,7 @@ sides use the release's CFG "step" schedule as its published sampling script
 (``autoregressive/sample/sample_c2i_ddp_cfg_search.py``) runs it: for the HAR generator the
 script puts ``num_steps = a + log2(N) - log2(a)`` (9) into the schedule kwargs, so the ratio of
 pass g is ``g / (num_steps - 1)``; for the plain next-token generator it sets no ``num_steps``
-(ours: ``cfg_schedule="step-release"``, :func:`hieratok.generators.har.release_step_scales`; the
+(ours: ``cfg_schedule="step-release"``, :func:`hieratok.generators.autoregressive.release_step_scales`; the
 unguided scale is ``min_cfg_scale + 1e-4``). The script records the scale their sampler used at
 every forward pass (by wrapping their ``step_schedule``) and checks that ours used the same.
 
@@ -83,7 +83,7 @@ from _common import Samples, machine_info, print_table, time_once, wait_for_quie
 
 from hieratok.convert.llamagen import convert_llamagen_state_dict  # noqa: E402
 from hieratok.convert.restok import convert_restok_checkpoint, infer_restok_config  # noqa: E402
-from hieratok.generators.har import ar_layout, har_layout, sample_layout  # noqa: E402
+from hieratok.generators.autoregressive import ar_layout, har_layout, sample_layout  # noqa: E402
 from hieratok.generators.llamagen import GPT, GPTConfig  # noqa: E402
 from hieratok.tokenizers.restok import ResTok  # noqa: E402
 

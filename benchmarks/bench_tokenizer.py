@@ -65,10 +65,7 @@ def build_vae() -> torch.nn.Module:
 
 def set_fast_paths(model: HieraTok, enabled: bool) -> None:
     """Switch the fast paths of hieratok.nn (segmented masks, in-place GELU) on or off."""
-    for blocks in (model.encoder.blocks, model.decoder.blocks):
-        blocks.segment_masks = enabled
-        for blk in blocks.blocks:
-            blk.mlp.inplace_act = enabled
+    model.set_fast_paths(enabled)
 
 
 class Coder:

@@ -55,7 +55,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = HieraTok.from_preset(a.preset, attn_backend=a.backend).to(dev)
     if a.reference_paths:
-        model.encoder.blocks.segment_masks = model.decoder.blocks.segment_masks = False
+        model.set_fast_paths(False)
     fwd_flops = count_flops(model)["total"]
     model.train()
     loss_fn = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, perceptual_kind="none"),

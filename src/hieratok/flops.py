@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .nn.masks import allowed_fraction
+from .nn.masks import MaskSpec
 
 __all__ = ["param_counts", "count_flops", "model_info"]
 
@@ -64,7 +64,7 @@ def model_info(model: Any) -> dict[str, Any]:
         "decoder_tokens": cfg.decoder_tokens,
         "scales": list(cfg.scales),
         "attention": cfg.attention,
-        "attention_allowed_fraction": allowed_fraction(cfg.attention, cfg.scales),
+        "attention_allowed_fraction": MaskSpec.for_scales(cfg.attention, cfg.scales).allowed_fraction(),
         "downsample": cfg.downsample if cfg.multiscale else None,
         "latent_shape": [cfg.latent_channels, cfg.grid, cfg.grid],
     }

@@ -112,7 +112,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     if all_scales and len(tok.output_sides()) < 2:
         raise ValueError("--all-scales needs a multi-scale tokenizer")
     if info["model_type"] != "dit":  # a GPT over codes: N is the code count of the ResTok that decodes them
-        from .generators.har import ARObjective, sample_layout
+        from .generators.autoregressive import ARObjective, sample_layout
 
         if tok.codebook_size is None:
             raise ValueError(f"{tok_path}: a GPT generator samples codes, which only a discrete tokenizer (ResTok) decodes")

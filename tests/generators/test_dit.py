@@ -158,6 +158,11 @@ def test_attention_backends_and_checkpointing_parity(gen):
     m.set_attn_backend("reference")
     torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-5)
     assert m.config.attn_backend == "reference"
+    if hasattr(torch.nn.attention, "flex_attention"):  # full attention: FlexAttention without a block mask
+        m.set_attn_backend("flex")
+        with torch.no_grad():  # FlexAttention has no backward on CPU
+            torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-5)
+        m.set_attn_backend("reference")
     m.train().set_grad_checkpointing(True)
     drop = torch.zeros(3, dtype=torch.bool)
     out = m(x, t, y, drop_labels=drop)

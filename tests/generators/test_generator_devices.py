@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hieratok.distributions import DiagonalGaussian
-from hieratok.generators.har import sample_logits
+from hieratok.generators.autoregressive import sample_logits
 from hieratok.generators.llamagen import GPT
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from hieratok.nn.attention import Attention, attention, attention_reference
-from hieratok.nn.masks import dense_mask, mask_mod
-from hieratok.nn.vit import Transformer
+from hieratok.nn.masks import MaskSpec
+from hieratok.nn.transformer import Transformer, set_attention_backend
 
 SCALES = (1, 2, 4, 8)  # 85 tokens
 
@@ -15,7 +15,7 @@ def _qkv(gen, L=85, B=2, H=3, K=16, dtype=torch.float32):
 @pytest.mark.parametrize("mode", ["scale_causal", "scale_independent", "full"])
 def test_reference_matches_float64_loop(gen, mode):
     q, k, v = _qkv(gen, dtype=torch.float64)
-    m = dense_mask(mode, SCALES)
+    m = MaskSpec.for_scales(mode, SCALES).dense()
     out = attention_reference(q, k, v, m)
     # independent per-query loop over the allowed keys only
     for i in [0, 3, 20, 84]:
@@ -27,7 +27,7 @@ def test_reference_matches_float64_loop(gen, mode):
 @pytest.mark.parametrize("mode", ["scale_causal", "scale_independent", "full"])
 def test_sdpa_matches_reference(gen, mode):
     q, k, v = _qkv(gen)
-    m = dense_mask(mode, SCALES)
+    m = MaskSpec.for_scales(mode, SCALES).dense()
     ref = attention_reference(q.double(), k.double(), v.double(), m)
     out = attention(q, k, v, m if mode != "full" else None, "sdpa")
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
@@ -39,9 +39,9 @@ def test_flex_matches_reference(gen, mode):
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     q, k, v = _qkv(gen)
     L = q.shape[2]
-    bm = flex.create_block_mask(mask_mod(mode, SCALES), None, None, L, L, device="cpu")
+    bm = flex.create_block_mask(MaskSpec.for_scales(mode, SCALES).mask_mod(), None, None, L, L, device="cpu")
     out = attention(q, k, v, bm, "flex")  # eager FlexAttention on CPU: slow but exact
-    ref = attention_reference(q.double(), k.double(), v.double(), dense_mask(mode, SCALES))
+    ref = attention_reference(q.double(), k.double(), v.double(), MaskSpec.for_scales(mode, SCALES).dense())
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
 
@@ -49,7 +49,7 @@ def test_module_backends_agree_forward_and_backward(gen):
     torch.manual_seed(0)
     attn = Attention(48, 3)
     x = torch.randn(2, 85, 48, generator=gen)
-    m = dense_mask("scale_causal", SCALES)
+    m = MaskSpec.for_scales("scale_causal", SCALES)
     outs, grads = [], []
     for backend in ["reference", "sdpa"]:
         attn.backend = backend
@@ -73,7 +73,7 @@ def test_grad_checkpointing_same_gradients(gen):
     net = Transformer(depth=3, dim=32, num_heads=4, drop_path=0.2)
     net.train()
     x = torch.randn(2, 21, 32, generator=gen)
-    m = dense_mask("scale_causal", (1, 2, 4))
+    m = MaskSpec.for_scales("scale_causal", (1, 2, 4))
     calls, attn_forward = [], net.blocks[0].attn.forward
     net.blocks[0].attn.forward = lambda *a, **k: calls.append(1) or attn_forward(*a, **k)
     res, runs = [], []
@@ -100,5 +100,5 @@ def test_per_sample_masks_bypass_segmentation(gen):
         for b in range(2):  # each sample alone with its own 2-d mask (which is segmented)
             torch.testing.assert_close(out[b:b + 1], net(x[b:b + 1], m4[b, 0]), atol=1e-6, rtol=1e-5)
     with pytest.raises(TypeError, match="takes a BlockMask"):
-        net.set_backend("flex")
+        set_attention_backend(net, "flex")
         net(x, m4[0, 0])

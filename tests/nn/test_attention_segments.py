@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from hieratok.nn.attention import MaskSegment, SegmentedMask, attention, attention_reference, segment_mask
-from hieratok.nn.masks import dense_mask
-from hieratok.nn.vit import Mlp, Transformer
+from hieratok.nn.attention import SegmentedMask, attention, attention_reference, resolve_mask
+from hieratok.nn.masks import MaskSpec
+from hieratok.nn.mlp import Mlp
+from hieratok.nn.transformer import Transformer, set_fast_paths
 
 MODES = ["scale_causal", "scale_independent", "full"]
-SCALE_SETS = [(1, 2, 4, 8), (1, 2, 4, 8, 16), (1, 3, 5), (2, 4, 6, 12)]
 
 
 def _rebuild(seg: SegmentedMask) -> torch.Tensor:
@@ -23,47 +23,36 @@ def _rebuild(seg: SegmentedMask) -> torch.Tensor:
     return out
 
 
-def _random_mask(gen: torch.Generator, L: int) -> torch.Tensor:
-    m = torch.rand(L, L, generator=gen) < 0.3
-    return m | torch.eye(L, dtype=torch.bool)  # no empty rows
+def _sdpa_form(spec, q0=0, q1=None):
+    return resolve_mask(spec, "sdpa", "cpu", q0, q1)
 
 
-@pytest.mark.parametrize("scales", SCALE_SETS)
-@pytest.mark.parametrize("mode", MODES)
-def test_segments_describe_the_mask_exactly(mode, scales):
-    m = dense_mask(mode, scales)
-    seg = segment_mask(m)
-    assert seg is not None
-    assert torch.equal(_rebuild(seg), m)
+@pytest.mark.parametrize("scales", [(1, 2, 4, 8), (1, 2, 4, 8, 16), (1, 3, 5), (2, 4, 6, 12)])
+@pytest.mark.parametrize("mode", ["scale_causal", "scale_independent"])
+def test_segmented_form_describes_the_mask_exactly(mode, scales):
+    spec = MaskSpec.for_scales(mode, scales)
+    seg = _sdpa_form(spec)
+    assert isinstance(seg, SegmentedMask)
+    assert torch.equal(seg.dense, spec.dense()) and torch.equal(_rebuild(seg), spec.dense())
+    L = spec.length
+    rows = _sdpa_form(spec, 1, L)  # the rows of a last layer that computes only some queries
+    assert torch.equal(_rebuild(rows), spec.dense()[1:])
 
 
-def test_segments_of_the_paper_scale_masks():
-    L, fine = 341, 256
-    causal = segment_mask(dense_mask("scale_causal", (1, 2, 4, 8, 16)))
-    indep = segment_mask(dense_mask("scale_independent", (1, 2, 4, 8, 16)))
-    full = segment_mask(dense_mask("full", (1, 2, 4, 8, 16)))
-    # the finest scale's queries (3/4 of them) attend to their keys without any mask
-    assert causal.segments[-1][:4] == (L - fine, L, 0, L) and causal.segments[-1].mask is None
-    assert indep.segments[-1][:4] == (L - fine, L, L - fine, L) and indep.segments[-1].mask is None
-    assert len(causal.segments) == len(indep.segments) == 2
-    assert full.segments == (MaskSegment(0, L, 0, L, None),)
-    pairs = sum((s.q1 - s.q0) * (s.k1 - s.k0) for s in causal.segments)
-    assert pairs / L ** 2 == pytest.approx(0.813, abs=1e-3)
-
-
-def test_segment_mask_general_masks(gen):
-    m = _random_mask(gen, 300)
-    seg = segment_mask(m)
-    assert seg is not None and torch.equal(_rebuild(seg), m)
-    causal = torch.ones(1024, 1024, dtype=torch.bool).tril()
-    seg = segment_mask(causal)
-    assert len(seg.segments) == 8 and torch.equal(_rebuild(seg), causal)
-    assert segment_mask(torch.ones(4000, 4000, dtype=torch.bool).tril()) is None  # too many segments
-    empty_row = dense_mask("scale_causal", (1, 2, 4)).clone()
-    empty_row[3] = False
-    assert segment_mask(empty_row) is None
-    with pytest.raises(ValueError, match="2-d bool mask"):
-        segment_mask(torch.zeros(4, 4))
+def test_resolved_forms_per_backend_and_rows():
+    spec = MaskSpec.for_scales("scale_causal", (1, 2, 4))
+    assert _sdpa_form(spec) is _sdpa_form(spec)  # built once per spec, backend, device and rows
+    dense = resolve_mask(spec, "sdpa", "cpu", segmented=False)  # the reference path: the dense tensor
+    assert isinstance(dense, torch.Tensor) and torch.equal(dense, spec.dense())
+    assert torch.equal(resolve_mask(spec, "reference", "cpu"), spec.dense())
+    assert resolve_mask(spec, "sdpa", "cpu", 5, 21) is None  # the finest scale sees every key: no mask
+    assert resolve_mask(MaskSpec.for_scales("full", (1, 2, 4)), "reference", "cpu") is None
+    meta = resolve_mask(spec, "sdpa", "meta")  # structure only: works without data
+    assert isinstance(meta, SegmentedMask) and meta.dense.is_meta
+    causal = resolve_mask(MaskSpec.causal(4000), "sdpa", "cpu")
+    assert isinstance(causal, torch.Tensor)  # more than 16 segments: one dense masked call
+    m = torch.ones(3, 3, dtype=torch.bool)
+    assert resolve_mask(m, "sdpa", "cpu") is m and resolve_mask(None, "sdpa", "cpu") is None
 
 
 def _qkv(gen, L, B=2, H=3, K=16, requires_grad=False):
@@ -74,27 +63,29 @@ def _qkv(gen, L, B=2, H=3, K=16, requires_grad=False):
 @pytest.mark.parametrize("scales", [(1, 2, 4, 8), (1, 2, 4, 8, 16), (1, 3, 5)])
 @pytest.mark.parametrize("mode", MODES)
 def test_segmented_sdpa_matches_reference(gen, mode, scales):
-    m = dense_mask(mode, scales)
+    spec = MaskSpec.for_scales(mode, scales)
+    m = spec.dense()
     _, (q, k, v) = _qkv(gen, m.shape[0])
     ref = attention_reference(q.double(), k.double(), v.double(), m)
-    fast = attention(q, k, v, segment_mask(m), "sdpa")
+    fast = attention(q, k, v, _sdpa_form(spec), "sdpa")
     dense = attention(q, k, v, m, "sdpa")
     assert fast.shape == ref.shape
     assert (fast.double() - ref).abs().max() < 1e-5
     torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)
 
 
-def test_segmented_sdpa_random_mask(gen):
-    m = _random_mask(gen, 300)
-    _, (q, k, v) = _qkv(gen, 300)
-    ref = attention_reference(q.double(), k.double(), v.double(), m)
-    assert (attention(q, k, v, segment_mask(m), "sdpa").double() - ref).abs().max() < 1e-5
+def test_segmented_sdpa_on_block_sizes_of_a_restok_encoder(gen):
+    spec = MaskSpec((16, 32, 1, 1, 2, 4, 8, 16))
+    _, (q, k, v) = _qkv(gen, spec.length)
+    ref = attention_reference(q.double(), k.double(), v.double(), spec.dense())
+    assert (attention(q, k, v, _sdpa_form(spec), "sdpa").double() - ref).abs().max() < 1e-5
 
 
 def test_segmented_backward_matches_dense(gen):
-    m = dense_mask("scale_causal", (1, 2, 4, 8, 16))
+    spec = MaskSpec.for_scales("scale_causal", (1, 2, 4, 8, 16))
+    m = spec.dense()
     grads = []
-    for mask in (segment_mask(m), m):
+    for mask in (_sdpa_form(spec), m):
         torch.manual_seed(0)
         qkv, (q, k, v) = _qkv(torch.Generator().manual_seed(1), m.shape[0], requires_grad=True)
         out = attention(q, k, v, mask, "sdpa")
@@ -104,20 +95,21 @@ def test_segmented_backward_matches_dense(gen):
 
 
 def test_non_sdpa_backends_read_the_dense_form(gen):
-    m = dense_mask("scale_causal", (1, 2, 4))
+    spec = MaskSpec.for_scales("scale_causal", (1, 2, 4))
+    m = spec.dense()
     _, (q, k, v) = _qkv(gen, m.shape[0])
-    torch.testing.assert_close(attention(q, k, v, segment_mask(m), "reference"), attention_reference(q, k, v, m))
+    torch.testing.assert_close(attention(q, k, v, _sdpa_form(spec), "reference"), attention_reference(q, k, v, m))
 
 
 @pytest.mark.parametrize("mode", ["scale_causal", "scale_independent"])
 def test_transformer_fast_path_matches_reference_path(gen, mode):
     torch.manual_seed(0)
     net = Transformer(depth=2, dim=32, num_heads=4)
-    m = dense_mask(mode, (1, 2, 4, 8))
-    x = torch.randn(2, m.shape[0], 32, generator=gen)
+    m = MaskSpec.for_scales(mode, (1, 2, 4, 8))
+    x = torch.randn(2, m.length, 32, generator=gen)
     outs, grads = [], []
     for fast in (True, False):
-        net.segment_masks = fast
+        set_fast_paths(net, fast)
         net.zero_grad()
         xi = x.clone().requires_grad_(True)
         y = net(xi, m)
@@ -127,21 +119,6 @@ def test_transformer_fast_path_matches_reference_path(gen, mode):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_transformer_caches_segments_per_mask_object():
-    net = Transformer(depth=1, dim=16, num_heads=2)
-    m = dense_mask("scale_causal", (1, 2, 4))
-    first = net._block_mask(m)
-    assert isinstance(first, SegmentedMask) and net._block_mask(m) is first
-    other = dense_mask("scale_independent", (1, 2, 4))
-    assert torch.equal(net._block_mask(other).dense, other)
-    net.segment_masks = False
-    assert net._block_mask(m) is m
-    assert net._block_mask(None) is None
-    meta = dense_mask("scale_causal", (1, 2, 4)).to("meta")
-    net.segment_masks = True
-    assert net._block_mask(meta) is meta  # nothing to analyse on the meta device
 
 
 def test_inplace_gelu_matches_reference(gen):

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..generators.har import har_layout
+from ..generators.autoregressive import har_layout
 from ..generators.llamagen import GPT, GPTConfig, swiglu_hidden_dim
 from ..hub import meta_shapes, state_dict_problems
 from .checkpoints import checkpoint_file, load_official_state_dict, unwrap_state_dict

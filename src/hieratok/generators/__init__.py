@@ -7,10 +7,7 @@ flow-matching objective, and a LlamaGen GPT with next-token or next-hierarchy (H
     z = sample_latents(model, objective, y_B, cfg_scale=4.0, generator=g)   # tokenizer latents
 """
 
-from .diffusion import GaussianDiffusion, linear_beta_schedule, space_timesteps
-from .dit import DIT_PRESETS, DiT, DiTConfig, count_parameters, sincos_pos_embed_2d, timestep_embedding
-from .flow import FlowMatching
-from .har import (
+from .autoregressive import (
     SequenceLayout,
     ar_layout,
     ar_sample,
@@ -24,9 +21,12 @@ from .har import (
     sequence_loss,
     training_batch,
 )
+from .diffusion import GaussianDiffusion, linear_beta_schedule, space_timesteps
+from .dit import DIT_PRESETS, DiT, DiTConfig, count_parameters, sincos_pos_embed_2d, timestep_embedding
+from .flow import FlowMatching
 from .latents import LatentNormalizer
 from .llamagen import GPT, GPT_PRESETS, GPTConfig, KVCache
-from .sampling import GeneratorObjective, build_process, guided_model_fn, sample_latents, training_loss
+from .objective import GeneratorObjective, build_process, guided_model_fn, sample_latents, training_loss
 
 __all__ = [
     "DiT", "DiTConfig", "DIT_PRESETS", "count_parameters",

@@ -22,11 +22,11 @@ from typing import ClassVar, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
-from ..nn import Attention, PatchEmbed, unpatchify
+from ..nn import Attention, Mlp, PatchEmbed, checkpointed, set_attention_backend, unpatchify
+from ..nn.attention import check_backend
 from ..presets import DIT_PRESETS
 from .latents import LatentNormalizer, rand
 
@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 POS_EMBEDS = ("sincos", "learned")
-DIT_ATTN_BACKENDS = ("sdpa", "reference")  # DiT attends over all tokens: no mask, so no flex path
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -79,8 +78,7 @@ class DiTConfig:
             raise ValueError(f"sin-cos positions need width divisible by 4, got {self.width}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed {self.pos_embed!r} is not one of {POS_EMBEDS}")
-        if self.attn_backend not in DIT_ATTN_BACKENDS:
-            raise ValueError(f"DiT attn_backend {self.attn_backend!r} is not one of {DIT_ATTN_BACKENDS}")
+        check_backend(self.attn_backend)
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.mlp_ratio <= 0:
@@ -185,19 +183,6 @@ def modulate(x_BLD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor
     return x_BLD * (1 + scale_BD.unsqueeze(1)) + shift_BD.unsqueeze(1)
 
 
-class FeedForward(nn.Module):
-    """Linear - GELU(tanh) - Linear, with biases (DiT's MLP)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (DiT section 3.2): the condition c regresses
     shift, scale and a residual gate for both the attention and the MLP branch."""
@@ -208,7 +193,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=norm_eps)
-        self.mlp = FeedForward(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), bias=True, approximate="tanh")  # DiT's MLP
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
@@ -302,11 +287,8 @@ class DiT(PretrainedMixin, nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` ("sdpa" or "reference")."""
-        if backend not in DIT_ATTN_BACKENDS:
-            raise ValueError(f"DiT attn_backend {backend!r} is not one of {DIT_ATTN_BACKENDS}")
-        self.config = dataclasses.replace(self.config, attn_backend=backend)
-        for blk in self.blocks:
-            blk.attn.backend = backend
+        self.config = dataclasses.replace(self.config, attn_backend=check_backend(backend))
+        set_attention_backend(self, backend)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute DiT blocks in the backward pass (less memory, same gradients)."""
@@ -364,10 +346,7 @@ class DiT(PretrainedMixin, nn.Module):
         x_BLD = self.x_embedder(x_BCHW) + self.pos_embed.to(x_BCHW.dtype)
         c_BD = self.t_embedder(t_B) + self.y_embedder(y_B, drop_labels)
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x_BLD = checkpoint(blk, x_BLD, c_BD, use_reentrant=False)
-            else:
-                x_BLD = blk(x_BLD, c_BD)
+            x_BLD = checkpointed(self.grad_checkpointing and self.training, blk, x_BLD, c_BD)
         x_BLK = self.final_layer(x_BLD, c_BD)  # (B, L, p*p*C_out)
         return unpatchify(x_BLK, c.grid, c.patch_size, c.out_channels)
 

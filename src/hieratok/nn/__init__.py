@@ -1,14 +1,16 @@
-"""Reusable neural-network blocks: attention, masks, positional embeddings, patching, ViT blocks."""
+"""The building blocks: one transformer toolkit (attention, structural masks, RoPE, MLPs, norms,
+block stacks), patching, positional embeddings, convolutional auto-encoder parts."""
 
-from .attention import ATTENTION_BACKENDS, Attention, attention_reference
-from .masks import ATTENTION_MODES, allowed_fraction, dense_mask, mask_mod, scale_ids
-from .norm import LayerNorm2d
+from .attention import ATTENTION_BACKENDS, Attention, KVCache, attention_reference, resolve_mask
+from .masks import ATTENTION_MODES, MaskSpec
+from .mlp import Mlp, SwiGLU
+from .norm import LayerNorm2d, RMSNorm
 from .patch import PatchEmbed, unpatchify
 from .pos_embed import MultiScalePosEmbed
-from .vit import Block, DropPath, Mlp, Transformer
+from .transformer import Block, DropPath, Transformer, checkpointed, set_attention_backend, set_fast_paths
 
 __all__ = [
-    "ATTENTION_BACKENDS", "ATTENTION_MODES", "Attention", "attention_reference", "allowed_fraction",
-    "dense_mask", "mask_mod", "scale_ids", "PatchEmbed", "unpatchify", "MultiScalePosEmbed",
-    "Block", "DropPath", "Mlp", "Transformer", "LayerNorm2d",
+    "ATTENTION_BACKENDS", "ATTENTION_MODES", "Attention", "KVCache", "attention_reference", "resolve_mask",
+    "MaskSpec", "Mlp", "SwiGLU", "LayerNorm2d", "RMSNorm", "PatchEmbed", "unpatchify", "MultiScalePosEmbed",
+    "Block", "DropPath", "Transformer", "checkpointed", "set_attention_backend", "set_fast_paths",
 ]

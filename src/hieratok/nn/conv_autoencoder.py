@@ -19,7 +19,7 @@ Parameter names (``conv_in``, ``down.i.block.j.norm1`` ..., ``mid.j``, ``up.i.up
 ``norm_out``, ``conv_out``) follow the taming-transformers convention.
 
 Fast paths, each an attribute whose ``False`` gives the reference path (parity tests in
-tests/restok/test_conv_fast_paths.py):
+tests/nn/test_conv_fast_paths.py):
 
 - ``ConvEncoder.channels_last`` / ``ConvDecoder.channels_last``: on CPU the convolutions run on
   channels-last tensors (oneDNN's native layout, about 20% faster there); outputs come back in

@@ -19,7 +19,7 @@ stored in float32; :func:`apply_rope` rotates in float32 and returns the input d
 Fast path: for float32 / float64 inputs whose channel pairs sit next to each other in memory,
 :func:`apply_rope` multiplies the pairs, viewed as complex numbers, by ``cos + i sin`` (one pass
 over the input instead of a copy, six elementwise ops and a stack);
-:func:`apply_rope_reference` is the plain real-arithmetic path (parity: tests/restok/test_restok_fast_paths.py).
+:func:`apply_rope_reference` is the plain real-arithmetic path (parity: tests/nn/test_rope.py).
 
 Legend: L tokens, K head dim, A position axes, B batch, H heads.
 """
@@ -38,33 +38,38 @@ __all__ = [
 Table = tuple[torch.Tensor, torch.Tensor]
 
 
-def rope_frequencies(dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """``omega_i = theta^(-2i/dim)`` for i in [0, dim/2), float64, shape (dim/2,)."""
+def rope_frequencies(dim: int, theta: float = 10000.0, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``omega_i = 1 / theta^(2i/dim)`` for i in [0, dim/2), computed in ``dtype``, shape (dim/2,)."""
     if dim < 2 or dim % 2:
         raise ValueError(f"RoPE dim must be a positive even number, got {dim}")
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim)
 
 
-def rope_angles(pos_LA: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (L, sum(axes_dims)/2), float64: axis a rotates its own block of channels.
+def rope_angles(pos_LA: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rotation angles (L, sum(axes_dims)/2) in ``dtype``: axis a rotates its own block of channels.
 
     Args:
         pos_LA: positions (L, A) (or (L,) for one axis), any real dtype.
         axes_dims: channels per axis (each even), e.g. ``[K/2, K/2]`` for 2D RoPE on head dim K.
         theta: RoPE base.
+        dtype: precision of the frequencies and angles (float64 by default; LlamaGen computes
+            them in float32, which its converted weights expect).
     """
-    pos = pos_LA.to(torch.float64)
+    pos = pos_LA.to(dtype)
     if pos.ndim == 1:
         pos = pos[:, None]
     if pos.ndim != 2 or pos.shape[1] != len(axes_dims):
         raise ValueError(f"positions of shape {tuple(pos_LA.shape)} do not match {len(axes_dims)} axes")
-    return torch.cat([pos[:, a:a + 1] * rope_frequencies(d, theta, pos.device)[None, :]
+    return torch.cat([pos[:, a:a + 1] * rope_frequencies(d, theta, pos.device, dtype)[None, :]
                       for a, d in enumerate(axes_dims)], dim=1)
 
 
-def rope_table(pos_LA: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> Table:
-    """``(cos, sin)`` float32 tables (L, K/2) for :func:`apply_rope`."""
-    ang = rope_angles(pos_LA, axes_dims, theta)
+def rope_table(pos_LA: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0,
+               dtype: torch.dtype = torch.float64) -> Table:
+    """``(cos, sin)`` float32 tables (L, K/2) for :func:`apply_rope`, angles computed in ``dtype``."""
+    ang = rope_angles(pos_LA, axes_dims, theta, dtype)
     return ang.cos().float(), ang.sin().float()
 
 

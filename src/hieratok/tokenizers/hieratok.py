@@ -28,11 +28,12 @@ from ..nn import (
     ATTENTION_BACKENDS,
     ATTENTION_MODES,
     LayerNorm2d,
+    MaskSpec,
     MultiScalePosEmbed,
     PatchEmbed,
     Transformer,
-    dense_mask,
-    mask_mod,
+    set_attention_backend,
+    set_fast_paths,
     unpatchify,
 )
 from ..presets import HIERATOK_PRESETS
@@ -281,30 +282,12 @@ class Decoder(nn.Module):
                                   cfg.mlp_bias, cfg.decoder_drop_path, cfg.norm_eps, cfg.attn_backend)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.patch_size * cfg.patch_size * cfg.in_channels)
-        self.backend = cfg.attn_backend
-        self._masks: dict[tuple[str, str], Any] = {}
-
-    def mask(self, device: torch.device) -> Any:
-        """The attention mask for this decoder's backend (None for full attention on sdpa/reference)."""
-        key = (self.backend, str(device))
-        if key not in self._masks:
-            L = sum(s * s for s in self.scales)
-            if self.backend == "flex":
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                self._masks[key] = create_block_mask(mask_mod(self.attention, self.scales, device), None, None, L, L, device=device)
-            else:
-                self._masks[key] = None if self.attention == "full" else dense_mask(self.attention, self.scales, device)
-        return self._masks[key]
-
-    def set_backend(self, backend: str) -> None:
-        self.backend = backend
-        self.blocks.set_backend(backend)
+        self.mask = MaskSpec.for_scales(self.attention, cfg.scales)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # each (B, s*s, d)
         x_BLD = self.proj_in(torch.cat(tokens, dim=1)) + self.pos()
-        x_BLD = self.head(self.norm(self.blocks(x_BLD, self.mask(x_BLD.device))))  # (B, L, p*p*3)
+        x_BLD = self.head(self.norm(self.blocks(x_BLD, self.mask)))  # (B, L, p*p*3)
         out, start = [], 0
         for s in self.scales:
             out.append(unpatchify(x_BLD[:, start:start + s * s], s, self.patch_size, self.out_channels))
@@ -357,8 +340,12 @@ class HieraTok(PretrainedMixin, nn.Module):
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` ("sdpa", "reference" or "flex")."""
         self.config = dataclasses.replace(self.config, attn_backend=backend)  # checks the name
-        self.encoder.blocks.set_backend(backend)
-        self.decoder.set_backend(backend)
+        set_attention_backend(self, backend)
+
+    def set_fast_paths(self, enabled: bool = True) -> None:
+        """Switch the inference fast paths (segmented scale masks, in-place GELU) on (default) or to
+        their reference paths."""
+        set_fast_paths(self, enabled)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute transformer blocks in the backward pass (less memory, same gradients)."""

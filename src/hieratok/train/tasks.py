@@ -476,7 +476,7 @@ class ARTask(_CachedTask):
 
     def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
-        from ..generators.har import ARObjective
+        from ..generators.autoregressive import ARObjective
         from ..generators.llamagen import GPT
 
         if self.meta.get("kind") != "codes":
@@ -496,13 +496,13 @@ class ARTask(_CachedTask):
                              f"a GPT with vocab_size {mc.vocab_size} and num_classes {mc.num_classes}")
 
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from ..generators.har import sequence_loss
+        from ..generators.autoregressive import sequence_loss
 
         codes, y = batch
         return {"loss": sequence_loss(_Forward(mods["model"]), codes.long(), y.long(), self.layout)}
 
     def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from ..generators.har import sample_layout
+        from ..generators.autoregressive import sample_layout
 
         return sample_layout(model, labels, self.layout, cfg_scale=self.cfg.sample_cfg_scale, generator=generator,
                              **self.sampling).codes

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from hieratok.losses.restok import ResTokLoss, ResTokLossConfig, cosine_margin_loss
+from hieratok.nn.transformer import set_attention_backend
 from hieratok.tokenizers.restok import (
     ResTok,
     ResTokConfig,
@@ -271,11 +272,11 @@ def test_flex_encoder_matches_reference(tiny, gen):
     img, lat = tiny.encoder.embed(torch.randn(1, 32, 8, 8, generator=gen))
     with torch.no_grad():
         ref, _ = tiny.encoder.forward_tokens(img, lat)
-        tiny.encoder.set_backend("flex")
+        set_attention_backend(tiny.encoder, "flex")
         try:
             out, _ = tiny.encoder.forward_tokens(img, lat)
         finally:
-            tiny.encoder.set_backend("reference")
+            set_attention_backend(tiny.encoder, "reference")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hieratok.generators.har import cfg_scale_at, filter_logits, sample_logits
+from hieratok.generators.autoregressive import cfg_scale_at, filter_logits, sample_logits
 
 
 def _nucleus_bruteforce(probs, p):
@@ -117,7 +117,7 @@ def _script_har_ratios(N, a, num_steps=None):
 def test_step_release_is_the_published_scripts_schedule():
     """The published sampling script sets num_steps = a + log2(N) - log2(a) for a HAR generator:
     pass ratios (cnt + 1) / (num_steps - 1), guided from 0.25 on."""
-    from hieratok.generators.har import har_layout, release_step_scales
+    from hieratok.generators.autoregressive import har_layout, release_step_scales
 
     u, g = 1.0001, 3.75
     num_steps = 4 + int(math.log2(128)) - int(math.log2(4))  # the script's value: 9
@@ -138,7 +138,7 @@ def test_step_release_is_the_published_scripts_schedule():
 def test_step_release_on_the_plain_next_token_layout():
     """No num_steps for a non-HAR generator: the release's generate divides by the count of new
     tokens, so decode pass i (0-based, after the prefill) has ratio (i + 1) / (N - 1)."""
-    from hieratok.generators.har import ar_layout, release_step_scales, release_token_step_scales
+    from hieratok.generators.autoregressive import ar_layout, release_step_scales, release_token_step_scales
 
     u, g = 1.0001, 3.75
     expected = [_script_step(0.0, g, 0.25)] + [_script_step((i + 1) / 127, g, 0.25) for i in range(127)]
@@ -150,7 +150,7 @@ def test_step_release_on_the_plain_next_token_layout():
 def test_step_release_tokens_is_the_path_without_num_steps():
     """The old schedule (the release's token counter, used only when num_steps is not set) stays
     available as release_token_step_scales / "step-release-tokens"."""
-    from hieratok.generators.har import har_layout, release_token_step_scales
+    from hieratok.generators.autoregressive import har_layout, release_token_step_scales
 
     u, g = 1.0001, 3.75
     expected = [_script_step(r, g, 0.25) for r in _script_har_ratios(128, 4)]
@@ -163,7 +163,7 @@ def test_step_release_tokens_is_the_path_without_num_steps():
 
 def test_cli_offers_every_schedule():
     from hieratok.cli import build_parser
-    from hieratok.generators.har import CFG_SCHEDULES
+    from hieratok.generators.autoregressive import CFG_SCHEDULES
 
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     (action,) = [a for a in sample._actions if "--cfg-schedule" in a.option_strings]

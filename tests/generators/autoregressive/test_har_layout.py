@@ -1,36 +1,16 @@
 """Sequence layouts and the block-causal group mask of next-hierarchy prediction."""
 
-import itertools
-
 import pytest
 import torch
 
-from hieratok.generators.har import ARObjective, ar_layout, grouped_layout, har_layout, har_level_sizes, training_batch
-from hieratok.nn.masks import block_causal_mask, block_causal_mask_mod, block_ids
-
-
-def _brute_block_causal(sizes):
-    ids = [g for g, n in enumerate(sizes) for _ in range(n)]
-    L = len(ids)
-    m = torch.zeros(L, L, dtype=torch.bool)
-    for q, k in itertools.product(range(L), range(L)):
-        m[q, k] = ids[q] >= ids[k]
-    return m
-
-
-@pytest.mark.parametrize("sizes", [(1,), (1, 1, 1), (1, 1, 1, 1, 4, 8), (2, 3, 1), (1, 1, 2, 4, 8, 16)])
-def test_block_causal_matches_bruteforce_and_mask_mod(sizes):
-    dense = block_causal_mask(sizes)
-    assert torch.equal(dense, _brute_block_causal(sizes))
-    L = sum(sizes)
-    q, k = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
-    assert torch.equal(block_causal_mask_mod(sizes)(0, 0, q, k), dense)
-
-
-def test_blocks_of_one_are_causal():
-    assert torch.equal(block_causal_mask([1] * 7), torch.ones(7, 7, dtype=torch.bool).tril())
-    with pytest.raises(ValueError, match="positive"):
-        block_ids([1, 0, 2])
+from hieratok.generators.autoregressive import (
+    ARObjective,
+    ar_layout,
+    grouped_layout,
+    har_layout,
+    har_level_sizes,
+    training_batch,
+)
 
 
 def test_restok_layout_matches_the_official_table():
@@ -51,7 +31,7 @@ def test_restok_layout_matches_the_official_table():
 
 def test_every_group_reads_only_codes_of_earlier_groups():
     for lay in (har_layout(128, 4), har_layout(64, 2), har_layout(16, 1), ar_layout(10)):
-        mask = lay.mask()
+        mask = lay.mask.dense()
         for s, e in lay.group_bounds():
             for p in range(max(s, 1), e):
                 c = lay.code_index[p - 1]
@@ -67,12 +47,12 @@ def test_vanilla_layout_is_plain_next_token():
     codes = torch.randint(0, 50, (3, 12))
     inputs, _ = training_batch(codes, lay, 50)
     assert torch.equal(inputs, codes[:, :-1]) and lay.num_placeholders == 0 and lay.num_steps == 12
-    assert torch.equal(lay.mask(), torch.ones(12, 12, dtype=torch.bool).tril())
+    assert torch.equal(lay.mask.dense(), torch.ones(12, 12, dtype=torch.bool).tril())
 
 
 def test_har_and_vanilla_share_the_first_positions():
     a, h = ar_layout(128), har_layout(128, 4)
-    assert torch.equal(a.mask()[:4, :4], h.mask()[:4, :4]) and not h.mask()[:4, 4:].any()
+    assert torch.equal(a.mask.dense()[:4, :4], h.mask.dense()[:4, :4]) and not h.mask.dense()[:4, 4:].any()
     assert a.code_index[:3] == h.code_index[:3]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hieratok.generators.har import (
+from hieratok.generators.autoregressive import (
     ar_layout,
     ar_sample,
     cfg_scale_at,
@@ -18,7 +18,7 @@ from hieratok.generators.llamagen import GPT
 
 def _full_logits(model, codes, labels, layout):
     inputs, _ = training_batch(codes, layout, model.config.vocab_size)
-    return model(inputs, labels, mask=layout.mask())
+    return model(inputs, labels, mask=layout.mask)
 
 
 def _naive_sample(model, labels, layout, cfg_scale, schedule, temperature, generator):

@@ -5,15 +5,10 @@ import math
 import pytest
 import torch
 
-from hieratok.generators.llamagen import (
-    GPT,
-    GPTConfig,
-    RMSNorm,
-    apply_rope_1d,
-    check_ids,
-    rope_angles,
-    swiglu_hidden_dim,
-)
+from hieratok.generators.llamagen import GPT, GPTConfig, check_ids
+from hieratok.nn.mlp import swiglu_hidden_dim
+from hieratok.nn.norm import RMSNorm
+from hieratok.nn.rope import apply_rope, rope_table
 
 
 def _tiny(**kw) -> GPT:
@@ -69,8 +64,7 @@ def test_rope_is_a_rotation_that_depends_on_offsets_only():
     q, k = torch.randn(1, 1, 1, K), torch.randn(1, 1, 1, K)
 
     def at(x, pos):
-        c, s = rope_angles(torch.tensor([pos]), K, 10000.0)
-        return apply_rope_1d(x, c, s)
+        return apply_rope(x, rope_table(torch.tensor([pos]), [K], 10000.0, dtype=torch.float32))
 
     assert at(q, 7).norm() == pytest.approx(q.norm().item(), rel=1e-5)
     d1 = (at(q, 9) * at(k, 4)).sum()
@@ -195,7 +189,7 @@ def test_backward_reaches_every_parameter():
 
 def test_gpt_built_and_run_inside_inference_mode():
     """Inference tensors have no version counter: the prepacked-weight path must not need one."""
-    from hieratok.generators.har import har_layout, sample_layout
+    from hieratok.generators.autoregressive import har_layout, sample_layout
 
     ref_model = _tiny(num_classes=3)
     labels = torch.tensor([0, 2])
@@ -207,3 +201,32 @@ def test_gpt_built_and_run_inside_inference_mode():
         m.load_state_dict(ref_model.state_dict())
         codes = sample_layout(m, labels, layout, cfg_scale=2.0, generator=torch.Generator().manual_seed(0)).codes
     assert torch.equal(codes, ref)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_backend_runs_the_har_spec_in_training_and_cached_steps():
+    """One Attention serves every backend: FlexAttention over a HAR layout's group spec (whole
+    sequence, and each cached group step) equals the reference backend."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from hieratok.generators.autoregressive import har_layout, training_batch
+
+    m = _tiny()
+    lay = har_layout(16, 2)
+    codes = torch.randint(0, m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 10])
+    inputs, _ = training_batch(codes, lay, m.config.vocab_size)
+    outs = {}
+    with torch.no_grad():
+        for backend in ("reference", "flex"):
+            m.set_attn_backend(backend)
+            full = m(inputs, labels, mask=lay.mask)
+            cache = m.new_cache(2, 16)
+            steps = [m(None if s == 0 else inputs[:, s - 1:e - 1], labels if s == 0 else None, mask=lay.mask,
+                       cache=cache) for s, e in lay.group_bounds()]
+            outs[backend] = (full, torch.cat(steps, 1))
+    m.set_attn_backend("sdpa")
+    for a, b in zip(outs["reference"], outs["flex"]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["flex"][1], outs["flex"][0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block end"):  # a step must end where a group ends
+        m(inputs[:, :2], labels, mask=lay.mask, cache=m.new_cache(2, 16))

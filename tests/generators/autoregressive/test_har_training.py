@@ -2,7 +2,7 @@
 
 import torch
 
-from hieratok.generators.har import har_layout, har_sample, sequence_loss
+from hieratok.generators.autoregressive import har_layout, har_sample, sequence_loss
 from hieratok.generators.llamagen import GPT
 
 
@@ -16,12 +16,16 @@ def test_tiny_gpt_memorises_two_classes():
     codes = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    # decayed to 0: at a constant 1e-2 the last steps oscillate, and float rounding differences of
+    # 1e-7 (another CPU, another attention kernel) decide whether a code flips (seeds 0-3 pass)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50)
     losses = []
     for _ in range(50):
         loss = sequence_loss(model, codes, labels, layout)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
     assert abs(losses[0] - torch.log(torch.tensor(float(V))).item()) < 1e-4  # zero head: uniform start
     assert losses[-1] < 0.1 * losses[0], losses[::10]

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from hieratok.nn.rope import apply_rope, grid_positions, mixed_positions, rope_angles, rope_frequencies, rope_table
+from hieratok.nn.rope import (
+    apply_rope,
+    apply_rope_reference,
+    grid_positions,
+    mixed_positions,
+    rope_angles,
+    rope_frequencies,
+    rope_table,
+    rotate_pairs,
+)
 
 
 def _complex_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -81,3 +90,36 @@ def test_mixed_positions_layouts():
     assert p.tolist() == [[0, 0], [0, 1], [2, 2], [2, 3], [3, 2], [3, 3], [6, 6], [7, 7]]
     p = mixed_positions([(2, 2)], 3, tokens_first=True)
     assert p.tolist() == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 4], [4, 3], [4, 4]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_complex_rope_equals_the_real_rotation(gen, dtype):
+    qkv = torch.randn(2, 7, 3, 4, 8, generator=gen, dtype=dtype)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # a strided view, as inside attention
+    table = rope_table(torch.randn(7, 2, generator=gen) * 20, [4, 4])
+    ref = apply_rope_reference(q.double(), table)  # float32 math on a float64 copy
+    torch.testing.assert_close(apply_rope(q, table).double(), ref, atol=1e-6, rtol=1e-6)
+    assert apply_rope(q, table).dtype == dtype
+
+
+def test_rotate_pairs_falls_back_for_bf16_and_odd_layouts(gen):
+    x = torch.randn(3, 5, 8, generator=gen)
+    cos, sin = torch.rand(5, 4, generator=gen), torch.rand(5, 4, generator=gen)
+    for y in (x.bfloat16(), x[:, :, 1:7]):  # no complex view: bf16, and pairs starting at an odd offset
+        out = rotate_pairs(y, cos[:, : y.shape[-1] // 2], sin[:, : y.shape[-1] // 2])
+        x0, x1 = y.float()[..., 0::2], y.float()[..., 1::2]
+        c, s = cos[:, : y.shape[-1] // 2], sin[:, : y.shape[-1] // 2]
+        want = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
+        torch.testing.assert_close(out.float(), want, atol=1e-2 if y.dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
+def test_float32_angles_are_llamagens():
+    """LlamaGen computes ``1 / base^(2i/K)`` and the angles in float32 (its weights expect them):
+    the float32 table equals that recipe bit for bit, and the float64 one to float32 rounding."""
+    K, base, pos = 64, 10000.0, torch.arange(300)
+    freqs = 1.0 / (base ** (torch.arange(0, K, 2)[: K // 2].float() / K))
+    ang = torch.outer(pos.float(), freqs)
+    cos, sin = rope_table(pos, [K], base, dtype=torch.float32)
+    assert torch.equal(cos, ang.cos()) and torch.equal(sin, ang.sin())
+    cos64, _ = rope_table(pos, [K], base)
+    assert (cos64 - cos).abs().max() < 300 * 2 ** -23  # angles up to 300 rad carry float32 rounding

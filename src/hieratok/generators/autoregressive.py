@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import config_from_dict, require_positive_ints
-from ..nn.masks import block_causal_mask, block_causal_mask_mod
+from ..nn.masks import MaskSpec
 from .llamagen import GPT, check_ids
 
 __all__ = [
@@ -88,13 +88,10 @@ class SequenceLayout:
             s += n
         return out
 
-    def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Block-causal bool (N, N) mask over the groups."""
-        return block_causal_mask(self.group_sizes, device)
-
-    def mask_mod(self, device: torch.device | str | None = None):
-        """FlexAttention ``mask_mod`` form of :meth:`mask`."""
-        return block_causal_mask_mod(self.group_sizes, device)
+    @property
+    def mask(self) -> MaskSpec:
+        """The attention mask: block-causal over the groups."""
+        return MaskSpec(self.group_sizes, "causal")
 
     def input_ids(self, codes_BN: torch.Tensor, vocab_size: int, start: int = 1,
                   end: Optional[int] = None) -> torch.Tensor:
@@ -230,7 +227,7 @@ def sequence_loss(model: GPT, codes_BN: torch.Tensor, labels_B: torch.Tensor, la
     """Mean cross-entropy of all N codes under ``layout`` (class dropout applies in training mode)."""
     _check(model, layout)
     inputs, targets = training_batch(codes_BN, layout, model.config.vocab_size)
-    logits_BNV = model(inputs, labels_B, mask=layout.mask(codes_BN.device), generator=generator)
+    logits_BNV = model(inputs, labels_B, mask=layout.mask, generator=generator)
     return F.cross_entropy(logits_BNV.flatten(0, 1), targets.flatten())
 
 
@@ -249,7 +246,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, prob
     entries (peaked distributions) and then among the ``probe`` smallest (flat ones, whose
     dropped tail is short); only rows where it is in neither are fully sorted. ``probe=0`` sorts
     every row (the reference path). Both give the same sets up to float rounding of the running
-    sums at the boundary (tests/har/test_token_sampling.py).
+    sums at the boundary (tests/generators/autoregressive/test_token_sampling.py).
     """
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
@@ -450,15 +447,14 @@ def sample_layout(
     guided = cfg_scale != 1.0 if cfg_scales is None else any(s != 1.0 for s in cfg_scales)
     labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
     cache = model.new_cache(labels_in.shape[0], N)
-    mask_NN = layout.mask(device)
     codes_BN = torch.zeros(B, N, dtype=torch.long, device=device)
     step_logits, scales = [], []
     for g, (s, e) in enumerate(layout.group_bounds()):
         if g == 0:  # prefill: the class token alone
-            logits = model(None, labels_in, mask=mask_NN[s:e, :e], cache=cache)
+            logits = model(None, labels_in, mask=layout.mask, cache=cache)
         else:
             tokens = layout.input_ids(codes_BN, V, s, e)
-            logits = model(tokens.repeat(2, 1) if guided else tokens, mask=mask_NN[s:e, :e], cache=cache)
+            logits = model(tokens.repeat(2, 1) if guided else tokens, mask=layout.mask, cache=cache)
         if cfg_scales is not None:
             scale = cfg_scales[g]
         else:

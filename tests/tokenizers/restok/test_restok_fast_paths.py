@@ -1,10 +1,9 @@
-"""ResTok inference fast paths (set_fast_paths) against the reference paths, and the complex RoPE."""
+"""ResTok inference fast paths (set_fast_paths) against the reference paths."""
 
 import pytest
 import torch
 
-from hieratok.nn.attention import SegmentedMask
-from hieratok.nn.rope import apply_rope, apply_rope_reference, rope_table, rotate_pairs
+from hieratok.nn.masks import MaskSpec
 from hieratok.tokenizers.restok import ResTok
 
 
@@ -19,39 +18,18 @@ def tiny() -> ResTok:
     return m
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_complex_rope_equals_the_real_rotation(gen, dtype):
-    qkv = torch.randn(2, 7, 3, 4, 8, generator=gen, dtype=dtype)
-    q = qkv.permute(2, 0, 3, 1, 4)[0]  # a strided view, as inside attention
-    table = rope_table(torch.randn(7, 2, generator=gen) * 20, [4, 4])
-    ref = apply_rope_reference(q.double(), table)  # float32 math on a float64 copy
-    torch.testing.assert_close(apply_rope(q, table).double(), ref, atol=1e-6, rtol=1e-6)
-    assert apply_rope(q, table).dtype == dtype
-
-
-def test_rotate_pairs_falls_back_for_bf16_and_odd_layouts(gen):
-    x = torch.randn(3, 5, 8, generator=gen)
-    cos, sin = torch.rand(5, 4, generator=gen), torch.rand(5, 4, generator=gen)
-    for y in (x.bfloat16(), x[:, :, 1:7]):  # no complex view: bf16, and pairs starting at an odd offset
-        out = rotate_pairs(y, cos[:, : y.shape[-1] // 2], sin[:, : y.shape[-1] // 2])
-        x0, x1 = y.float()[..., 0::2], y.float()[..., 1::2]
-        c, s = cos[:, : y.shape[-1] // 2], sin[:, : y.shape[-1] // 2]
-        want = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
-        torch.testing.assert_close(out.float(), want, atol=1e-2 if y.dtype == torch.bfloat16 else 1e-6, rtol=0)
-
-
-def test_encoder_runs_the_level_causal_mask_as_segments(tiny):
-    enc = tiny.encoder
-    blocks = [16, 32, 1, 1, 2, 4, 8, 16]
-    m = enc._mask(blocks, torch.device("cpu"))
-    assert isinstance(m, SegmentedMask)
-    # each query block sees exactly the key prefix up to its end
-    assert all(s.k0 == 0 for s in m.segments)
-    enc.set_fast_paths(False)
-    try:
-        assert isinstance(enc._mask(blocks, torch.device("cpu")), torch.Tensor)
-    finally:
-        enc.set_fast_paths(True)
+def test_encoder_attends_under_the_level_causal_spec(tiny, gen):
+    """Every encoder layer gets a causal MaskSpec over [image stages coarse..fine, latent levels]."""
+    seen = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a, kw: seen.append(a[1]), with_kwargs=True)
+             for b in tiny.encoder.blocks]
+    with torch.no_grad():
+        tiny.encode(torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1)
+    for h in hooks:
+        h.remove()
+    levels = tiny.config.latent_levels
+    assert seen[0] == MaskSpec((64, *levels)) and seen[-1] == MaskSpec((8, 16, 32, 64, *levels))
+    assert all(isinstance(m, MaskSpec) and m.rule == "causal" for m in seen)
 
 
 def test_fast_and_reference_paths_agree(tiny, gen):
@@ -116,9 +94,3 @@ def test_last_layers_run_only_the_rows_that_are_read(tiny, gen):
         torch.testing.assert_close(tiny.decode(full["quantized"]), ref, atol=1e-5, rtol=1e-5)
         hook.remove()
         assert rows == [dec.grid ** 2]  # the last decoder layer ran the image rows only
-    # the query-row mask is the tail of the full mask
-    blocks = [16, 32, 1, 1, 2, 4, 8, 16]
-    tail = tiny.encoder._mask(blocks, torch.device("cpu"), q_from=48)
-    dense = tail.dense if isinstance(tail, SegmentedMask) else tail
-    full_mask = tiny.encoder._mask(blocks, torch.device("cpu"))
-    assert torch.equal(dense, (full_mask.dense if isinstance(full_mask, SegmentedMask) else full_mask)[48:])
