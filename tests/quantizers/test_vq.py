@@ -78,7 +78,7 @@ def test_straight_through_gradients(gen, l2):
     out.codebook_loss.backward()
     assert z.grad is None and vq.embedding.weight.grad.abs().sum() > 0
     used = set(out.indices.tolist())
-    unused = [k for k in range(vq.num_codes) if k not in used]
+    unused = [k for k in range(vq.codebook_size) if k not in used]
     assert vq.embedding.weight.grad[unused].abs().sum() == 0
 
 

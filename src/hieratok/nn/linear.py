@@ -2,10 +2,8 @@
 
 On CPU, float32 ``F.linear`` calls the BLAS gemm with the plain (out, in) weight, which the
 library repacks into its blocked layout on every call. For decoding (a handful to a few
-hundred rows per call, weights far larger than the cache) that repacking dominates: on a 2-core
-AVX-512 machine, 48 distinct 1024 -> 3072 weights applied to 8 rows run at 11 GB/s of weight
-traffic with ``F.linear`` and at the memory bandwidth with a prepacked weight (55.6 -> 33 ms;
-64 rows: 101 -> 72 ms; 512 rows: 507 -> 450 ms).
+hundred rows per call, weights far larger than the cache) that repacking dominates; with a
+prepacked weight the gemm runs at the memory bandwidth instead (measured per CPU in BENCHMARKS.md).
 
 :class:`Linear` packs its weight once (``torch.ops.mkl._mkl_reorder_linear_weight``, MKL's
 ``cblas_sgemm_pack``: what Inductor's CPU weight prepacking uses) when it is first called in eval

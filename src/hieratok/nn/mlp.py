@@ -20,8 +20,8 @@ class Mlp(nn.Module):
     fc1's output (inference), the GELU runs in place on it, which saves one (B, L, hidden) tensor
     per block, and inputs of more than :attr:`CHUNK_BYTES` of hidden activations run in row
     chunks. The chunks keep every hidden tensor below glibc's 32 MiB mmap threshold, so it is
-    recycled from the heap instead of being mapped fresh and page-faulted in on each call (on a
-    2-core VM, 40 MB of fresh pages cost about 60 ms: ResTok's last encoder stage, 2432 x 4096).
+    recycled from the heap instead of being mapped fresh and page-faulted in on each call
+    (measured in BENCHMARKS.md, "What was changed for speed").
     """
 
     CHUNK_BYTES = 16 * 2**20

@@ -60,7 +60,7 @@ class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantiser over the last axis.
 
     Args:
-        num_codes: codebook size K.
+        codebook_size: codebook size K.
         dim: code dimension D.
         l2_normalized: normalise inputs and codes to unit length before the search and in the
             output (ResTok / TiTok: True).
@@ -71,22 +71,22 @@ class VectorQuantizer(nn.Module):
     VQ-VAE implementations.
     """
 
-    def __init__(self, num_codes: int, dim: int, l2_normalized: bool = True, beta: float = 0.25,
+    def __init__(self, codebook_size: int, dim: int, l2_normalized: bool = True, beta: float = 0.25,
                  track_usage: bool = False) -> None:
         super().__init__()
-        self.num_codes, self.dim = num_codes, dim
-        require_positive_ints(self, ("num_codes", "dim"))
+        self.codebook_size, self.dim = codebook_size, dim
+        require_positive_ints(self, ("codebook_size", "dim"))
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.l2_normalized, self.beta = l2_normalized, float(beta)
-        self.embedding = nn.Embedding(num_codes, dim)
+        self.embedding = nn.Embedding(codebook_size, dim)
         self.reset_parameters()
         self.usage: Optional[CodebookUsage] = None
         if track_usage:
             self.track_usage(True)
 
     def reset_parameters(self) -> None:
-        nn.init.uniform_(self.embedding.weight, -1.0 / self.num_codes, 1.0 / self.num_codes)
+        nn.init.uniform_(self.embedding.weight, -1.0 / self.codebook_size, 1.0 / self.codebook_size)
 
     # ---- codebook ------------------------------------------------------------------------------
     def codebook(self) -> torch.Tensor:
@@ -116,8 +116,8 @@ class VectorQuantizer(nn.Module):
         """Code vectors of indices: (...) -> (..., D) float32 (normalised when ``l2_normalized``)."""
         if indices.is_floating_point():
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must lie in [0, {self.num_codes}), got range "
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
                              f"[{int(indices.min())}, {int(indices.max())}]")
         return F.embedding(indices.long(), self.codebook())
 
@@ -141,7 +141,7 @@ class VectorQuantizer(nn.Module):
     # ---- usage statistics ----------------------------------------------------------------------
     def track_usage(self, enabled: bool = True) -> None:
         """Start (fresh counts) or stop counting the indices of :meth:`forward`."""
-        self.usage = CodebookUsage(self.num_codes, device=self.embedding.weight.device) if enabled else None
+        self.usage = CodebookUsage(self.codebook_size, device=self.embedding.weight.device) if enabled else None
 
     def reset_usage(self) -> None:
         if self.usage is not None:
@@ -154,4 +154,4 @@ class VectorQuantizer(nn.Module):
         return self.usage.compute()
 
     def extra_repr(self) -> str:
-        return f"num_codes={self.num_codes}, dim={self.dim}, l2_normalized={self.l2_normalized}, beta={self.beta}"
+        return f"codebook_size={self.codebook_size}, dim={self.dim}, l2_normalized={self.l2_normalized}, beta={self.beta}"
