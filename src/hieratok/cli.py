@@ -362,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a tokenizer (one CPU, or many GPUs under torchrun)",
                        description="Train HieraTok or its single-scale twin. Any config field can be set as "
                                    "key=value with dotted names, e.g. optim.lr=2e-4 loss.kl=1e-5 model.scales=[1,2,4,8].")
-    p.add_argument("--task", choices=["tokenizer", "restok", "dit", "ar"], default=None,
-                   help="tokenizer (HieraTok, default), restok (ResTok), dit (on a latent cache) or ar "
-                        "(HAR / next-token GPT on a code cache)")
+    p.add_argument("--task", choices=["hieratok", "restok", "dit", "ar", "tokenizer"], default=None,
+                   help="hieratok (HieraTok, default; 'tokenizer' is its old name), restok (ResTok), dit (on a "
+                        "latent cache) or ar (HAR / next-token GPT on a code cache)")
     p.add_argument("--preset", default=None, help="model preset: tokenizer (tiny, hieratok-f16d16, ...), restok (restok-tiny, restok-l-128), "
                                                   "DiT (dit-tiny ... dit-xl) or GPT (gpt-tiny, gpt-b, gpt-l)")
     p.add_argument("--data", default=None, help="image folder, webdataset shards (path/glob/{000..009}), or none for the embedded photos")

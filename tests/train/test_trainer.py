@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import math
 
@@ -193,6 +194,35 @@ def test_config_overrides_and_yaml(tmp_path):
     with pytest.raises(ValueError, match="unknown DiffAugment group 'colr'"):
         load_config(overrides={"gan.diffaug": "colr"})
     assert load_config(overrides={"loss.perceptual_kind": "none", "loss.perceptual": 0.0}).loss.perceptual == 0.0
+
+
+def test_each_task_carries_only_its_own_config_section():
+    from hieratok.registry import model_class
+    from hieratok.train.config import TASK_CONFIGS, GeneratorTrainConfig, TokenizerTrainConfig, TrainConfig, config_dict
+    from hieratok.train.tasks import TASKS
+
+    assert set(TASKS) == set(TASK_CONFIGS)
+    tok, dit = load_config(), load_config(overrides={"task": "dit", "preset": "dit-tiny"})
+    assert type(tok) is TokenizerTrainConfig and type(dit) is GeneratorTrainConfig
+    assert not hasattr(dit, "loss") and not hasattr(dit, "gan") and not hasattr(tok, "objective")
+    with pytest.raises(ValueError, match="GeneratorTrainConfig has no field 'loss'"):
+        load_config(overrides={"task": "ar", "loss.kl": 1e-5})  # a tokenizer key on a generator task
+    with pytest.raises(ValueError, match="TokenizerTrainConfig has no field 'sample_count'"):
+        load_config(overrides={"sample_count": 4})
+    with pytest.raises(ValueError, match="takes a GeneratorTrainConfig"):
+        TokenizerTrainConfig(task="dit")
+    with pytest.raises(ValueError, match="is not one of"):
+        load_config(overrides={"task": "vqgan"})
+    assert not {f.name for f in dataclasses.fields(TrainConfig)} & {"loss", "gan", "vf", "objective", "diag_every"}
+    # the old task name of HieraTok loads, and a run saved under it resumes (same structure)
+    old = load_config(overrides={"task": "tokenizer"})
+    assert old.task == "hieratok" and type(old) is TokenizerTrainConfig
+    structure = TASKS["hieratok"].resume_structure
+    assert structure({"task": "tokenizer"}) == structure(config_dict(old))
+    assert structure({"task": "tokenizer", "gan": {"weight": 0.5}}) != structure(config_dict(old))
+    # every model family a task trains can recompute its blocks in the backward pass
+    for model_type in ("hieratok", "restok", "dit", "llamagen-gpt"):  # the models of the four tasks
+        assert callable(getattr(model_class(model_type), "set_grad_checkpointing", None)), model_type
 
 
 def test_config_values_arrive_as_strings_and_are_converted_by_field_type(tmp_path):

@@ -20,7 +20,8 @@ from ..config import coerce_value
 from ..losses.gan import GANConfig
 from ..losses.reconstruction import ReconLossConfig
 
-__all__ = ["DataConfig", "OptimConfig", "GANConfig", "VFConfig", "TrainConfig", "apply_overrides", "load_config", "config_dict"]
+__all__ = ["DataConfig", "OptimConfig", "GANConfig", "VFConfig", "TrainConfig", "TokenizerTrainConfig",
+           "GeneratorTrainConfig", "TASK_CONFIGS", "task_name", "apply_overrides", "load_config", "config_dict"]
 
 
 @dataclass
@@ -89,28 +90,20 @@ def _non_finite_floats(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 @dataclass
 class TrainConfig:
-    """Everything a tokenizer training run needs; saved with the run."""
+    """What every training run needs, whatever its task; saved with the run. Each task adds its own
+    section (:class:`TokenizerTrainConfig`, :class:`GeneratorTrainConfig`)."""
 
-    task: str = "tokenizer"  # "tokenizer" (HieraTok) | "dit" (latent diffusion / flow) | "ar" (HAR / AR on codes)
+    task: str = "hieratok"  # see TASK_CONFIGS: "hieratok", "restok" (tokenizers), "dit", "ar" (generators)
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {"scales": [1, 2, 4]}
     init_from: Optional[str] = None  # a saved model folder to start from (e.g. stage 1 for stage 2)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: ReconLossConfig = field(default_factory=ReconLossConfig)
-    gan: GANConfig = field(default_factory=lambda: GANConfig(weight=0.0))  # stage 2: gan.weight=0.6
-    vf: VFConfig = field(default_factory=VFConfig)
     batch_size: int = 8  # per rank, per micro-step
     steps: int = 1000
     seed: int = 0
     out_dir: str = "runs/tokenizer"
     log_every: int = 10
-    # tokenizer tasks: per-scale PSNR and colour error of a fixed held-out batch (EMA weights if any,
-    # eval mode, rank 0) every diag_every steps and at the end; 0 = off (see train/diagnostics.py)
-    diag_every: int = 50
-    diag_images: int = 8  # size of that batch
-    diag_data: Optional[str] = None  # its images (folder / shards); None: the embedded held-out photos when
-    # training on the embedded photos, else diag_images fixed (centre-cropped) training images
     image_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
@@ -126,16 +119,15 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
-    # generator tasks
-    objective: dict[str, Any] = field(default_factory=dict)  # GeneratorObjective fields (dit) / sampling (ar)
-    tokenizer: Optional[str] = None  # decodes generated samples; default: the one recorded in the cache
-    sample_cfg_scale: float = 4.0  # guidance of the periodic sample grids (appendix F visualises at 4.2)
-    sample_count: int = 8
 
     def __post_init__(self) -> None:
         bad = _non_finite_floats(self)
         if bad:
             raise ValueError(f"config key {bad[0][0]!r} must be a finite number, got {bad[0][1]!r}")
+        if self.task not in TASK_CONFIGS or type(self) is not TASK_CONFIGS[self.task]:
+            want = TASK_CONFIGS.get(self.task)
+            raise ValueError(f"task {self.task!r} " + (f"takes a {want.__name__}, not a {type(self).__name__}" if want
+                             else f"is not one of {sorted(TASK_CONFIGS)}"))
         for key in ("batch_size", "steps", "log_every", "keep_last", "max_nonfinite"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -154,17 +146,51 @@ class TrainConfig:
         if self.optim.warmup_steps is not None and self.task != "restok":
             raise ValueError(f"optim.warmup_steps is read by task 'restok' only (this is task {self.task!r}); "
                              "set optim.warmup_ratio instead")
-        if self.diag_every < 0 or self.diag_images < 1:
-            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0: off) and "
-                             f"diag_images={self.diag_images} >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS} "
                              "(bf16: autocast; fp16 training is not supported)")
 
 
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """Tokenizer tasks (hieratok, restok): reconstruction losses, the GAN stage, latent alignment
+    and held-out diagnostics."""
+
+    loss: ReconLossConfig = field(default_factory=ReconLossConfig)
+    gan: GANConfig = field(default_factory=lambda: GANConfig(weight=0.0))  # stage 2: gan.weight=0.6
+    vf: VFConfig = field(default_factory=VFConfig)
+    # per-scale PSNR and colour error of a fixed held-out batch (EMA weights if any, eval mode,
+    # rank 0) every diag_every steps and at the end; 0 = off (see train/diagnostics.py)
+    diag_every: int = 50
+    diag_images: int = 8  # size of that batch
+    diag_data: Optional[str] = None  # its images (folder / shards); None: the embedded held-out photos when
+    # training on the embedded photos, else diag_images fixed (centre-cropped) training images
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.diag_every < 0 or self.diag_images < 1:
+            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0: off) and "
+                             f"diag_images={self.diag_images} >= 1")
+
+
+@dataclass
+class GeneratorTrainConfig(TrainConfig):
+    """Generator tasks (dit, ar) on cached latents / codes: the objective and the sample grids."""
+
+    objective: dict[str, Any] = field(default_factory=dict)  # GeneratorObjective fields (dit) / sampling (ar)
+    tokenizer: Optional[str] = None  # decodes generated samples; default: the one recorded in the cache
+    sample_cfg_scale: float = 4.0  # guidance of the periodic sample grids (appendix F visualises at 4.2)
+    sample_count: int = 8
+
+
+TASK_CONFIGS: dict[str, type] = {"hieratok": TokenizerTrainConfig, "restok": TokenizerTrainConfig,
+                                 "dit": GeneratorTrainConfig, "ar": GeneratorTrainConfig}
+TASK_ALIASES = {"tokenizer": "hieratok"}  # the name of task "hieratok" before 0.4; saved runs keep working
+
+
 # Defaults per task, applied before a YAML file and overrides (appendix F for DiT; LlamaGen for AR).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tokenizer": {},
+    "hieratok": {},
     # the release (configs/training/ResTok/restok_l_128.yaml): AdamW 1e-4, betas (0.9, 0.95), wd 1e-4, 5k
     # warm-up steps then cosine to 1e-5, grad norm clipped at 10, EMA 0.9999, LPIPS 1.0; its alignment term
     # (vf.weight=1 turns it on) uses a cosine margin of 0.25 and a constant weight
@@ -173,10 +199,10 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                "optim.grad_clip": 10.0, "ema_decay": 0.9999, "vf.margin_cos": 0.25, "vf.adaptive": False},
     "dit": {"preset": "dit-xl", "optim.lr": 1e-4, "optim.end_lr": 1e-4, "optim.warmup_ratio": 0.0,
             "optim.betas": (0.9, 0.999), "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "ema_decay": 0.9999,
-            "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/dit", "image_every": 5000},
+            "batch_size": 256, "out_dir": "runs/dit", "image_every": 5000},
     "ar": {"preset": "gpt-l", "optim.lr": 1e-4, "optim.end_lr": 1e-5, "optim.warmup_ratio": 0.01,
            "optim.betas": (0.9, 0.95), "optim.weight_decay": 0.05, "optim.grad_clip": 1.0, "ema_decay": 0.9999,
-           "batch_size": 256, "loss.perceptual": 0.0, "out_dir": "runs/har", "image_every": 5000,
+           "batch_size": 256, "out_dir": "runs/har", "image_every": 5000,
            "sample_cfg_scale": 3.75},
 }
 
@@ -246,6 +272,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def task_name(task: str) -> str:
+    """The task's current name (old names of saved runs map to it); unknown names are refused."""
+    task = TASK_ALIASES.get(task, task)
+    if task not in TASK_CONFIGS:
+        raise ValueError(f"task {task!r} is not one of {sorted(TASK_CONFIGS)}")
+    return task
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None, base: Optional[TrainConfig] = None) -> TrainConfig:
     """Defaults (with the task's defaults), then a YAML file (same nesting as :class:`TrainConfig`),
     then dotted overrides."""
@@ -255,9 +289,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
-    task = overrides.get("task", data.get("task", base.task if base else "tokenizer"))
-    if task not in TASK_DEFAULTS:
-        raise ValueError(f"task {task!r} is not one of {sorted(TASK_DEFAULTS)}")
-    cfg = base or apply_overrides(TrainConfig(task=task), TASK_DEFAULTS[task])
+    task = task_name(overrides.get("task", data.get("task", base.task if base else "hieratok")))
+    overrides.pop("task", None)
+    data.pop("task", None)
+    if base is not None and task != base.task:
+        raise ValueError(f"task {task!r} does not match the base config's task {base.task!r}")
+    cfg = base or apply_overrides(TASK_CONFIGS[task](task=task), TASK_DEFAULTS[task])
     cfg = apply_overrides(cfg, _flatten(data))
     return apply_overrides(cfg, overrides)

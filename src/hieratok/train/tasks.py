@@ -23,7 +23,7 @@ from torch import nn
 
 from ..losses.reconstruction import MultiScaleReconstructionLoss
 from ..tokenizers import HieraTok, ResTok
-from .config import TrainConfig
+from .config import GeneratorTrainConfig, TokenizerTrainConfig, TrainConfig, task_name
 from .diagnostics import posterior_stats
 from .parallel import unwrap
 
@@ -94,6 +94,17 @@ class Task:
                   out_dir: Path, step: int) -> None:
         """Write images of the current state (reconstruction grids, sample grids)."""
 
+    @property
+    def diag_every(self) -> int:
+        """Steps between held-out diagnostics (0: this task has none)."""
+        return 0
+
+    @staticmethod
+    def resume_structure(train_config: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a (saved) training config that decide which modules, state and optimizers a
+        run of this task has: a checkpoint resumes only into a run that agrees on all of them."""
+        return {"task": task_name(train_config.get("task", "hieratok"))}
+
     def diagnostic_images(self) -> Optional[tuple[torch.Tensor, str]]:
         """The fixed batch of the periodic diagnostics (on CPU) and a phrase saying what it is, or
         None: this task has no held-out diagnostics. Called once, on rank 0; must not use the
@@ -114,7 +125,7 @@ def _optim_phase(cfg: TrainConfig, modules: tuple[str, ...], loss_fn: Callable) 
 class TokenizerTask(Task):
     """HieraTok (or its single-scale twin): multi-scale reconstruction + KL, optionally GAN + VF alignment."""
 
-    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+    def __init__(self, cfg: TokenizerTrainConfig, allow_code_execution: bool = False) -> None:
         self.allow_code_execution = allow_code_execution
         perceptual = self._setup(cfg, HieraTok)
         model = self.modules["model"]
@@ -128,7 +139,7 @@ class TokenizerTask(Task):
                                       weight=cfg.vf.weight, adaptive=cfg.vf.adaptive)
             self.modules["vf_proj"] = self.vf
 
-    def _setup(self, cfg: TrainConfig, model_cls: Any, **model_defaults: Any) -> Optional[nn.Module]:
+    def _setup(self, cfg: TokenizerTrainConfig, model_cls: Any, **model_defaults: Any) -> Optional[nn.Module]:
         """The parts both tokenizer tasks share: the model (from ``init_from``, whose saved config
         replaces the preset and where a ``model.*`` key that changes weights is an error, or from the
         preset), the GAN's discriminator (``gan.weight > 0``); returns the perceptual module."""
@@ -165,6 +176,23 @@ class TokenizerTask(Task):
         disc.requires_grad_(True)
         logs["loss"] = logs["loss"] + g
         logs.update(glogs)
+
+    @property
+    def diag_every(self) -> int:
+        return self.cfg.diag_every
+
+    @staticmethod
+    def resume_structure(train_config: dict[str, Any]) -> dict[str, Any]:
+        """Besides the task: whether the GAN and alignment terms are on, and what builds their modules."""
+        g, v = train_config.get("gan", {}), train_config.get("vf", {})
+        out = {**Task.resume_structure(train_config), "gan.weight > 0": g.get("weight", 0) > 0,
+               "vf.weight > 0": v.get("weight", 0) > 0}
+        if out["gan.weight > 0"]:
+            out.update({f"gan.{k}": g.get(k) for k in ("discriminator", "in_channels", "ndf", "n_layers", "norm", "num_groups")})
+            out["gan.lecam_weight > 0"] = g.get("lecam_weight", 0) > 0
+        if out["vf.weight > 0"]:
+            out["vf.encoder"] = v.get("encoder")
+        return out
 
     @property
     def image_size(self) -> int:
@@ -278,7 +306,7 @@ class ResTokTask(TokenizerTask):
     ``vf.margin_cos``; ``vf.margin_dm`` is not used). The warm-up of the generator phase is
     ``optim.warmup_steps`` when set."""
 
-    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+    def __init__(self, cfg: TokenizerTrainConfig, allow_code_execution: bool = False) -> None:
         from ..losses.restok import ResTokLoss, ResTokLossConfig
 
         self.allow_code_execution = allow_code_execution
@@ -290,7 +318,7 @@ class ResTokTask(TokenizerTask):
         self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual, alignment_weight=cfg.vf.weight,
                                                 alignment_margin=cfg.vf.margin_cos), perceptual)
 
-    def _alignment_encoder(self, cfg: TrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
+    def _alignment_encoder(self, cfg: TokenizerTrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
         """The frozen foundation encoder (None without alignment) and the model defaults it implies:
         both alignment heads of its feature width, or no heads."""
         if cfg.vf.weight <= 0:
@@ -352,7 +380,7 @@ class ResTokTask(TokenizerTask):
         return logs
 
 
-def _sample_decoder(cfg: TrainConfig, meta: dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def _sample_decoder(cfg: GeneratorTrainConfig, meta: dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The tokenizer decoder for sample grids (from the config or the cache's record), or None."""
     path = cfg.tokenizer or meta.get("tokenizer")
     if not path:
@@ -391,7 +419,7 @@ class _CachedTask(Task):
 
     visualize_runs_model = True
 
-    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+    def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
         from ..data.latent_cache import read_cache_meta
 
         self.allow_code_execution = allow_code_execution
@@ -445,7 +473,7 @@ class _CachedTask(Task):
 class DiTTask(_CachedTask):
     """DiT on tokenizer latents (paper appendix F): diffusion (eps, learned variance) or flow matching."""
 
-    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+    def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
         from ..generators import DiT, GeneratorObjective
 
@@ -474,7 +502,7 @@ class DiTTask(_CachedTask):
 class ARTask(_CachedTask):
     """LlamaGen GPT on tokenizer codes: ResTok's next-hierarchy (HAR) or plain next-token layout."""
 
-    def __init__(self, cfg: TrainConfig, allow_code_execution: bool = False) -> None:
+    def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
         from ..generators.autoregressive import ARObjective
         from ..generators.llamagen import GPT
@@ -508,9 +536,9 @@ class ARTask(_CachedTask):
                              **self.sampling).codes
 
 
+TASKS: dict[str, type[Task]] = {"hieratok": TokenizerTask, "restok": ResTokTask, "dit": DiTTask, "ar": ARTask}
+
+
 def build_task(cfg: TrainConfig, allow_code_execution: bool = False) -> Task:
     """The task a config names (``allow_code_execution``: see :attr:`Task.allow_code_execution`)."""
-    tasks = {"tokenizer": TokenizerTask, "restok": ResTokTask, "dit": DiTTask, "ar": ARTask}
-    if cfg.task not in tasks:
-        raise ValueError(f"task {cfg.task!r} is not one of {sorted(tasks)}")
-    return tasks[cfg.task](cfg, allow_code_execution=allow_code_execution)
+    return TASKS[task_name(cfg.task)](cfg, allow_code_execution=allow_code_execution)

@@ -98,19 +98,6 @@ def lr_at(step: int, total: int, base: float, end: float, warmup_ratio: float) -
     return end + 0.5 * (base - end) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _structure(c: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a (saved) training config that decide which modules, state and optimizers a
-    run has: a checkpoint resumes only into a run that agrees on all of them."""
-    g, v = c.get("gan", {}), c.get("vf", {})
-    out = {"task": c.get("task"), "gan.weight > 0": g.get("weight", 0) > 0, "vf.weight > 0": v.get("weight", 0) > 0}
-    if out["gan.weight > 0"]:
-        out.update({f"gan.{k}": g.get(k) for k in ("discriminator", "in_channels", "ndf", "n_layers", "norm", "num_groups")})
-        out["gan.lecam_weight > 0"] = g.get("lecam_weight", 0) > 0
-    if out["vf.weight > 0"]:
-        out["vf.encoder"] = v.get("encoder")
-    return out
-
-
 class _Logger:
     """CSV + TensorBoard (+ optional wandb) on the main rank.
 
@@ -295,7 +282,7 @@ class Trainer:
 
     def _diagnostic_images(self) -> Optional[torch.Tensor]:
         """The task's fixed diagnostic batch on the device (main rank, ``diag_every > 0``), else None."""
-        if self.cfg.diag_every == 0 or not self.dist.is_main:
+        if self.task.diag_every == 0 or not self.dist.is_main:
             return None
         if is_fsdp(self.wrapped["model"]):  # rank 0 alone cannot run the sharded model
             log.warning("held-out diagnostics are off under FSDP "
@@ -306,7 +293,7 @@ class Trainer:
         if got is None:
             return None
         x, what = got
-        log.info("diagnostics every %d steps, with the %s weights, on %s", self.cfg.diag_every,
+        log.info("diagnostics every %d steps, with the %s weights, on %s", self.task.diag_every,
                  "EMA" if self.ema is not None else "model's", what)
         return x.to(self.dist.device)
 
@@ -493,7 +480,8 @@ class Trainer:
         diff = architecture_diff(saved, model.config)
         if diff:
             raise ValueError(f"{ckpt} is from another model configuration: {diff}")
-        changed = settings_diff(_structure(state.get("train_config", {})), _structure(config_dict(self.cfg)))
+        structure = self.task.resume_structure
+        changed = settings_diff(structure(state.get("train_config", {})), structure(config_dict(self.cfg)))
         if changed:
             raise ValueError(f"{ckpt} was trained with other modules ({'; '.join(changed)}): resume with its settings, "
                              "or start a new run with init_from=<checkpoint> (e.g. stage 2 from stage 1)")
@@ -603,7 +591,7 @@ class Trainer:
                     row["nonfinite_total"] = float(self.nonfinite_total)
                     row["threads"] = float(torch.get_num_threads())
                     acc, t0, imgs, diag_s = {}, time.perf_counter(), 0, 0.0
-                if c.diag_every > 0 and (self.step % c.diag_every == 0 or self.step == c.steps):
+                if self.task.diag_every > 0 and (self.step % self.task.diag_every == 0 or self.step == c.steps):
                     t_diag = time.perf_counter()
                     row.update(self.diagnose())  # {} on the other ranks
                     diag_s += time.perf_counter() - t_diag
