@@ -121,7 +121,7 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
     model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=TOKENIZERS)
     cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
                           fid=not args.no_fid, kid=args.kid, inception_weights=args.inception_weights,
-                          num_workers=args.workers)
+                          num_workers=args.workers, precision=args.precision)
     res = evaluate_reconstruction(model, cfg, dev)
     out = Path(args.out or Path(info["model_dir"]) / "eval")
     from .evaluate.recon import _world
@@ -149,7 +149,7 @@ def _cmd_eval_latents(args: argparse.Namespace) -> int:
     res = evaluate_latents(model, args.data, protocol=args.protocol, flip=args.flip, train_stats=args.train_stats,
                            train_data=args.train_data, num_train_images=args.num_train_images,
                            num_images=args.num_images, num_points=args.num_points, num_runs=args.runs, seed=args.seed,
-                           iterations=args.iterations, device=dev, out_dir=out)
+                           iterations=args.iterations, device=dev, out_dir=out, precision=args.precision)
     print(f"density CV {res['density_cv']:.3f} +- {res['density_cv_std']:.3f}  Gini {res['gini']:.3f} +- "
           f"{res['gini_std']:.3f}  normalized entropy {res['normalized_entropy']:.4f} +- {res['normalized_entropy_std']:.4f}"
           f"  ({res['num_points']} points, {res['num_runs']} runs)")
@@ -252,7 +252,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     _init_eval_dist()
     meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, ten_crop=args.ten_crop,
                          crop_range=args.crop_range, num=args.num, batch_size=args.batch_size,
-                         shard_size=args.shard_size, device=_device(args.device), num_workers=args.workers)
+                         shard_size=args.shard_size, device=_device(args.device), num_workers=args.workers,
+                         precision=args.precision)
     if meta:
         print(f"{meta['num']} {meta['kind']} of shape {meta['shape']} ({meta['num_labels']} labels) in {args.out}")
     return 0
@@ -265,7 +266,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     npz = sample_to_folder(args.generator, args.out, tokenizer=args.tokenizer, num=args.num, cfg_scale=args.cfg,
                            seed=args.seed, batch_size=args.batch_size, steps=args.steps, all_scales=args.all_scales,
                            device=_device(args.device), top_p=args.top_p, top_k=args.top_k,
-                           temperature=args.temperature, cfg_schedule=args.cfg_schedule)
+                           temperature=args.temperature, cfg_schedule=args.cfg_schedule, precision=args.precision)
     print(f"samples: {Path(args.out) / 'images'}  npz: {npz}")
     return 0
 
@@ -274,10 +275,16 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
     from .generation import evaluate_generation
 
     res = evaluate_generation(args.samples, args.ref, out=args.out, inception_weights=args.inception_weights,
-                              device=_device(args.device), batch_size=args.batch_size)
-    line = f"gFID {res['gfid']:.3f} ({res['num_samples']} samples; Inception weights: {res['inception_source']})"
-    line += f"  IS {res['is']:.2f} +- {res['is_std']:.2f}" if "is" in res else f"\n{res['is_unavailable']}"
-    print(line)
+                              device=_device(args.device), batch_size=args.batch_size,
+                              precision_and_recall=not args.no_pr, save_stats=args.save_stats)
+    names = (("is", "IS", ".2f"), ("gfid", "gFID", ".3f"), ("sfid", "sFID", ".3f"), ("precision", "precision", ".4f"),
+             ("recall", "recall", ".4f"))
+    print("  ".join(f"{name} {res[k]:{fmt}}" for k, name, fmt in names if k in res)
+          + f"  ({res['num_samples']} samples; Inception weights: {res['inception_source']})")
+    for k, what in (("is_unavailable", ""), ("sfid_unavailable", "sFID unavailable: "),
+                    ("precision_recall_unavailable", "precision / recall unavailable: ")):
+        if k in res:
+            print(what + res[k])  # the IS message names itself and the missing file
     return 0
 
 
@@ -294,6 +301,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.path} -> {out} ({type(model).__name__}, {n / 1e6:.1f}M parameters)")
     return 0
+
+
+def _precision_option(p: argparse.ArgumentParser) -> None:
+    from .precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the model's arithmetic: fp32, tf32 (CUDA tensor cores), bf16 or fp16 autocast (default: tf32 "
+                        "on CUDA, fp32 on CPU); Inception and the perceptual networks always run in fp32")
 
 
 def _ablation_options(p: argparse.ArgumentParser, seeds: int) -> None:
@@ -381,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate: recon, latents, fid").add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("eval", help="evaluate: recon, latents, fid, gen").add_subparsers(dest="what", required=True)
     p = ev.add_parser("recon", help="rFID, PSNR, SSIM, perceptual distance and per-scale PSNR of a tokenizer")
     p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint or model folder")
     p.add_argument("--data", default=None, help="evaluation images (folder or shards); default: the embedded held-out photos")
@@ -395,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
+    _precision_option(p)
     p.set_defaults(func=_cmd_eval_recon)
 
     p = ev.add_parser("latents", help="latent uniformity (t-SNE density CV, Gini, normalized entropy) and a t-SNE plot")
@@ -420,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
+    _precision_option(p)
     p.set_defaults(func=_cmd_eval_latents)
 
     p = ev.add_parser("fid", help="FID between two image folders / image .npz / statistics .npz")
@@ -433,13 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval_fid)
 
-    p = ev.add_parser("gen", help="gFID (and IS when the Inception classifier weights exist) of generated samples")
+    p = ev.add_parser("gen", help="the ADM evaluator's IS (when the Inception classifier weights exist), gFID, sFID, "
+                                  "precision and recall of generated samples, from one Inception pass")
     p.add_argument("samples", help="folder of PNGs or ADM-format .npz (arr_0 uint8 NHWC)")
     p.add_argument("--ref", required=True, help="reference: statistics .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz), "
                                                 "images .npz or folder")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-pr", action="store_true",
+                   help="skip precision / recall (they need the reference images: one more Inception pass over them)")
+    p.add_argument("--save-stats", default=None, metavar="NPZ",
+                   help="write the samples' statistics in ADM's layout (mu, sigma, mu_s, sigma_s)")
     p.add_argument("--out", default=None, help="where gen_metrics.json goes (default: beside the samples)")
     p.set_defaults(func=_cmd_eval_gen)
 
@@ -457,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None)
+    _precision_option(p)
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("sample", help="generate images with a trained DiT / GPT: PNGs + ADM-format samples.npz")
@@ -478,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "token-counter path, not used by its published script)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
+    _precision_option(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("convert", help="convert the official ResTok / HAR-GPT release files into hieratok model folders")

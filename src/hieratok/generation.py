@@ -22,6 +22,7 @@ import torch
 
 from .config import settings_diff
 from .hub import read_json, write_atomic
+from .precision import inference_precision, resolve_precision
 
 __all__ = ["cache_latents", "sample_to_folder", "write_npz", "evaluate_generation"]
 
@@ -38,13 +39,15 @@ def _world() -> tuple[int, int]:
 
 def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool = False, num: Optional[int] = None,
                   batch_size: int = 64, shard_size: int = 4096, device: str = "cpu", num_workers: int = 0,
-                  progress: bool = True, ten_crop: bool = False, crop_range: float = 1.1) -> dict[str, Any]:
+                  progress: bool = True, ten_crop: bool = False, crop_range: float = 1.1,
+                  precision: Optional[str] = None) -> dict[str, Any]:
     """Encode a dataset with a tokenizer into a cache (latents for HieraTok, codes for ResTok).
 
     Images: ImageNet-style folders / shards with the ADM centre crop (labels from class folders);
     without ``data``, ``num`` (default 512) deterministic crops of the embedded training photos,
     labelled by photo. ``ten_crop``: LlamaGen's code extraction (ResTok's release): the centre
     crop is ``int(size * crop_range)`` and each image stores the ten ``TenCrop(size)`` views.
+    ``precision``: of the tokenizer (:mod:`hieratok.precision`); latents are stored as float32.
     """
     from torch.utils.data import Subset
 
@@ -54,6 +57,13 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
     from .train.parallel import barrier
 
     tok, tok_info = load_model(tokenizer, device=device, expect=TOKENIZERS)
+    prec = resolve_precision(precision, device)
+
+    def tokenize(x: torch.Tensor) -> torch.Tensor:
+        with inference_precision(prec, device):
+            v = tok.tokenize(x)
+        return v.float() if v.is_floating_point() else v
+
     size = tok.config.image_size
     if ten_crop and not crop_range >= 1.0:
         raise ValueError(f"crop_range must be >= 1 (the crop before TenCrop is crop_range x {size}), got {crop_range}")
@@ -68,17 +78,18 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
         raise ValueError(f"{data}: caching needs an indexable dataset (an image folder); shards are not supported yet")
     kind = "latents" if tok.codebook_size is None else "codes"
     rank, world = _world()
-    write_cache(tok.tokenize, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
+    write_cache(tokenize, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
                 shard_size=shard_size, batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
                 world_size=world, progress=progress,
                 source={"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_weights": tok_info["weights"],
-                        "data": None if data is None else str(Path(data).resolve()), "crop_range": crop_range if ten_crop else None})
+                        "data": None if data is None else str(Path(data).resolve()), "crop_range": crop_range if ten_crop else None,
+                        "precision": prec})
     barrier()
     meta: dict[str, Any] = {}
     if rank == 0:
         meta = {"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_type": tok.model_type,
                 "tokenizer_weights": tok_info["weights"], "image_size": size, "flip": flip,
-                "views": 10 if ten_crop else 1, "data": data or "embedded photos (train)"}
+                "views": 10 if ten_crop else 1, "data": data or "embedded photos (train)", "precision": prec}
         if ten_crop:
             meta["ten_crop"] = {"crop_size": load, "crop_range": crop_range}
         if tok.codebook_size is not None:
@@ -94,14 +105,19 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
                      cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 32, steps: Optional[int] = None,
                      all_scales: bool = False, device: str = "cpu", progress: bool = True,
                      top_p: Optional[float] = None, top_k: Optional[int] = None, temperature: Optional[float] = None,
-                     cfg_schedule: Optional[str] = None) -> Path:
-    """Generate ``num`` images as PNGs (and pyramids) plus an ADM-format ``samples.npz``; returns the npz path."""
+                     cfg_schedule: Optional[str] = None, precision: Optional[str] = None) -> Path:
+    """Generate ``num`` images as PNGs (and pyramids) plus an ADM-format ``samples.npz``; returns the npz path.
+
+    ``precision``: of the generator and the decoding tokenizer (:mod:`hieratok.precision`; default
+    tf32 on CUDA, fp32 on CPU), recorded in ``sampling.json``.
+    """
     from .data import tensor_to_pil
     from .data.latent_cache import read_cache_meta
     from .registry import GENERATORS, TOKENIZERS, load_model
     from .train.parallel import barrier
 
     model, info = load_model(generator_path, device=device, expect=GENERATORS)
+    prec = resolve_precision(precision, device)
     tc = info["train_config"]
     tok_path = tokenizer or tc.get("tokenizer")
     if tok_path is None and tc.get("data", {}).get("path") and Path(tc["data"]["path"]).is_dir():
@@ -124,7 +140,7 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     settings = {"generator": info["model_dir"], "tokenizer": str(tok_path), "num": num, "cfg_scale": cfg_scale,
                 "seed": seed, "batch_size": batch_size, "steps": steps, "all_scales": all_scales, "top_p": top_p,
                 "top_k": top_k, "temperature": temperature, "cfg_schedule": cfg_schedule,
-                "objective": tc.get("objective", {})}
+                "objective": tc.get("objective", {}), "precision": prec}
     _check_resume(out_dir, settings)  # every rank, before rank 0 writes
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if all_scales:
@@ -145,22 +161,21 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
             continue
         labels = torch.tensor([i % num_classes for i in idx], device=device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        if info["model_type"] == "dit":
-            from .generators import GeneratorObjective, sample_latents
+        with inference_precision(prec, device):
+            if info["model_type"] == "dit":
+                from .generators import GeneratorObjective, sample_latents
 
-            obj = GeneratorObjective(**tc.get("objective", {}))
-            z = sample_latents(model, obj, labels, cfg_scale, g, num_steps=steps)
-        else:
-            z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **ar_kw).codes
+                obj = GeneratorObjective(**tc.get("objective", {}))
+                z = sample_latents(model, obj, labels, cfg_scale, g, num_steps=steps)
+            else:
+                z = sample_layout(model, labels, layout, cfg_scale=cfg_scale, generator=g, **ar_kw).codes
+            pyr = tok.detokenize(z, all_scales=True) if all_scales else [tok.detokenize(z)]
+        imgs = pyr[-1]
         if all_scales:
-            pyr = tok.detokenize(z, all_scales=True)
-            imgs = pyr[-1]
             from .report import pyramid_strip
 
             for j, i in enumerate(idx):
                 pyramid_strip([p[j:j + 1].float().cpu() for p in pyr], out_dir / "pyramids" / f"{i:06d}.png")
-        else:
-            imgs = tok.detokenize(z)
         for j, i in enumerate(idx):  # atomic: a killed run never leaves a truncated PNG that counts as done
             img = tensor_to_pil(imgs[j].float().clamp(-1, 1).cpu())
             write_atomic(out_dir / "images" / f"{i:06d}.png", lambda p: img.save(p, format="PNG"))
@@ -210,23 +225,18 @@ def write_npz(folder: Path, path: Path, num: int, labels: Optional[list[int]] = 
 
 
 def evaluate_generation(samples: str, ref: str, *, out: Optional[str] = None, inception_weights: Optional[str] = None,
-                        device: str = "cpu", batch_size: int = 50) -> dict[str, Any]:
-    """gFID of samples (folder or npz) against a reference (stats npz, images npz or folder), and IS
-    when the Inception classifier head is available (otherwise the reason is reported)."""
-    from .metrics import InceptionFeatures, InceptionScoreUnavailable, fid_from_sources, inception_score
-    from .metrics.fid import iter_image_folder, iter_npz_images
+                        device: str = "cpu", batch_size: int = 50, precision_and_recall: bool = True,
+                        save_stats: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """The ADM evaluator's numbers of samples (folder or npz) against a reference (ADM reference batch or
+    statistics npz, images npz or folder): gFID, sFID, precision, recall and, when the Inception
+    classifier head is available, IS (otherwise ``is_unavailable`` says which file to add), from one
+    Inception pass over the samples (:func:`hieratok.metrics.adm_metrics`). Writes ``gen_metrics.json``."""
+    from .metrics import InceptionFeatures, adm_metrics
 
     extractor = InceptionFeatures(inception_weights).to(torch.device(device))
-    res = fid_from_sources(samples, ref, extractor=extractor, batch_size=batch_size)
-    out_d: dict[str, Any] = {"gfid": res.fid, "num_samples": res.stats_a.num_samples, "ref": str(ref),
-                             "inception_source": extractor.source}
+    out_d = adm_metrics(samples, ref, extractor, batch_size=batch_size, precision_and_recall=precision_and_recall,
+                        save_stats=save_stats, progress=progress)
     p = Path(samples)
-    batches = iter_image_folder(p, batch_size) if p.is_dir() else iter_npz_images(p, batch_size)
-    try:
-        isr = inception_score(batches, extractor)
-        out_d.update({"is": isr.mean, "is_std": isr.std})
-    except InceptionScoreUnavailable as e:
-        out_d["is_unavailable"] = str(e)
     dest = Path(out) if out else (p if p.is_dir() else p.parent)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "gen_metrics.json").write_text(json.dumps(out_d, indent=2) + "\n")

@@ -43,8 +43,9 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None, baseline: int = 0) -> Any:
-    """A :class:`~hieratok.report.ComparisonTable` of rFID, PSNR, perceptual, SSIM, gFID, IS (and
-    uniformity when measured), with every run's difference to the ``baseline``-th one."""
+    """A :class:`~hieratok.report.ComparisonTable` of rFID, PSNR, perceptual, SSIM, gFID, sFID, IS,
+    precision, recall and uniformity (the columns some run measured), with every run's difference
+    to the ``baseline``-th one."""
     metrics = [load_metrics(p) for p in paths]
     names = list(names) if names else [Path(p).name or str(p) for p in paths]
     if len(set(names)) != len(names):
@@ -55,7 +56,9 @@ def compare_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None
     if pkey:
         specs.append(MetricSpec(pkey, "LPIPS" if pkey == "lpips-vgg" else pkey, False, ".3f"))
     specs += [MetricSpec("ssim", "SSIM", True, ".3f"), MetricSpec("gfid", "gFID", False, ".2f"),
-              MetricSpec("is", "IS", True, ".1f"), MetricSpec("density_cv", "density CV", False, ".3f"),
+              MetricSpec("sfid", "sFID", False, ".2f"), MetricSpec("is", "IS", True, ".1f"),
+              MetricSpec("precision", "Prec.", True, ".3f"), MetricSpec("recall", "Rec.", True, ".3f"),
+              MetricSpec("density_cv", "density CV", False, ".3f"),
               MetricSpec("gini", "Gini", False, ".3f"), MetricSpec("normalized_entropy", "norm. entropy", True, ".3f")]
     present = [s for s in specs if any(m.get(s.key) is not None for m in metrics)]
     rows = {n: {s.key: m.get(s.key) for s in present} for n, m in zip(names, metrics)}

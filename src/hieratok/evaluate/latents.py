@@ -24,6 +24,7 @@ from ..data.latent_cache import CACHE_META
 from ..hub import read_json
 from ..metrics import latent_uniformity
 from ..metrics.uniformity import PROTOCOLS, channel_stats
+from ..precision import inference_precision, resolve_precision
 from .recon import eval_indices
 
 __all__ = ["encode_latents", "encode_latents_and_mirrored", "evaluate_latents", "load_latent_stats"]
@@ -166,7 +167,7 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
                      iterations: int = 1000, perplexity: float = 30.0, tsne_seed: Optional[int] = None,
                      batch_size: int = 32, device: str | torch.device = "cpu", out_dir: Optional[str | Path] = None,
                      latents: Optional[torch.Tensor] = None,
-                     latents_flip: Optional[torch.Tensor] = None) -> dict[str, Any]:
+                     latents_flip: Optional[torch.Tensor] = None, precision: Optional[str] = None) -> dict[str, Any]:
     """Density CV, Gini and normalised entropy of t-SNE-embedded latent vectors (mean and spread
     over ``num_runs`` seeds), plus the t-SNE scatter coloured by density when ``out_dir`` is given.
 
@@ -198,6 +199,7 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
         out_dir: where to write ``latents.json`` and ``tsne.png``.
         latents: already encoded evaluation latents (N, C, H, W) (e.g. from :func:`encode_latents`).
         latents_flip: the latents of the same images mirrored (``encode_latents(..., mirror=True)``).
+        precision: of the encoder calls (:mod:`hieratok.precision`; None: tf32 on CUDA, fp32 on CPU).
 
     Returns:
         The metrics and settings (``protocol``, ``normalization``, ``flip``, ``tsne_seed``,
@@ -218,11 +220,13 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
                              "(the mirrored images' latents: encode_latents(..., mirror=True))")
     else:
         use_flip = protocol == "vavae" if flip is None else flip
-    stats, stats_info = _train_statistics(model, train_stats, train_latents, train_data, num_train_images,
-                                          batch_size, device)
+    prec = resolve_precision(precision, device)
     skipped = 0
-    if latents is None:
-        latents, latents_flip, skipped = _encode(model, data, num_images, batch_size, device, mirror=use_flip)
+    with inference_precision(prec, device):  # the encoder calls (latents come back as float32)
+        stats, stats_info = _train_statistics(model, train_stats, train_latents, train_data, num_train_images,
+                                              batch_size, device)
+        if latents is None:
+            latents, latents_flip, skipped = _encode(model, data, num_images, batch_size, device, mirror=use_flip)
     if not use_flip:
         latents_flip = None
     n_img, _, h, w = latents.shape
@@ -244,7 +248,7 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
                             num_threads=torch.get_num_threads())  # as many as torch uses (see train/threads.py)
     out = {**res.as_dict(), "num_points_requested": num_points,
            "all_images_each_run": protocol == "vavae" and points == n_img, **stats_info,
-           "num_images": int(n_img), "num_skipped": skipped, "latent_shape": list(latents.shape[1:])}
+           "num_images": int(n_img), "num_skipped": skipped, "latent_shape": list(latents.shape[1:]), "precision": prec}
     arrays = {"points_2d": res.points_2d, "densities": res.densities}  # first run, for plots
     if out_dir is not None:
         from ..report import plot_tsne

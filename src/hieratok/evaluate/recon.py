@@ -44,6 +44,7 @@ from ..metrics import (
     ssim,
 )
 from ..metrics.image import color_error, quantize_to_uint8
+from ..precision import inference_precision, resolve_precision
 
 __all__ = ["ReconEvalConfig", "evaluate_reconstruction", "write_recon_report"]
 
@@ -66,6 +67,7 @@ class ReconEvalConfig:
     progress: bool = True
     crops_per_photo: int = 4  # embedded held-out photos only
     short_side: Optional[int] = None  # embedded photos only
+    precision: Optional[str] = None  # the tokenizer's: fp32 | tf32 | bf16 | fp16 (None: tf32 on CUDA, fp32 on CPU)
 
 
 def _world() -> tuple[int, int]:
@@ -102,6 +104,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     """
     device = torch.device(device)
     rank, world = _world()
+    prec = resolve_precision(cfg.precision, device)  # the tokenizer only: Inception and LPIPS stay float32
     size = model.config.image_size
     # on_error="none": an unreadable image becomes None (dropped by the collate), not its neighbour
     ds = build_dataset(cfg.data, "eval", size, crops_per_photo=cfg.crops_per_photo, short_side=cfg.short_side,
@@ -154,7 +157,8 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             x = x[: quota - seen]
         if x.shape[0] == 0:
             break
-        pyr, idx = model.reconstruct(x)
+        with inference_precision(prec, device):
+            pyr, idx = model.reconstruct(x)
         if usage is not None:
             usage.update(idx)
         # metrics are computed on what a user would save: 8-bit images (quantize_to_uint8 clamps
@@ -229,7 +233,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     k = cfg.keep_images
     out["samples"] = {"inputs": torch.cat(kept_x)[:k] if kept_x else None,
                       "pyramids": [torch.cat(level)[:k] for level in zip(*kept_pyr)] if kept_pyr else None}
-    out["protocol"] = asdict(cfg)
+    out["protocol"] = {**asdict(cfg), "precision": prec}
     return out
 
 

@@ -1,8 +1,10 @@
-"""Evaluation metrics: FID / IS (standard FID Inception), PSNR, SSIM, latent uniformity, codebook stats.
+"""Evaluation metrics: FID / sFID / IS / precision / recall (standard FID Inception, ADM's evaluator),
+PSNR, SSIM, latent uniformity, codebook stats.
 
 LPIPS lives with the perceptual losses (:mod:`hieratok.losses.perceptual`).
 """
 
+from .adm import BatchFeatures, adm_metrics, batch_features, load_reference, save_adm_stats
 from .codebook import CodebookStats, CodebookUsage, codebook_stats
 from .fid import (
     FeatureStats,
@@ -20,6 +22,7 @@ from .image import color_error, psnr, quantize_to_uint8, ssim
 from .inception import (
     FID_FEATURE_DIM,
     PT_INCEPTION_FILENAME,
+    SFID_FEATURE_DIM,
     FIDInceptionV3,
     InceptionFeatures,
     InceptionScoreResult,
@@ -29,6 +32,7 @@ from .inception import (
     tf_bilinear_resize,
 )
 from .kid import kernel_inception_distance, polynomial_mmd2
+from .precision_recall import PrecisionRecall, in_manifold, manifold_radii, precision_recall
 from .uniformity import (
     UniformityResult,
     density_cv,
@@ -38,6 +42,8 @@ from .uniformity import (
 )
 
 __all__ = [
+    "BatchFeatures", "adm_metrics", "batch_features", "load_reference", "save_adm_stats",
+    "PrecisionRecall", "in_manifold", "manifold_radii", "precision_recall", "SFID_FEATURE_DIM",
     "CodebookStats", "CodebookUsage", "codebook_stats",
     "FeatureStats", "FIDResult", "GaussianStats", "all_reduce_feature_stats", "compute_feature_stats",
     "fid_from_sources", "frechet_distance", "iter_image_folder", "iter_npz_images", "stats_from_source",

@@ -52,12 +52,13 @@ class CodebookUsage:
         self.codebook_size = codebook_size
         self.counts = torch.zeros(codebook_size, dtype=torch.int64, device=device)
 
-    def update(self, indices: torch.Tensor) -> "CodebookUsage":
-        """Count a tensor of code indices of any shape."""
+    def update(self, indices: torch.Tensor, check: bool = True) -> "CodebookUsage":
+        """Count a tensor of code indices of any shape. ``check=False`` skips the range check, which
+        reads the indices back to the host (a GPU sync): for indices a quantizer produced."""
         idx = torch.as_tensor(indices).reshape(-1)
         if idx.is_floating_point():
             raise TypeError(f"indices must be an integer tensor, got {idx.dtype}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
+        if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
                              f"[{int(idx.min())}, {int(idx.max())}]")
         self.counts += torch.bincount(idx.to(self.counts.device, torch.int64), minlength=self.codebook_size)

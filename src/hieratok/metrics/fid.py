@@ -49,6 +49,8 @@ __all__ = [
     "iter_image_folder",
     "iter_npz_images",
     "npz_kind",
+    "npz_keys",
+    "image_batches",
     "stats_from_source",
     "FIDResult",
     "fid_from_sources",
@@ -336,8 +338,7 @@ def _open_npz(path: str | os.PathLike) -> zipfile.ZipFile:
 
 def npz_kind(path: str | os.PathLike) -> str:
     """``"stats"`` if the ``.npz`` has ``mu`` and ``sigma``, ``"images"`` if it has ``arr_0``."""
-    with _open_npz(path) as zf:
-        names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
+    names = npz_keys(path)
     if {"mu", "sigma"} <= names:
         return "stats"
     if "arr_0" in names:
@@ -380,6 +381,29 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int = 50, key: str = "a
             yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
 
 
+def npz_keys(path: str | os.PathLike) -> set[str]:
+    """The array names in an ``.npz`` (read from the zip directory, no array is loaded)."""
+    with _open_npz(path) as zf:
+        return {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
+
+
+def image_batches(source: str | os.PathLike, batch_size: int = 50,
+                  num_workers: int = 0) -> tuple[Iterator[torch.Tensor], int]:
+    """uint8 ``(B, 3, H, W)`` batches of an image folder or of an ``.npz``'s ``arr_0``, and the image count.
+
+    Raises:
+        ValueError: ``source`` is neither, or the ``.npz`` holds no ``arr_0``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return iter_image_folder(path, batch_size, num_workers), len(_list_images(path))
+    if path.is_file() and path.suffix == ".npz":
+        if "arr_0" not in npz_keys(path):
+            raise ValueError(f"{path}: holds no images (arr_0); keys {sorted(npz_keys(path))}")
+        return iter_npz_images(path, batch_size), _npz_array_info(path, "arr_0")[0][0]
+    raise ValueError(f"{source}: not an image folder or an .npz file")
+
+
 def stats_from_source(
     source: str | os.PathLike | GaussianStats,
     extractor: Optional[InceptionFeatures] = None,
@@ -401,16 +425,9 @@ def stats_from_source(
     if isinstance(source, GaussianStats):
         return source
     path = Path(source)
-    if path.is_dir():
-        batches: Iterable[torch.Tensor] = iter_image_folder(path, batch_size, num_workers)
-        total: Optional[int] = len(_list_images(path))
-    elif path.is_file() and path.suffix == ".npz":
-        if npz_kind(path) == "stats":
-            return GaussianStats.load(path)
-        batches = iter_npz_images(path, batch_size)
-        total = _npz_array_info(path, "arr_0")[0][0]
-    else:
-        raise ValueError(f"{source}: not an image folder or an .npz file")
+    if path.is_file() and path.suffix == ".npz" and npz_kind(path) == "stats":
+        return GaussianStats.load(path)
+    batches, total = image_batches(path, batch_size, num_workers)
     if extractor is None:
         raise ValueError(f"{source} holds images: an InceptionFeatures extractor is needed")
     stats = compute_feature_stats(batches, extractor, progress=progress, total=total, desc=path.name)

@@ -1,4 +1,4 @@
-"""The FID Inception network: 2048-d pool3 features and the 1008-way logits for the Inception Score.
+"""The FID Inception network: 2048-d pool3 features, ADM's 2023-d sFID features and the 1008-way IS logits.
 
 Every FID in the literature is measured with one network: the TensorFlow graph
 ``inception-2015-12-05`` (Szegedy et al. 2016, as frozen for the original FID / IS code). Its
@@ -54,12 +54,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import exact_fp32
 from ..weights import MissingWeightsError, ResolvedWeights, resolve_weights
 from .image import quantize_to_uint8
 
 __all__ = [
     "PT_INCEPTION_FILENAME",
     "FID_FEATURE_DIM",
+    "SFID_FEATURE_DIM",
     "INCEPTION_NUM_CLASSES",
     "FIDInceptionV3",
     "InceptionFeatures",
@@ -75,6 +77,8 @@ logger = logging.getLogger(__name__)
 
 PT_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_FEATURE_DIM = 2048
+SFID_CHANNELS = 7  # ADM's evaluator keeps the first 7 of mixed_6/conv's 192 channels
+SFID_FEATURE_DIM = SFID_CHANNELS * 17 * 17  # 2023
 INCEPTION_NUM_CLASSES = 1008
 INCEPTION_SIZE = 299
 _WEIGHTS_KEY = "INCEPTION"  # -> $HIERATOK_INCEPTION_WEIGHTS
@@ -267,14 +271,28 @@ class FIDInceptionV3(nn.Module):
         return self.fc is not None
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.pool_and_spatial(x_BCHW, spatial=False)[0]
+
+    def pool_and_spatial(self, x_BCHW: torch.Tensor, spatial: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Pool3 features ``(B, 2048)`` and the sFID features ``(B, 2023)`` (``None`` unless ``spatial``).
+
+        The sFID features are the ADM evaluator's ``mixed_6/conv:0`` (the TF graph's first 1x1
+        convolution of ``mixed_6``, i.e. ``Mixed_6d.branch1x1`` after its ReLU, 17x17x192), first
+        7 channels, flattened in TF's NHWC order: ``7 * 17 * 17 = 2023`` values per image. The
+        branch is computed once more for the tap (0.7% of the network's multiply-adds).
+        """
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x_BCHW)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
+        tap = None
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            if spatial and block is self.Mixed_6d:
+                s = block.branch1x1(x)[:, :SFID_CHANNELS]  # (B, 7, 17, 17)
+                tap = s.permute(0, 2, 3, 1).reshape(s.shape[0], -1)  # (B, 2023), NHWC order
             x = block(x)
-        return x.mean(dim=(2, 3))  # (B, 2048) pool3
+        return x.mean(dim=(2, 3)), tap  # (B, 2048) pool3
 
     def logits(self, feats_BD: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
         """Class logits ``(B, 1008)`` from pool3 features.
@@ -416,8 +434,9 @@ def _is_unavailable_message() -> str:
 
     return (
         f"IS unavailable: the loaded Inception weights have no classifier (the offline trunk only); "
-        f"provide {PT_INCEPTION_FILENAME} at {torch_hub_checkpoint_dir() / PT_INCEPTION_FILENAME} "
-        f"(or set $HIERATOK_INCEPTION_WEIGHTS / pass its path); FID works without it"
+        f"put pytorch-fid's {PT_INCEPTION_FILENAME} (from its GitHub release; it has the classifier) at "
+        f"{torch_hub_checkpoint_dir() / PT_INCEPTION_FILENAME} (or set $HIERATOK_INCEPTION_WEIGHTS / pass "
+        f"--inception-weights); FID, sFID, precision and recall work without it"
     )
 
 
@@ -545,13 +564,19 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor, value_range: Sequence[float] = (-1.0, 1.0)) -> torch.Tensor:
         """Pool3 features ``(B, 2048)``, float32, on the extractor's device.
 
-        Runs in float32 even inside an autocast region. On Ampere or newer GPUs cuDNN may run
-        float32 convolutions in TF32 (``torch.backends.cudnn.allow_tf32``, on by default), which
-        perturbs features at the 1e-3 level; turn it off for reference-grade numbers.
+        Runs in exact float32 even inside an autocast region or with TF32 allowed (TF32 would
+        perturb features at the 1e-3 level): :func:`hieratok.precision.exact_fp32`.
         """
+        return self.pool_and_spatial(images, value_range, spatial=False)[0]
+
+    @torch.no_grad()
+    def pool_and_spatial(
+        self, images: torch.Tensor, value_range: Sequence[float] = (-1.0, 1.0), spatial: bool = True
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Pool3 features ``(B, 2048)`` and ADM's sFID features ``(B, 2023)`` from one pass (float32)."""
         x = self.preprocess(images, value_range)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.net(x)
+        with exact_fp32(x.device):
+            return self.net.pool_and_spatial(x, spatial)
 
     @torch.no_grad()
     def features_and_logits(
@@ -566,6 +591,18 @@ class InceptionFeatures(nn.Module):
             raise InceptionScoreUnavailable(_is_unavailable_message())
         feats = self.forward(images, value_range)
         return feats, self.net.logits(feats)
+
+    @torch.no_grad()
+    def logits(self, feats_BD: torch.Tensor) -> torch.Tensor:
+        """Bias-free class logits ``(B, 1008)`` of pool3 features, on the extractor's device.
+
+        Raises:
+            InceptionScoreUnavailable: the weights have no classifier.
+        """
+        if not self.has_classifier:
+            raise InceptionScoreUnavailable(_is_unavailable_message())
+        with exact_fp32(self.device):
+            return self.net.logits(feats_BD.to(self.device, torch.float32))
 
     def iter_features(
         self,

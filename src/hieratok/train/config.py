@@ -29,7 +29,7 @@ class DataConfig:
     """Where images come from. ``path=None`` uses the embedded photos shipped by installed packages."""
 
     path: Optional[str] = None
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: min(8, CPUs per local rank) on CUDA, 0 (the main process) on CPU
     samples_per_epoch: int = 1024  # embedded photos only
     short_side: Optional[int] = None  # embedded photos only: rescale short side first (crops see more of the scene)
     random_resized_crop_scale: Optional[tuple[float, float]] = None  # None: ADM centre crop (+ flip)
@@ -118,6 +118,10 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive skipped steps before the run stops
     tensorboard: bool = True
     wandb: bool = False
+    # wandb run identity; the run id goes to <out>/wandb.json so a resumed run continues the same wandb run
+    wandb_project: str = "hieratok"
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None  # default: the run folder's name
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..losses.reconstruction import MultiScaleReconstructionLoss
+from ..metrics.codebook import CodebookUsage
 from ..tokenizers import HieraTok, ResTok
 from .config import GeneratorTrainConfig, TokenizerTrainConfig, TrainConfig, task_name
 from .diagnostics import posterior_stats
@@ -91,8 +92,10 @@ class Task:
         raise NotImplementedError
 
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
-                  out_dir: Path, step: int) -> None:
-        """Write images of the current state (reconstruction grids, sample grids)."""
+                  out_dir: Path, step: int) -> list[Path]:
+        """Write images of the current state (reconstruction grids, sample grids); returns their
+        files (``<kind>_<step>.png``), which the trainer also logs to TensorBoard / wandb."""
+        return []
 
     @property
     def diag_every(self) -> int:
@@ -114,6 +117,11 @@ class Task:
     def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics of ``model`` (unwrapped, eval mode, EMA weights if any, under no_grad) on the
         :meth:`diagnostic_images` batch ``x``: 0-d tensors under their CSV column names."""
+        return {}
+
+    def window_logs(self) -> dict[str, float]:
+        """Logs over the training steps since the previous log row (e.g. codebook usage), under their
+        CSV column names; called at every log step on every rank (it may all-reduce)."""
         return {}
 
 
@@ -245,16 +253,17 @@ class TokenizerTask(Task):
         return reconstruction_diagnostics(x, [recs] if isinstance(recs, torch.Tensor) else list(recs))
 
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
-                  out_dir: Path, step: int) -> None:
+                  out_dir: Path, step: int) -> list[Path]:
         from ..report import reconstruction_grid
 
         recs = ctx.get("recs", [[]])[0]
         if not recs:
-            return
+            return []
         x = batch[0]
         n = min(4, x.shape[0])
-        reconstruction_grid(x[:n].float().cpu(), {"recon": [r[:n].float().cpu() for r in recs]},
-                            out_dir / f"recon_{step:08d}.png", max_images=n)
+        path = out_dir / f"recon_{step:08d}.png"
+        reconstruction_grid(x[:n].float().cpu(), {"recon": [r[:n].float().cpu() for r in recs]}, path, max_images=n)
+        return [path]
 
     def phases(self) -> list[Phase]:
         o, g = self.cfg.optim, self.cfg.gan
@@ -317,6 +326,16 @@ class ResTokTask(TokenizerTask):
             self.vf_encoder = encoder
         self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual, alignment_weight=cfg.vf.weight,
                                                 alignment_margin=cfg.vf.margin_cos), perceptual)
+        self.code_counts: Optional[CodebookUsage] = None  # codes the training batches used since the last log
+
+    def window_logs(self) -> dict[str, float]:
+        """``codebook_usage`` (fraction of the codes used) and ``codebook_perplexity`` (exp of the code
+        entropy) of the training batches since the previous log row, over all ranks."""
+        if self.code_counts is None:
+            return {}
+        st = self.code_counts.all_reduce_().compute()
+        self.code_counts.reset()
+        return {"codebook_usage": st.usage, "codebook_perplexity": st.perplexity}
 
     def _alignment_encoder(self, cfg: TokenizerTrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
         """The frozen foundation encoder (None without alignment) and the model defaults it implies:
@@ -375,6 +394,9 @@ class ResTokTask(TokenizerTask):
             # token, so its spatial mean stands in (the release's choice for SigLIP2, which has none)
             foundation = {"foundation_cls": feats.mean(dim=(2, 3)), "foundation_features": feats}
         logs = self.loss(x, out, step, **foundation)
+        if self.code_counts is None:
+            self.code_counts = CodebookUsage(self.model_config.codebook_size, device=x.device)
+        self.code_counts.update(out["indices"], check=False)  # no host read: the quantizer's own indices
         ctx.setdefault("recs", []).append([rec.detach()])
         self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).last_layer(), logs["loss"])
         return logs
@@ -452,13 +474,13 @@ class _CachedTask(Task):
         raise NotImplementedError
 
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
-                  out_dir: Path, step: int) -> None:
+                  out_dir: Path, step: int) -> list[Path]:
         """A grid of class-conditional samples (fixed seed and labels), decoded by the tokenizer."""
         from ..report import save_samples_grid
 
         decode = self._decode()
         if decode is None:
-            return
+            return []
         model = unwrap(modules["model"])
         was = model.training
         model.eval()
@@ -467,7 +489,9 @@ class _CachedTask(Task):
         with torch.no_grad():
             images = decode(self._sample(model, labels, torch.Generator().manual_seed(self.cfg.seed)).cpu())
         model.train(was)
-        save_samples_grid(images.float().clamp(-1, 1), out_dir / f"samples_{step:08d}.png", nrow=min(8, images.shape[0]))
+        path = out_dir / f"samples_{step:08d}.png"
+        save_samples_grid(images.float().clamp(-1, 1), path, nrow=min(8, images.shape[0]))
+        return [path]
 
 
 class DiTTask(_CachedTask):

@@ -7,7 +7,9 @@ What a run writes to ``metrics.csv`` / TensorBoard, one row per step that logs a
 task's logs averaged over ``log_every`` steps (for tokenizers the loss terms, per-scale
 ``l1_s{size}`` / ``perceptual_s{size}``, ``kl``, the posterior's ``posterior_snr``,
 ``posterior_snr_median``, ``posterior_std``), ``lr``, ``grad_norm``, ``img_per_s``,
-``nonfinite_total``; and every ``diag_every`` steps the task's held-out diagnostics
+``nonfinite_total``, the task's window logs (VQ training: ``codebook_usage``,
+``codebook_perplexity`` of the codes used since the previous row); and every ``diag_every`` steps
+the task's held-out diagnostics
 (``heldout_psnr_s{size}``, ``heldout_color_err{,_r,_g,_b}``: see :mod:`.diagnostics`). Columns a
 step does not log are empty in its row.
 """
@@ -57,10 +59,11 @@ from .parallel import (
 from .tasks import Phase, build_task, param_groups
 from .threads import ThreadGovernor, thread_candidates
 
-__all__ = ["Trainer", "lr_at", "NonFiniteLossError", "check_run_dir", "RUN_FILES"]
+__all__ = ["Trainer", "lr_at", "NonFiniteLossError", "check_run_dir", "default_num_workers", "RUN_FILES"]
 
 # what a run writes into its folder (and what --overwrite removes: nothing else)
-RUN_FILES = ("train_config.yaml", "metrics.csv", "checkpoints", "tb", "images")
+RUN_FILES = ("train_config.yaml", "metrics.csv", "checkpoints", "tb", "images", "wandb.json")
+WANDB_RUN = "wandb.json"  # the wandb run's id, name, entity and project: a resumed run continues it
 
 
 def check_run_dir(run_dir: str | Path, resume: Optional[str], overwrite: bool, remove: bool = True) -> None:
@@ -98,11 +101,44 @@ def lr_at(step: int, total: int, base: float, end: float, warmup_ratio: float) -
     return end + 0.5 * (base - end) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Data-loading processes when ``data.num_workers`` is unset: on CUDA min(8, CPUs per rank on
+    this node - 1), so decoding keeps up with the GPU; on CPU 0 (workers would take cores from the
+    training threads)."""
+    import os
+
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))  # one core left to the rank's main process
+
+
+def _init_wandb(run_dir: Path, cfg: TrainConfig) -> Any:
+    """Start, or continue after a resume, the run's wandb run: its id, name, entity and project live in
+    ``<run>/wandb.json`` (written at the first start, removed by ``--overwrite`` with the run)."""
+    import json
+
+    import wandb
+
+    path = run_dir / WANDB_RUN
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    run = wandb.init(project=saved.get("project", cfg.wandb_project), entity=saved.get("entity", cfg.wandb_entity),
+                     name=saved.get("name", cfg.wandb_name or run_dir.resolve().name), id=saved.get("id"),
+                     resume="allow", dir=str(run_dir), config=config_dict(cfg))
+    ident = {"id": run.id, "name": run.name, "entity": run.entity, "project": run.project,
+             "url": getattr(run, "url", None)}
+    if ident != saved:
+        path.write_text(json.dumps(ident, indent=2) + "\n")
+    return run
+
+
 class _Logger:
     """CSV + TensorBoard (+ optional wandb) on the main rank.
 
     ``metrics.csv`` keeps the rows up to ``step`` (the step the run starts or resumes from): rows a
     killed run logged after its last checkpoint are dropped, as the resumed run logs those steps again.
+    Images (reconstruction / sample grids) go to TensorBoard and wandb as well as to ``images/``.
     """
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool, step: int = 0) -> None:
@@ -129,9 +165,7 @@ class _Logger:
             except ImportError:  # pragma: no cover
                 log.warning("tensorboard is not installed: TensorBoard logging off")
         if cfg.wandb:
-            import wandb
-
-            self.wandb = wandb.init(project="hieratok", dir=str(run_dir), config=config_dict(cfg))
+            self.wandb = _init_wandb(run_dir, cfg)
 
     def write(self, step: int, row: dict[str, float]) -> None:
         if not self.main:
@@ -157,9 +191,27 @@ class _Logger:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
+    def image(self, step: int, path: Path) -> None:
+        """Log a grid written to ``path`` under its kind (``recon``, ``samples``: the file name before the step)."""
+        if not self.main or (self.tb is None and self.wandb is None):
+            return
+        tag = path.stem.rsplit("_", 1)[0]
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class Trainer:
@@ -238,7 +290,9 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)  # no-op within the current (possibly resumed) epoch
         per_step = self.cfg.batch_size * self.cfg.optim.grad_accum
-        dl = DataLoader(self.dataset, batch_size=per_step, sampler=self.sampler, num_workers=self.cfg.data.num_workers,
+        workers = self.cfg.data.num_workers
+        dl = DataLoader(self.dataset, batch_size=per_step, sampler=self.sampler,
+                        num_workers=default_num_workers(self.dist.device) if workers is None else workers,
                         collate_fn=collate_drop_none, drop_last=True, pin_memory=self.dist.device.type == "cuda",
                         # its own generator: creating a loader must not consume the global RNG
                         # (resume equivalence), and worker seeds follow (seed, epoch)
@@ -514,12 +568,13 @@ class Trainer:
         log.info("resumed from %s (step %d, epoch %d)", ckpt, self.step, self.epoch)
 
     # ---- images -------------------------------------------------------------------------------
-    def _save_images(self, batch: tuple[torch.Tensor, ...], ctx: dict[str, Any]) -> None:
+    def _save_images(self, batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], logger: "_Logger") -> None:
         if not self.dist.is_main or not self.grids:
             return
         out = self.run_dir / "images"
         out.mkdir(exist_ok=True)
-        self.task.visualize(self.wrapped, batch, ctx, out, self.step)
+        for path in self.task.visualize(self.wrapped, batch, ctx, out, self.step) or []:
+            logger.image(self.step, path)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume: Optional[str] = None, max_steps: Optional[int] = None) -> list[dict[str, float]]:
@@ -590,6 +645,7 @@ class Trainer:
                     row["img_per_s"] = imgs / max(dt, 1e-9)
                     row["nonfinite_total"] = float(self.nonfinite_total)
                     row["threads"] = float(torch.get_num_threads())
+                    row.update(self.task.window_logs())  # every rank: it may all-reduce
                     acc, t0, imgs, diag_s = {}, time.perf_counter(), 0, 0.0
                 if self.task.diag_every > 0 and (self.step % self.task.diag_every == 0 or self.step == c.steps):
                     t_diag = time.perf_counter()
@@ -603,7 +659,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if c.image_every > 0 and (self.step % c.image_every == 0 or self.step == c.steps):
-                    self._save_images(batch, ctx)
+                    self._save_images(batch, ctx, logger)
                 if c.ckpt_every > 0 and self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.save()
         finally:
