@@ -52,6 +52,8 @@ def test_autoencoderkl_loads_as_a_tokenizer(dirs, tmp_path):
     assert idx is None and torch.equal(rec, ref.decode(z).sample) and tok.output_sides() == [64]
     with pytest.raises(ValueError, match="one output scale"):
         tok.detokenize(z, all_scales=True)
+    with pytest.raises(TypeError, match="wraps a diffusers AutoencoderKL already: use its .vae"):
+        as_diffusers_vae(tok)
     assert load_model(f"diffusers:{dirs / 'vae'}", image_size=32)[0].config.image_size == 32
     (tmp_path / "pipe").mkdir()  # a pipeline folder: the VAE in vae/
     ref.save_pretrained(tmp_path / "pipe" / "vae")

@@ -107,7 +107,7 @@ def test_the_adapter_reads_the_tokenizer_statistics(tok):
 def test_vq_and_foreign_tokenizers_are_refused():
     with pytest.raises(TypeError, match="restok is a VQ tokenizer .* needs a continuous latent"):
         as_diffusers_vae(ResTok.from_preset("restok-tiny"))
-    with pytest.raises(TypeError, match="not a hieratok tokenizer"):
+    with pytest.raises(TypeError, match="Linear is not a hieratok tokenizer"):
         as_diffusers_vae(torch.nn.Linear(2, 2))
 
 

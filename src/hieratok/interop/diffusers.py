@@ -43,6 +43,7 @@ from torch import nn
 
 from ..distributions import DiagonalGaussian
 from ..hub import CONFIG_NAME, read_json
+from ..tokenizers.base import Tokenizer
 from ..tokenizers.inputs import check_images
 
 __all__ = ["as_diffusers_vae", "DiffusersVAE", "AutoencoderKLTokenizer", "load_autoencoder_kl", "scaling_fields"]
@@ -145,12 +146,15 @@ def as_diffusers_vae(tokenizer: Any, *, normalization: str = "global", scaling_f
         >>> z = (z - vae.config.shift_factor) * vae.config.scaling_factor
     """
     kind = getattr(tokenizer, "model_type", type(tokenizer).__name__)
-    if getattr(tokenizer, "codebook_size", None) is not None:
+    if isinstance(tokenizer, AutoencoderKLTokenizer):
+        raise TypeError("this tokenizer wraps a diffusers AutoencoderKL already: use its .vae")
+    if not (isinstance(tokenizer, Tokenizer) and isinstance(tokenizer, nn.Module)):
+        raise TypeError(f"{kind} is not a hieratok tokenizer (hieratok.tokenizers.base.Tokenizer)")
+    if tokenizer.codebook_size is not None:
         raise TypeError(f"{kind} is a VQ tokenizer ({tokenizer.codebook_size} codes): diffusers' AutoencoderKL "
                         "interface needs a continuous latent with a Gaussian posterior (HieraTok)")
-    if not (isinstance(tokenizer, nn.Module) and callable(getattr(tokenizer, "encode", None))
-            and callable(getattr(tokenizer, "detokenize", None))):
-        raise TypeError(f"{kind} is not a hieratok tokenizer with encode() -> posterior and detokenize()")
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"{kind} has no encode() -> Gaussian posterior for diffusers' latent_dist")
     c = tokenizer.config
     mean, std = getattr(c, "latent_mean", None), getattr(c, "latent_std", None)
     patch = c.patch_size
