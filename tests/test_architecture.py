@@ -11,7 +11,7 @@ LAYERS = [
     {"version", "config", "machine", "distributions", "precision"},
     {"hub", "checkpoint", "weights", "nn", "quantizers", "metrics", "data", "report"},
     {"presets", "tokenizers", "generators", "(package)"},
-    {"losses", "flops", "convert", "registry"},
+    {"losses", "flops", "convert", "registry", "interop"},
     {"train", "evaluate"},
     {"generation", "reconstruct"},
     {"ablation"},

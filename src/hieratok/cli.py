@@ -141,10 +141,10 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
 
 def _cmd_eval_latents(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_latents
-    from .registry import load_model
+    from .registry import DIFFUSERS_VAE, load_model
 
     dev = _device(args.device)
-    model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=("hieratok",))
+    model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=("hieratok", DIFFUSERS_VAE))
     out = Path(args.out or Path(info["model_dir"]) / "eval")
     res = evaluate_latents(model, args.data, protocol=args.protocol, flip=args.flip, train_stats=args.train_stats,
                            train_data=args.train_data, num_train_images=args.num_train_images,
@@ -253,9 +253,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, ten_crop=args.ten_crop,
                          crop_range=args.crop_range, num=args.num, batch_size=args.batch_size,
                          shard_size=args.shard_size, device=_device(args.device), num_workers=args.workers,
-                         precision=args.precision)
+                         precision=args.precision, update_tokenizer=args.update_tokenizer)
     if meta:
         print(f"{meta['num']} {meta['kind']} of shape {meta['shape']} ({meta['num_labels']} labels) in {args.out}")
+        if args.update_tokenizer:
+            print(f"latent mean/std written into {meta['tokenizer']}/config.json")
     return 0
 
 
@@ -398,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate: recon, latents, fid, gen").add_subparsers(dest="what", required=True)
     p = ev.add_parser("recon", help="rFID, PSNR, SSIM, perceptual distance and per-scale PSNR of a tokenizer")
-    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint or model folder")
+    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint or model folder, "
+                                                       "or diffusers:DIR (an AutoencoderKL folder)")
     p.add_argument("--data", default=None, help="evaluation images (folder or shards); default: the embedded held-out photos")
     p.add_argument("--num", type=int, default=50_000, help="number of images (default 50000, the paper protocol)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -414,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval_recon)
 
     p = ev.add_parser("latents", help="latent uniformity (t-SNE density CV, Gini, normalized entropy) and a t-SNE plot")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="HieraTok run, checkpoint or model folder, or diffusers:DIR")
     p.add_argument("--data", default=None)
     p.add_argument("--protocol", choices=["vavae", "pooled"], default="vavae",
                    help="vavae (default, Table 5): one random latent position per image, as VA-VAE's analysis; "
@@ -466,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval_gen)
 
     p = sub.add_parser("cache-latents", help="encode a dataset once with a tokenizer (latents or codes) for generator training")
-    p.add_argument("--checkpoint", required=True, help="tokenizer: run, checkpoint or model folder (HieraTok or ResTok)")
+    p.add_argument("--checkpoint", required=True, help="tokenizer: run, checkpoint or model folder (HieraTok or ResTok), "
+                                                       "or diffusers:DIR (an AutoencoderKL folder)")
     p.add_argument("--data", default=None, help="image folder (ADM centre crop; class folders give labels); default: embedded photos")
     p.add_argument("--out", required=True)
     views = p.add_mutually_exclusive_group()
@@ -480,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None)
     _precision_option(p)
+    p.add_argument("--update-tokenizer", action="store_true",
+                   help="also write the latents' per-channel mean/std into the HieraTok folder's config.json "
+                        "(latent_mean, latent_std: the scaling diffusers interop reads)")
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("sample", help="generate images with a trained DiT / GPT: PNGs + ADM-format samples.npz")

@@ -40,14 +40,19 @@ def _world() -> tuple[int, int]:
 def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool = False, num: Optional[int] = None,
                   batch_size: int = 64, shard_size: int = 4096, device: str = "cpu", num_workers: int = 0,
                   progress: bool = True, ten_crop: bool = False, crop_range: float = 1.1,
-                  precision: Optional[str] = None) -> dict[str, Any]:
-    """Encode a dataset with a tokenizer into a cache (latents for HieraTok, codes for ResTok).
+                  precision: Optional[str] = None, update_tokenizer: bool = False) -> dict[str, Any]:
+    """Encode a dataset with a tokenizer into a cache (latents for HieraTok or a ``diffusers:<dir>``
+    AutoencoderKL, codes for ResTok).
 
     Images: ImageNet-style folders / shards with the ADM centre crop (labels from class folders);
     without ``data``, ``num`` (default 512) deterministic crops of the embedded training photos,
     labelled by photo. ``ten_crop``: LlamaGen's code extraction (ResTok's release): the centre
     crop is ``int(size * crop_range)`` and each image stores the ten ``TenCrop(size)`` views.
     ``precision``: of the tokenizer (:mod:`hieratok.precision`); latents are stored as float32.
+    ``update_tokenizer``: also write the latents' per-channel mean / std into the tokenizer
+    folder's ``config.json`` (``latent_mean`` / ``latent_std``, read by
+    :func:`hieratok.interop.diffusers.as_diffusers_vae`); the command never owns that folder, so
+    it is written only on request (a local HieraTok folder; statistics there are replaced, logged).
     """
     from torch.utils.data import Subset
 
@@ -64,6 +69,8 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
             v = tok.tokenize(x)
         return v.float() if v.is_floating_point() else v
 
+    if update_tokenizer:  # refused before anything is encoded
+        _check_stats_target(tokenizer, tok_info)
     size = tok.config.image_size
     if ten_crop and not crop_range >= 1.0:
         raise ValueError(f"crop_range must be >= 1 (the crop before TenCrop is crop_range x {size}), got {crop_range}")
@@ -81,13 +88,13 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
     write_cache(tokenize, ds, out, kind=kind, flip=flip, ten_crop_size=size if ten_crop else None,
                 shard_size=shard_size, batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
                 world_size=world, progress=progress,
-                source={"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_weights": tok_info["weights"],
+                source={"tokenizer": tok_info["source"], "tokenizer_weights": tok_info["weights"],
                         "data": None if data is None else str(Path(data).resolve()), "crop_range": crop_range if ten_crop else None,
                         "precision": prec})
     barrier()
     meta: dict[str, Any] = {}
     if rank == 0:
-        meta = {"tokenizer": str(Path(tok_info["model_dir"]).resolve()), "tokenizer_type": tok.model_type,
+        meta = {"tokenizer": tok_info["source"], "tokenizer_type": tok.model_type,
                 "tokenizer_weights": tok_info["weights"], "image_size": size, "flip": flip,
                 "views": 10 if ten_crop else 1, "data": data or "embedded photos (train)", "precision": prec}
         if ten_crop:
@@ -96,8 +103,36 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
             meta["codebook_size"] = tok.codebook_size
         meta = finalize_cache(out, meta)
         log.info("cached %d %s of shape %s in %s", meta["num"], kind, meta["shape"], out)
+        if update_tokenizer:
+            _write_latent_stats(Path(tok_info["model_dir"]), meta["mean"], meta["std"], out)
     barrier()
     return meta
+
+
+def _check_stats_target(tokenizer: str, tok_info: dict[str, Any]) -> None:
+    """ValueError unless ``tokenizer`` is a local HieraTok folder that can take latent statistics."""
+    if tok_info["model_type"] != "hieratok":
+        raise ValueError(f"--update-tokenizer writes latent statistics into a HieraTok config; {tokenizer} is "
+                         f"{tok_info['model_type']!r} (ResTok caches codes; a diffusers VAE keeps its own scaling)")
+    if not Path(tokenizer).expanduser().exists():
+        raise ValueError(f"--update-tokenizer: {tokenizer} is a Hub repo in the cache, which is not written to; "
+                         "save the model to a folder and cache with that")
+
+
+def _write_latent_stats(model_dir: Path, mean: list[float], std: list[float], cache: str) -> None:
+    """Set ``latent_mean`` / ``latent_std`` in ``model_dir/config.json`` (checked, written atomically)."""
+    from .config import config_from_dict
+    from .hub import CONFIG_NAME
+    from .registry import model_class
+
+    path = model_dir / CONFIG_NAME
+    meta = read_json(path)
+    old = {k: meta.get(k) for k in ("latent_mean", "latent_std") if meta.get(k) is not None}
+    meta.update(latent_mean=list(mean), latent_std=list(std))
+    cls = model_class(meta["model_type"])
+    config_from_dict(cls.config_class, {k: v for k, v in meta.items() if k not in ("model_type", "hieratok_version")})
+    write_atomic(path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    log.info("latent statistics of %s written into %s%s", cache, path, f" (replacing {old})" if old else "")
 
 
 @torch.no_grad()

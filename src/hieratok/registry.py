@@ -6,6 +6,9 @@ them (:mod:`hieratok.checkpoint`); a run folder holds checkpoints. :func:`load_m
 the three (or a Hub repo id), builds the class registered for the folder's ``model_type`` and
 loads the EMA weights when there are some. A new model family adds one entry to
 :data:`MODEL_TYPES` (its class must use :class:`~hieratok.hub.PretrainedMixin`).
+
+``diffusers:<dir>`` loads a diffusers ``AutoencoderKL`` folder as a tokenizer
+(:class:`hieratok.interop.diffusers.AutoencoderKLTokenizer`, model type :data:`DIFFUSERS_VAE`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from .checkpoint import STATE_NAME, latest_checkpoint
 from .hub import CONFIG_NAME, EMA_NAME, load_ema_weights, model_type_of, read_json, resolve_pretrained_dir
 
-__all__ = ["MODEL_TYPES", "TOKENIZERS", "GENERATORS", "model_class", "resolve_model_dir", "load_model"]
+__all__ = ["MODEL_TYPES", "TOKENIZERS", "GENERATORS", "DIFFUSERS_PREFIX", "DIFFUSERS_VAE", "model_class",
+           "resolve_model_dir", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,9 @@ MODEL_TYPES: dict[str, tuple[str, str]] = {
     "dit": ("hieratok.generators.dit", "DiT"),
     "llamagen-gpt": ("hieratok.generators.llamagen", "GPT"),
 }
-TOKENIZERS = ("hieratok", "restok")
+DIFFUSERS_PREFIX = "diffusers:"  # load_model("diffusers:<dir>"): a diffusers AutoencoderKL folder
+DIFFUSERS_VAE = "autoencoderkl"  # its model type (not in MODEL_TYPES: it has no hieratok model folder)
+TOKENIZERS = ("hieratok", "restok", DIFFUSERS_VAE)
 GENERATORS = ("dit", "llamagen-gpt")
 
 
@@ -66,7 +72,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu",
                expect: Optional[Sequence[str]] = None, **overrides: Any) -> tuple[Any, dict[str, Any]]:
     """Load any saved model in eval mode: a model folder, a training checkpoint, a run folder
-    (its latest checkpoint) or a cached Hub repo id.
+    (its latest checkpoint), a cached Hub repo id, or ``diffusers:<dir>``, a diffusers
+    ``AutoencoderKL`` folder (``overrides``: ``image_size``, default its ``sample_size``).
 
     Args:
         ema: use a checkpoint's EMA weights when it has them.
@@ -76,10 +83,22 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
 
     Returns:
         ``(model, info)``, ``info = {"model_dir", "model_type", "weights": "ema" | "model",
-        "train_config"}`` (the training config recorded in a checkpoint, else ``{}``).
+        "train_config", "source"}`` (the training config recorded in a checkpoint, else ``{}``;
+        ``source``: what to pass to load this model again, e.g. from a latent cache's record).
     """
+    if str(path).startswith(DIFFUSERS_PREFIX):
+        if expect is not None and DIFFUSERS_VAE not in expect:
+            raise ValueError(f"{path}: a diffusers AutoencoderKL ({DIFFUSERS_VAE!r}) is not one of {list(expect)}")
+        from .interop.diffusers import load_autoencoder_kl
+
+        vae, d = load_autoencoder_kl(str(path)[len(DIFFUSERS_PREFIX):], **overrides)
+        log.info("%s %s", DIFFUSERS_VAE, d)
+        return vae.to(device).eval(), {"model_dir": str(d), "model_type": DIFFUSERS_VAE, "weights": "model",
+                                       "train_config": {}, "source": DIFFUSERS_PREFIX + str(d.resolve())}
     d = resolve_model_dir(path)
     kind = model_type_of(d)
+    if kind is None and "_class_name" in read_json(d / CONFIG_NAME):
+        raise ValueError(f"{d} holds a diffusers model: load it as {DIFFUSERS_PREFIX}{path}")
     if expect is not None and kind not in expect:
         raise ValueError(f"{d}: model_type {kind!r} is not one of {list(expect)}")
     model = model_class(kind).from_pretrained(d, **overrides)
@@ -90,4 +109,4 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     train_config = read_json(d / STATE_NAME).get("train_config", {}) if (d / STATE_NAME).is_file() else {}
     log.info("%s %s (%s weights)", kind, d, weights)
     return model.to(device).eval(), {"model_dir": str(d), "model_type": kind, "weights": weights,
-                                     "train_config": train_config}
+                                     "train_config": train_config, "source": str(d.resolve())}

@@ -14,6 +14,7 @@ Legend: B batch, L tokens, D width, d latent channels, G full grid side, s a sca
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -86,6 +87,10 @@ class HieraTokConfig:
     encoder_drop_path: float = runtime_field(0.0)
     decoder_drop_path: float = runtime_field(0.1)
     attn_backend: str = runtime_field("sdpa")
+    # per-channel mean / std of the latents z, measured by `hieratok cache-latents --update-tokenizer`:
+    # no effect on the model; read by whoever normalises z (hieratok.interop.diffusers' scaling)
+    latent_mean: Optional[tuple[float, ...]] = runtime_field(None)
+    latent_std: Optional[tuple[float, ...]] = runtime_field(None)
 
     def __post_init__(self) -> None:
         require_positive_ints(self, ("image_size", "patch_size", "in_channels", "latent_channels", "encoder_depth",
@@ -124,6 +129,15 @@ class HieraTokConfig:
         for name in ("encoder_drop_path", "decoder_drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if (self.latent_mean is None) != (self.latent_std is None):
+            raise ValueError("give both latent_mean and latent_std, or neither")
+        if self.latent_mean is not None:
+            self.latent_mean, self.latent_std = tuple(map(float, self.latent_mean)), tuple(map(float, self.latent_std))
+            for name, v in (("latent_mean", self.latent_mean), ("latent_std", self.latent_std)):
+                if len(v) != self.latent_channels:
+                    raise ValueError(f"{name} has {len(v)} values for {self.latent_channels} latent channels")
+            if not all(math.isfinite(m) for m in self.latent_mean) or not all(0 < s < math.inf for s in self.latent_std):
+                raise ValueError("latent_mean must be finite and latent_std finite and > 0")
 
     def unused_fields(self) -> tuple[str, ...]:
         """Fields without effect here (skipped by :func:`hieratok.config.architecture_diff`): a
