@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .._optional import require
 from ..checkpoint import (
     checkpoint_problem,
     complete_checkpoints,
@@ -136,14 +137,14 @@ class _Logger:
                     w.writerows(keep)
         if cfg.tensorboard:
             try:
+                require("tensorboard", "TensorBoard logging")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # pragma: no cover
-                log.warning("tensorboard is not installed: TensorBoard logging off")
+            except ImportError as e:
+                log.warning("TensorBoard logging off (tensorboard=false hides this): %s", e)
         if cfg.wandb:
-            import wandb
-
+            wandb = require("wandb", "wandb logging (wandb=true)")
             self.wandb = wandb.init(project="hieratok", dir=str(run_dir), config=config_dict(cfg))
 
     def write(self, step: int, row: dict[str, float]) -> None:
