@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hieratok"
 
 # low -> high; a module may import its own layer and the ones below
 LAYERS = [
-    {"version", "config", "machine", "distributions", "precision"},
+    {"version", "config", "machine", "distributions", "precision", "_optional"},
     {"hub", "checkpoint", "weights", "nn", "quantizers", "metrics", "data", "report"},
     {"presets", "tokenizers", "generators", "(package)"},
     {"losses", "flops", "convert", "registry", "interop"},

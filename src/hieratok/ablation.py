@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import yaml
 
+from ._optional import require
 from .config import settings_diff
 from .hub import write_atomic
 from .machine import cpu_model
@@ -261,8 +262,7 @@ def paired_comparison(base: list[float], other: list[float], higher_is_better: b
     if out["std"] == 0.0:
         p = 0.0 if out["mean"] != 0 else 1.0
     else:
-        from scipy import stats
-
+        stats = require("scipy.stats", "the paired t-test of an ablation")
         p = float(stats.t.sf(abs(out["mean"]) / (out["std"] / math.sqrt(n)), n - 1) * 2)
     out["p"] = p
     good = (out["mean"] > 0) == higher_is_better
@@ -422,6 +422,9 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     from .train import Trainer
     t_start = time.perf_counter() if t_start is None else t_start
     variants = [parse_variant(s, c.preset) for s in c.variants]
+    # missing packages stop the run now, not after minutes of training
+    for module in ("scipy", "sklearn", "matplotlib") + (("skimage",) if c.data is None or c.eval_data is None else ()):
+        require(module, "an ablation (t-tests, t-SNE, plots, the embedded photos)", extra="demo")
     out, old = _prepare_out(c)
     threads, timings, per_step = c.threads or torch.get_num_threads(), {}, {}
     if old is not None:

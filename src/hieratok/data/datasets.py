@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
+from hieratok._optional import install_hint, require
 from hieratok.data.images import UnreadableImageError, load_rgb, pil_to_tensor
 from hieratok.data.transforms import (
     CenterCrop,
@@ -291,7 +292,7 @@ def expand_shard_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathL
     Raises:
         ValueError: nothing matches, a local shard does not exist, or a ``pipe:`` without ``allow_pipe``.
     """
-    from webdataset.shardlists import expand_urls  # brace + '::' expansion
+    expand_urls = require("webdataset.shardlists", "reading tar shards").expand_urls  # brace + '::' expansion
 
     specs = [os.fspath(urls)] if isinstance(urls, (str, os.PathLike)) else [os.fspath(u) for u in urls]
     out: list[str] = []
@@ -429,7 +430,7 @@ class WebDatasetShards(IterableDataset):
         return _apply(self.transform, self._takes_rng, img, rng), label
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
-        import webdataset as wds
+        wds = require("webdataset", "reading tar shards")
 
         urls = list(self.urls)
         if self.shuffle_shards:
@@ -581,8 +582,8 @@ class EmbeddedPhotos(Dataset):
             self.photos.append(photo)
             self._paths.append(path)
         if not self.photos:
-            raise ValueError(f"no embedded photo of split {split!r} is installed (need scikit-image, "
-                             "scikit-learn or matplotlib)")
+            raise ValueError(f"no embedded photo of split {split!r} is installed (scikit-image, scikit-learn and "
+                             f"matplotlib ship them): {install_hint('skimage')}")
         self.length = (length if length is not None else 1024) if split == "train" else (
             len(self.photos) * crops_per_photo)
 

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checkpoint import latest_checkpoint
+from ..hub import METRIC_FILES as _METRIC_FILES
 from ..report import MetricSpec, comparison_table
 
 __all__ = ["compare_runs", "load_metrics"]
 
 log = logging.getLogger(__name__)
-
-_METRIC_FILES = ("metrics.json", "latents.json", "gen_metrics.json")
 
 
 def load_metrics(path: str | Path) -> dict[str, Any]:

@@ -50,6 +50,8 @@ from typing import Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._optional import require
+
 __all__ = [
     "PROTOCOLS",
     "VAVAE_FLIP_PROB",
@@ -257,7 +259,7 @@ def sample_one_position_per_image(
 def _tsne(
     x_PC: np.ndarray, seed: int, perplexity: float, iterations: int, num_threads: Optional[int]
 ) -> np.ndarray:
-    from sklearn.manifold import TSNE
+    TSNE = require("sklearn.manifold", "the t-SNE of the uniformity metric").TSNE
     from threadpoolctl import threadpool_limits
 
     # scikit-learn renamed n_iter to max_iter in 1.5 (n_iter removed in 1.7).
@@ -364,7 +366,7 @@ def latent_uniformity(
         ValueError: bad settings, NaN/Inf latents, too few images or positions for
             ``num_points``, statistics of the wrong length, or all sampled vectors identical.
     """
-    from scipy.stats import gaussian_kde
+    gaussian_kde = require("scipy.stats", "the density estimate of the uniformity metric").gaussian_kde
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")

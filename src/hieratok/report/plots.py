@@ -20,6 +20,8 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
+from .._optional import require
+
 __all__ = [
     "read_csv_log",
     "ema_smooth",
@@ -37,9 +39,8 @@ DPI = 120
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    Figure = require("matplotlib.figure", "plotting").Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plotting").FigureCanvasAgg
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .._optional import require
 from ..checkpoint import (
     checkpoint_problem,
     complete_checkpoints,
@@ -119,8 +120,7 @@ def _init_wandb(run_dir: Path, cfg: TrainConfig) -> Any:
     ``<run>/wandb.json`` (written at the first start, removed by ``--overwrite`` with the run)."""
     import json
 
-    import wandb
-
+    wandb = require("wandb", "wandb logging (wandb=true)")
     path = run_dir / WANDB_RUN
     saved = json.loads(path.read_text()) if path.is_file() else {}
     run = wandb.init(project=saved.get("project", cfg.wandb_project), entity=saved.get("entity", cfg.wandb_entity),
@@ -159,11 +159,12 @@ class _Logger:
                     w.writerows(keep)
         if cfg.tensorboard:
             try:
+                require("tensorboard", "TensorBoard logging")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # pragma: no cover
-                log.warning("tensorboard is not installed: TensorBoard logging off")
+            except ImportError as e:
+                log.warning("TensorBoard logging off (tensorboard=false hides this): %s", e)
         if cfg.wandb:
             self.wandb = _init_wandb(run_dir, cfg)
 
