@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hieratok import HieraTok
@@ -15,8 +16,12 @@ def test_demo_end_to_end_small_budget(tmp_path):
     res = run_demo(cfg)
     out = tmp_path / "demo"
     for f in ["report.html", "report.md", "reconstructions.png", "pyramid.png", "curves.png", "tsne_multi.png",
-              "tsne_single.png", "psnr_per_scale.png", "summary.json", "ablation.json"]:
+              "tsne_single.png", "psnr_per_scale.png", "summary.json", "ablation.json", "full_photo.png"]:
         assert (out / f).is_file(), f
+    # the whole held-out photo at its own aspect (chelsea 451x300 at short side 128: 192x128), both twins side by side
+    photo = torch.load(out / "runs" / "multi" / "seed0" / "full_photo.pt", weights_only=True)
+    assert photo["recon"].shape == photo["input"].shape and photo["input"].shape[-2] == 128
+    assert Image.open(out / "full_photo.png").size == (3 * photo["input"].shape[-1] + 16, 128)
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 2 and s["seeds_done"] == 2 and "cpu" in s
     for seed in (0, 1):
@@ -83,23 +88,25 @@ def test_reconstruct_crop_and_tile(tmp_path, capsys):
     assert Image.open(tmp_path / "tiles" / "photo.recon.png").size == (150, 100)  # the whole image, own size
 
 
-def test_tile_mode_is_the_crop_reconstruction_of_each_tile():
+def test_full_and_tile_modes_reconstruct_the_whole_image():
     import torch
 
     from hieratok.reconstruct import reconstruct_image
+    from hieratok.tokenizers.tiling import tiled_reconstruct
 
     torch.manual_seed(0)
     model = HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).eval()
-    x = torch.rand(3, 100, 150) * 2 - 1  # 2 x 3 tiles of 64; the last row and column reach into the padding
-    xp = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 28), (0, 42)), mode="reflect"))
+    x = torch.rand(3, 100, 150) * 2 - 1
+    want = [(3, round(100 * s / 64), round(150 * s / 64)) for s in (8, 16, 32, 64)]
     tiled = reconstruct_image(model, x, "tile", batch_size=4)
-    assert [tuple(t.shape) for t in tiled] == [(3, round(100 * s / 64), round(150 * s / 64)) for s in (8, 16, 32, 64)]
-    for i, j in ((0, 0), (0, 1), (1, 0), (1, 2)):
-        crop = reconstruct_image(model, xp[:, 64 * i:64 * (i + 1), 64 * j:64 * (j + 1)], "crop")
-        for t, c in zip(tiled, crop):
-            s = c.shape[-1]
-            want = c[:, : t.shape[1] - s * i, : t.shape[2] - s * j]  # the part inside the image
-            torch.testing.assert_close(t[:, s * i:s * (i + 1), s * j:s * (j + 1)], want, rtol=1e-4, atol=1e-5)
+    assert [tuple(t.shape) for t in tiled] == want
+    assert all(torch.equal(a, b[0]) for a, b in zip(tiled, tiled_reconstruct(model, x[None], 64, 16, 4)))
+    full = reconstruct_image(model, x, "full")  # reflect-padded to 104 x 152 (multiples of the patch 8)
+    xp = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 4), (0, 2)), mode="reflect"))
+    with torch.no_grad():
+        ref = model.decode(model.encode(xp[None]).mode())[0, :, :100, :150]
+    assert [tuple(t.shape) for t in full][-1] == (3, 100, 150) and torch.equal(full[-1], ref)
+    assert torch.equal(reconstruct_image(model, x, "auto")[-1], full[-1])  # 15,000 px <= 16 x 64^2
 
 
 @pytest.mark.parametrize("content,match", [(None, "no such file"), (b"not an image", "cannot read image")])

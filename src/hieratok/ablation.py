@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 from ._optional import require
 from .config import settings_diff
@@ -231,6 +232,25 @@ def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[tor
                                              num_runs=c.tsne_runs, seed=seed, train_stats=train_stats)
         res.update({k: res["uniformity"][k] for k in ("density_cv", "gini", "normalized_entropy")})
     return res
+
+
+def _full_photo(c: AblationConfig, model: torch.nn.Module) -> Optional[dict[str, Any]]:
+    """The first embedded held-out photo, whole and at its own aspect ratio (at the scale the runs
+    trained on: short side twice the crop size), reconstructed in blended tiles of the training size,
+    with its PSNR (8-bit); None for other evaluation data."""
+    if c.eval_data is not None:
+        return None
+    from .data import EmbeddedPhotos, pil_to_tensor
+    from .metrics import psnr
+    from .metrics.image import quantize_to_uint8
+    from .reconstruct import reconstruct_image
+
+    size = model.config.image_size
+    photos = EmbeddedPhotos("heldout", size, short_side=2 * size)
+    x = pil_to_tensor(photos.photo(0))
+    rec = reconstruct_image(model, x, "tile")[-1]
+    p = psnr(quantize_to_uint8(rec[None]), quantize_to_uint8(x[None]), floor_mse=True)
+    return {"input": x, "recon": rec, "psnr": torch.as_tensor(p, dtype=torch.float64).reshape(()), "name": photos.names[0]}
 
 
 def _train_stats(c: AblationConfig, model: torch.nn.Module, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -482,6 +502,9 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
             samples = res.pop("samples")
             if seed == 0:  # tensors only, read back with weights_only=True
                 torch.save({"inputs": samples["inputs"], "pyramids": samples["pyramids"]}, run_dir / "samples.pt")
+                full = _full_photo(c, model)
+                if full is not None:
+                    torch.save(full, run_dir / "full_photo.pt")
             lean = {k: v2 for k, v2 in res.items() if k != "uniformity"}
             if "uniformity" in res:
                 lean["uniformity"] = {k: v2 for k, v2 in res["uniformity"].items() if k not in ("points_2d", "densities")}
@@ -583,6 +606,20 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
         if multi:
             pyramid_strip([p[0] for p in samples[multi[0]]["pyramids"]], out / "pyramid.png")
             rep.add_image(out / "pyramid.png", f"the multi-scale pyramid of one held-out crop ({multi[0]}, seed 0)")
+    photos = {k: torch.load(d / "full_photo.pt", weights_only=True) for k, d in first.items() if (d / "full_photo.pt").is_file()}
+    if photos:
+        from .data import tensor_to_pil
+
+        ref = next(iter(photos.values()))
+        pics = [tensor_to_pil(ref["input"].clamp(-1, 1))] + [tensor_to_pil(p["recon"].clamp(-1, 1)) for p in photos.values()]
+        strip = Image.new("RGB", (sum(p.width for p in pics) + 8 * (len(pics) - 1), pics[0].height), "white")
+        for i, p in enumerate(pics):
+            strip.paste(p, (i * (p.width + 8), 0))
+        strip.save(out / "full_photo.png")
+        h, w = ref["input"].shape[-2:]
+        rep.add_image(out / "full_photo.png", f"the whole held-out photo {ref['name']} ({w}x{h}, its own aspect ratio), "
+                      "then seed 0 of " + ", ".join(f"{k} ({float(p['psnr']):.2f} dB)" for k, p in photos.items()) +
+                      f": overlapping {c.preset} tiles of the training size, blended (reconstruct --mode tile)")
     per_scale = {k: {int(s): v for s, v in row["psnr_per_scale"].items()}
                  for k, row in summary["variants"].items() if "psnr_per_scale" in row}
     if per_scale:

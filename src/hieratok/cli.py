@@ -121,7 +121,7 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
     model, info = load_model(args.checkpoint, ema=not args.no_ema, device=dev, expect=TOKENIZERS)
     cfg = ReconEvalConfig(data=args.data, num=args.num, batch_size=args.batch_size, perceptual=args.perceptual,
                           fid=not args.no_fid, kid=args.kid, inception_weights=args.inception_weights,
-                          num_workers=args.workers, precision=args.precision)
+                          num_workers=args.workers, precision=args.precision, image_size=args.image_size)
     res = evaluate_reconstruction(model, cfg, dev)
     out = Path(args.out or Path(info["model_dir"]) / "eval")
     from .evaluate.recon import _world
@@ -241,7 +241,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .registry import load_model
 
     model, _ = load_model(args.checkpoint, ema=not args.no_ema, device=_device(args.device), expect=("hieratok",))
-    for f in reconstruct_files(model, args.images, args.out, args.mode, overwrite=args.overwrite):
+    for f in reconstruct_files(model, args.images, args.out, args.mode, overwrite=args.overwrite, tile=args.tile,
+                               overlap=args.overlap):
         print(f)
     return 0
 
@@ -368,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="reconstruct your own images and write their per-scale pyramids")
     p.add_argument("images", nargs="+")
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint or model folder")
-    p.add_argument("--mode", choices=["crop", "tile"], default="crop",
-                   help="crop: ADM centre crop to the model size; tile: whole image, tile by tile")
+    p.add_argument("--mode", choices=["crop", "full", "tile", "auto"], default="crop",
+                   help="crop: ADM centre crop to the model size; full: the whole image at once, own size and "
+                        "aspect; tile: the whole image in overlapping tiles blended without seams; auto: full up "
+                        "to 16 model-size images of pixels, tile above")
+    p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's image size)")
+    p.add_argument("--overlap", type=int, default=None, help="tile blending width in pixels (default: tile / 4)")
     p.add_argument("--out", default=None, help="output folder (default: next to each image)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs written before")
     p.add_argument("--no-ema", action="store_true")
@@ -414,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
     _precision_option(p)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="evaluate at this side instead of the training size (e.g. 512 for a 256 model; a multiple "
+                        "of the patch size), positions resampled")
     p.set_defaults(func=_cmd_eval_recon)
 
     p = ev.add_parser("latents", help="latent uniformity (t-SNE density CV, Gini, normalized entropy) and a t-SNE plot")

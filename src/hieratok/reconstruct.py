@@ -1,11 +1,14 @@
 """``hieratok reconstruct``: a tokenizer's reconstruction and per-scale pyramid of a user's images.
 
-Two ways to fit an image of any size to the model:
+Ways to fit an image of any size to the model:
 
 - ``crop`` (default): the ADM centre crop to the model's size (the evaluation protocol);
-- ``tile``: reflect-pad to a multiple of the model's size, reconstruct tile by tile, stitch and
-  crop back, so the whole image at its own resolution is reconstructed (each scale of the pyramid
-  is stitched the same way, at 1/16 ... 1/1 of the size for scales 1 ... 16).
+- ``full``: the whole image at once at its own size and aspect (reflect-padded to a multiple of
+  the patch size, cropped back): the model resamples its positions to the grid;
+- ``tile``: overlapping tiles of the model's size (``tile`` / ``overlap`` pixels), blended
+  linearly in pixel space (:mod:`hieratok.tokenizers.tiling`), so a large image costs
+  memory per tile and shows no seams; every scale of the pyramid is blended the same way;
+- ``auto``: ``full`` up to ``max_pixels`` (default 16 training-size images), ``tile`` above.
 """
 
 from __future__ import annotations
@@ -18,38 +21,38 @@ import torch
 import torch.nn.functional as F
 
 from .data import center_crop_arr, load_rgb, pil_to_tensor, tensor_to_pil
+from .tokenizers.tiling import tiled_reconstruct
 
 __all__ = ["reconstruct_image", "reconstruct_files"]
 
 log = logging.getLogger(__name__)
 
 
+MODES = ("crop", "full", "tile", "auto")
+
+
 @torch.no_grad()
-def reconstruct_image(model: Any, x_CHW: torch.Tensor, mode: str = "crop", batch_size: int = 8) -> list[torch.Tensor]:
-    """Pyramid (coarse to fine) of one image in [-1, 1]; ``x`` must already be the model size for ``crop``."""
+def reconstruct_image(model: Any, x_CHW: torch.Tensor, mode: str = "crop", batch_size: int = 8,
+                      tile: Optional[int] = None, overlap: Optional[int] = None,
+                      max_pixels: Optional[int] = None) -> list[torch.Tensor]:
+    """Pyramid (coarse to fine) of one image in [-1, 1] (see the module docstring for ``mode``);
+    ``x`` must already be the model size for ``crop``. ``tile`` / ``overlap``: the tiles' side and
+    blending width in pixels (default: the model's size and a quarter of it)."""
     size, p = model.config.image_size, model.config.patch_size
     dev = next(model.parameters()).device
-    if mode == "crop":
-        return [r[0].cpu() for r in model.decode(model.encode(x_CHW[None].to(dev)).mode(), all_scales=True)]
-    if mode != "tile":
-        raise ValueError(f"mode must be 'crop' or 'tile', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _, H, W = x_CHW.shape
-    nh, nw = -(-H // size), -(-W // size)
-    pad = (0, nw * size - W, 0, nh * size - H)
-    xp = F.pad(x_CHW[None], pad, mode="reflect" if min(H, W) > max(pad) else "replicate")[0]
-    tiles = xp.unfold(1, size, size).unfold(2, size, size)  # (3, nh, nw, size, size)
-    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(nh * nw, 3, size, size)
-    levels: list[list[torch.Tensor]] = []
-    for i in range(0, tiles.shape[0], batch_size):
-        pyr = model.decode(model.encode(tiles[i:i + batch_size].to(dev)).mode(), all_scales=True)
-        levels.append([r.cpu() for r in pyr])
-    out = []
-    for k, s in enumerate(model.config.scales):
-        t = torch.cat([lv[k] for lv in levels])  # (nh*nw, 3, s*p, s*p)
-        side = s * p
-        img = t.reshape(nh, nw, 3, side, side).permute(2, 0, 3, 1, 4).reshape(3, nh * side, nw * side)
-        out.append(img[:, : round(H * side / size), : round(W * side / size)])
-    return out
+    if mode == "auto":
+        mode = "full" if H * W <= (max_pixels or 16 * size * size) else "tile"
+    if mode == "tile":
+        return [r[0] for r in tiled_reconstruct(model, x_CHW[None], tile or size, overlap, batch_size)]
+    if mode == "full":  # reflect-pad to a multiple of the patch, crop every scale back
+        ph, pw = -H % p, -W % p
+        x_CHW = F.pad(x_CHW[None], (0, pw, 0, ph), mode="reflect" if min(H, W) > max(ph, pw) else "replicate")[0]
+    pyr = model.decode(model.encode(x_CHW[None].to(dev)).mode(), all_scales=True)
+    Hp, Wp = x_CHW.shape[-2:]
+    return [r[0, :, : round(H * r.shape[-2] / Hp), : round(W * r.shape[-1] / Wp)].cpu() for r in pyr]
 
 
 def _output_stems(paths: Sequence[Path], out_dir: Optional[str | Path]) -> list[tuple[Path, str]]:
@@ -70,7 +73,8 @@ def _output_stems(paths: Sequence[Path], out_dir: Optional[str | Path]) -> list[
 
 
 def reconstruct_files(model: Any, paths: Sequence[str | Path], out_dir: Optional[str | Path] = None,
-                      mode: str = "crop", overwrite: bool = False) -> list[Path]:
+                      mode: str = "crop", overwrite: bool = False, tile: Optional[int] = None,
+                      overlap: Optional[int] = None) -> list[Path]:
     """Write ``<stem>.recon.png`` and ``<stem>.pyramid.png`` (and ``<stem>.input.png`` for ``crop``)
     next to each image (or into ``out_dir``); returns the reconstruction files. An image given twice
     is reconstructed once; stems that would collide are numbered (:func:`_output_stems`); existing
@@ -95,7 +99,7 @@ def reconstruct_files(model: Any, paths: Sequence[str | Path], out_dir: Optional
         if mode == "crop":
             img = center_crop_arr(img, model.config.image_size)
         x = pil_to_tensor(img)
-        pyr = reconstruct_image(model, x, mode)
+        pyr = reconstruct_image(model, x, mode, tile=tile, overlap=overlap)
         d.mkdir(parents=True, exist_ok=True)
         if mode == "crop":
             img.save(d / f"{stem}.input.png")

@@ -136,10 +136,14 @@ def test_config_errors(kw, match):
 
 def test_input_errors(gen):
     m = make()
-    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
-        m.encode(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"60x64 does not work: .* multiples of the patch size 8"):
+        m.encode(torch.zeros(1, 3, 60, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        m.encode(torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match="latents of shape"):
-        m.decode(torch.zeros(1, 4, 8, 8))
+        m.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"token grid 1x1 is too small"):
+        m.decode(torch.zeros(1, 4, 1, 1))
     with pytest.raises(ValueError, match="expected 3 token maps"):
         m.decode_multiscale([torch.zeros(1, 4, 4, 4)])
     with pytest.raises(ValueError, match="unknown HieraTok preset .huge.; choose one of"):

@@ -4,17 +4,20 @@
 * :mod:`~hieratok.data.transforms`: ADM centre crop, random resized crop, flips (no torchvision).
 * :mod:`~hieratok.data.datasets`: class/flat image folders, webdataset shards, the built-in
   photographs shipped by installed packages, and :func:`build_dataset` to pick one.
-* :mod:`~hieratok.data.sampler`: :class:`ResumableDistributedSampler`.
+* :mod:`~hieratok.data.sampler`: :class:`ResumableDistributedSampler`, and :class:`BucketBatchSampler`
+  for aspect-ratio buckets (one shape per batch).
 """
 
 from hieratok.data.datasets import (
     EMBEDDED_PHOTOS,
     IMAGE_EXTENSIONS,
     UNLABELED,
+    BucketedDataset,
     EmbeddedPhoto,
     EmbeddedPhotos,
     ImageFolderDataset,
     WebDatasetShards,
+    build_bucketed_dataset,
     build_dataset,
     build_transform,
     collate_drop_none,
@@ -28,7 +31,7 @@ from hieratok.data.images import (
     tensor_to_uint8,
     to_rgb,
 )
-from hieratok.data.sampler import ResumableDistributedSampler
+from hieratok.data.sampler import BucketBatchSampler, ResumableDistributedSampler
 from hieratok.data.transforms import (
     CenterCrop,
     Compose,
@@ -54,6 +57,9 @@ __all__ = [
     "ResumableDistributedSampler",
     "UnreadableImageError",
     "WebDatasetShards",
+    "BucketBatchSampler",
+    "BucketedDataset",
+    "build_bucketed_dataset",
     "build_dataset",
     "build_transform",
     "center_crop_arr",

@@ -19,6 +19,7 @@ covers reads made there; the per-file warnings, emitted in every worker, are the
 
 from __future__ import annotations
 
+import copy
 import functools
 import glob
 import importlib.util
@@ -41,6 +42,8 @@ from hieratok.data.transforms import (
     RandomHorizontalFlip,
     RandomResizedCrop,
     accepts_rng,
+    bucket_transform,
+    check_hw,
     random_crop,
     resize_short_side,
     upscale_to_cover,
@@ -56,6 +59,8 @@ __all__ = [
     "EmbeddedPhotos",
     "build_transform",
     "build_dataset",
+    "BucketedDataset",
+    "build_bucketed_dataset",
     "collate_drop_none",
     "expand_shard_urls",
 ]
@@ -552,9 +557,8 @@ class EmbeddedPhotos(Dataset):
     ) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if short_side is not None and short_side < size:
+        self.hw = check_hw(size)  # a side, or (height, width) for an aspect-ratio bucket
+        if short_side is not None and short_side < min(self.hw):
             raise ValueError(f"short_side ({short_side}) must be >= size ({size})")
         if crops_per_photo < 1:
             raise ValueError(f"crops_per_photo must be >= 1, got {crops_per_photo}")
@@ -610,18 +614,19 @@ class EmbeddedPhotos(Dataset):
         if self.split == "train":
             rng = _item_rng(self.seed, self.epoch, index)
             k = rng.randrange(len(self.photos))
-            img = random_crop(self.photo(k), self.size, rng)
+            img = random_crop(self.photo(k), self.hw, rng)
             if self.hflip:
                 img = RandomHorizontalFlip(0.5)(img, rng)
             return pil_to_tensor(img), k
         k, j = divmod(index, self.crops_per_photo)
         img = self.photo(k)
-        img = upscale_to_cover(img, self.size)
+        h, w = self.hw
+        img = upscale_to_cover(img, self.hw)
         # Crop j sits at fraction (j + 0.5) / n of the free range on both axes (integer maths,
         # so the middle crop of an odd n is exactly the centre crop of center_crop_arr).
-        top = (2 * j + 1) * (img.height - self.size) // (2 * self.crops_per_photo)
-        left = (2 * j + 1) * (img.width - self.size) // (2 * self.crops_per_photo)
-        return pil_to_tensor(img.crop((left, top, left + self.size, top + self.size))), k
+        top = (2 * j + 1) * (img.height - h) // (2 * self.crops_per_photo)
+        left = (2 * j + 1) * (img.width - w) // (2 * self.crops_per_photo)
+        return pil_to_tensor(img.crop((left, top, left + w, top + h))), k
 
     def __repr__(self) -> str:
         return f"EmbeddedPhotos(split={self.split!r}, size={self.size}, photos={self.names}, length={self.length})"
@@ -720,3 +725,69 @@ def build_dataset(
                                 shuffle_buffer=shuffle_buffer if train else 0, rank=rank, world_size=world_size,
                                 allow_pipe=allow_pipe)
     raise ValueError(f"data spec {spec!r} is neither a directory nor a .tar shard / glob / brace pattern")
+
+
+# --------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# --------------------------------------------------------------------------------------------
+
+
+class BucketedDataset(Dataset):
+    """The same images served at several sizes: one dataset per aspect-ratio bucket, all of the same
+    length. Its keys are ``(index, bucket)`` pairs, as :class:`hieratok.data.sampler.BucketBatchSampler`
+    yields them (one bucket per batch, so every batch has one shape)."""
+
+    def __init__(self, datasets: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> None:
+        if len(datasets) != len(sizes) or not datasets:
+            raise ValueError(f"need one dataset per bucket, got {len(datasets)} for {len(sizes)} sizes")
+        if len({len(d) for d in datasets}) != 1:
+            raise ValueError("bucket datasets must have the same length")
+        self.datasets, self.sizes = list(datasets), [tuple(s) for s in sizes]
+
+    def __len__(self) -> int:
+        return len(self.datasets[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, bucket = key
+        return self.datasets[bucket][index]
+
+    def __repr__(self) -> str:
+        return f"BucketedDataset(sizes={self.sizes}, {self.datasets[0]!r})"
+
+
+def build_bucketed_dataset(
+    spec: Union[str, os.PathLike, None],
+    sizes: Sequence[tuple[int, int]],
+    *,
+    seed: int = 0,
+    length: Optional[int] = None,
+    random_resized_crop_scale: Optional[tuple[float, float]] = None,
+    hflip: bool = True,
+    short_side: Optional[int] = None,
+) -> BucketedDataset:
+    """Training data in aspect-ratio buckets of ``sizes`` (height, width).
+
+    The embedded photos serve native-resolution random crops of each bucket's shape (as they do for
+    squares); an image folder serves :func:`~hieratok.data.transforms.bucket_transform`'s random
+    resized crops (one folder scan, shared by the buckets). Shards stream in order and cannot be
+    indexed by bucket: a ValueError.
+    """
+    sizes = [check_hw(s) for s in sizes]
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("embedded", "embedded-photos")):
+        return BucketedDataset([EmbeddedPhotos("train", hw, length=length, seed=seed, hflip=hflip, short_side=short_side)
+                                for hw in sizes], sizes)
+    spec = os.fspath(spec)
+    if not os.path.isdir(spec):
+        raise ValueError(f"data.buckets needs an image folder or the embedded photos (indexable data); {spec!r} is not a folder")
+    base = ImageFolderDataset(spec, None, seed=seed)
+    parts = []
+    for hw in sizes:
+        d = copy.copy(base)
+        d.transform = bucket_transform(hw, random_resized_crop_scale, hflip)
+        d._takes_rng = True
+        parts.append(d)
+    return BucketedDataset(parts, sizes)

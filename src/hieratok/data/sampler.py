@@ -18,13 +18,14 @@ re-dealt over the new ranks, so no sample of the epoch is repeated or lost.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sized, Union
+import random
+from typing import Any, Iterator, Optional, Sequence, Sized, Union
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableDistributedSampler"]
+__all__ = ["ResumableDistributedSampler", "BucketBatchSampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class ResumableDistributedSampler(Sampler[int]):
         self.consumed = 0
         # Position the next iteration starts from (fixed between set_epoch/load_state_dict calls).
         self._start = 0
+
+    @property
+    def start(self) -> int:
+        """Samples of the current epoch (all ranks together) consumed before the next iteration starts."""
+        return self._start
 
     @property
     def total_size(self) -> int:
@@ -182,3 +188,49 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self._start = self.consumed
+
+
+class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(index, bucket)`` keys, one aspect-ratio bucket per batch (so one image shape).
+
+    Indices come from ``sampler`` (this rank's shard, resumable) in order, ``batch_size`` at a time
+    (an incomplete last batch is dropped); batch ``j`` of an epoch draws its bucket from
+    ``weights`` with a generator seeded by (``seed``, epoch, ``j``): the same on every rank, and a
+    resumed run (which starts at batch ``sampler.start // (batch_size * ranks)``) draws the buckets
+    the uninterrupted run would have.
+
+    Args:
+        sampler: a :class:`ResumableDistributedSampler`.
+        batch_size: samples per batch on this rank.
+        num_buckets: number of buckets.
+        weights: relative frequency of each bucket (default: equal).
+        seed: seed of the bucket draws.
+    """
+
+    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int, num_buckets: int,
+                 weights: Optional[Sequence[float]] = None, seed: int = 0) -> None:
+        if batch_size < 1 or num_buckets < 1:
+            raise ValueError(f"batch_size ({batch_size}) and num_buckets ({num_buckets}) must be >= 1")
+        self.weights = list(weights) if weights is not None else [1.0] * num_buckets
+        if len(self.weights) != num_buckets or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"bucket weights {self.weights} must be {num_buckets} non-negative numbers, not all 0")
+        self.sampler, self.batch_size, self.num_buckets, self.seed = sampler, batch_size, num_buckets, seed
+
+    def bucket_of(self, epoch: int, batch: int) -> int:
+        """The bucket of batch ``batch`` (counted from the start of the epoch) of ``epoch``."""
+        rng = random.Random(f"hieratok-bucket/{self.seed}/{epoch}/{batch}")
+        return rng.choices(range(self.num_buckets), weights=self.weights)[0]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        s = self.sampler
+        j = s.start // (self.batch_size * s.num_replicas)
+        batch: list[int] = []
+        for i in s:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                b = self.bucket_of(s.epoch, j)
+                yield [(k, b) for k in batch]
+                batch, j = [], j + 1
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size

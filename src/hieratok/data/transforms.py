@@ -5,6 +5,8 @@
 * :class:`RandomResizedCrop`: torchvision's ``RandomResizedCrop`` semantics (area scale, log-uniform
   aspect ratio, 10 tries then a central fallback), bicubic resampling.
 * :class:`RandomHorizontalFlip`, :func:`random_crop`, :class:`CenterCrop` and :class:`Compose`.
+* Sizes are a side (square) or (height, width): :func:`random_crop`, :class:`RandomResizedCrop`
+  and :func:`cover_crop` make rectangles for aspect-ratio buckets (:func:`bucket_transform`).
 * :func:`ten_crop`: torchvision's ``TenCrop`` on image tensors (LlamaGen's code-extraction
   augmentation).
 
@@ -36,6 +38,9 @@ __all__ = [
     "CenterCrop",
     "Compose",
     "accepts_rng",
+    "cover_crop",
+    "bucket_transform",
+    "check_hw",
 ]
 
 Rng = Optional[Union[torch.Generator, random.Random]]
@@ -62,6 +67,15 @@ def _check_size(size: int) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"image size must be a positive int, got {size!r}")
     return size
+
+
+def check_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a side or an (h, w) pair, each a positive int."""
+    if isinstance(size, int):
+        return _check_size(size), size
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"image size must be a side or (height, width), got {size!r}")
+    return _check_size(size[0]), _check_size(size[1])
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
@@ -99,26 +113,39 @@ def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def upscale_to_cover(img: Image.Image, size: int) -> Image.Image:
-    """Bicubic upscale (aspect kept) so both sides are at least ``size``; larger images pass through."""
-    size = _check_size(size)
-    if min(img.size) >= size:
+def upscale_to_cover(img: Image.Image, size: int | Sequence[int]) -> Image.Image:
+    """Bicubic upscale (aspect kept) so the image covers ``size`` (a side, or (height, width));
+    larger images pass through."""
+    h, w = check_hw(size)
+    if img.height >= h and img.width >= w:
         return img
-    scale = size / min(img.size)
-    new_size = (max(size, round(img.width * scale)), max(size, round(img.height * scale)))
+    scale = max(h / img.height, w / img.width)
+    new_size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
     return img.resize(new_size, resample=Image.Resampling.BICUBIC)
 
 
-def random_crop(img: Image.Image, size: int, rng: Rng = None) -> Image.Image:
-    """A uniformly placed ``size`` x ``size`` crop at native resolution.
+def random_crop(img: Image.Image, size: int | Sequence[int], rng: Rng = None) -> Image.Image:
+    """A uniformly placed ``size`` crop (a side, or (height, width)) at native resolution.
 
-    An image whose shorter side is below ``size`` is first upscaled (bicubic, aspect kept) so
-    that both sides are at least ``size``.
+    An image that does not cover ``size`` is first upscaled (bicubic, aspect kept) until it does.
     """
-    img = upscale_to_cover(img, size)
-    top = _randint(rng, 0, img.height - size)
-    left = _randint(rng, 0, img.width - size)
-    return img.crop((left, top, left + size, top + size))
+    h, w = check_hw(size)
+    img = upscale_to_cover(img, (h, w))
+    top = _randint(rng, 0, img.height - h)
+    left = _randint(rng, 0, img.width - w)
+    return img.crop((left, top, left + w, top + h))
+
+
+def cover_crop(img: Image.Image, size: int | Sequence[int]) -> Image.Image:
+    """The central (height, width) crop of the image resized (bicubic, aspect kept) so it just covers
+    ``size``: the ADM centre crop generalised to rectangles (equal to :func:`center_crop_arr`'s
+    geometry for a square up to its BOX pre-shrinking)."""
+    h, w = check_hw(size)
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                     resample=Image.Resampling.BICUBIC)
+    top, left = (img.height - h) // 2, (img.width - w) // 2
+    return img.crop((left, top, left + w, top + h))
 
 
 class RandomResizedCrop:
@@ -129,18 +156,19 @@ class RandomResizedCrop:
     if none fits, a central crop with the aspect ratio clamped to ``ratio``.
 
     Args:
-        size: output side in pixels.
+        size: output side in pixels, or (height, width).
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height).
     """
 
     def __init__(
         self,
-        size: int,
+        size: int | tuple[int, int],
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     ) -> None:
-        self.size = _check_size(size)
+        self.size = size if isinstance(size, int) else check_hw(size)
+        self.hw = check_hw(size)
         if not (0.0 < scale[0] <= scale[1] <= 1.0):
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not (0.0 < ratio[0] <= ratio[1]):
@@ -180,7 +208,7 @@ class RandomResizedCrop:
         # Crop, then resize (torchvision's resized_crop order; resizing with `box=` would also
         # read pixels outside the crop through the filter support).
         crop = img.crop((left, top, left + w, top + h))
-        return crop.resize((self.size, self.size), resample=Image.Resampling.BICUBIC)
+        return crop.resize((self.hw[1], self.hw[0]), resample=Image.Resampling.BICUBIC)
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
@@ -261,3 +289,15 @@ def ten_crop(x_BCHW: torch.Tensor, size: int) -> torch.Tensor:
     corners = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size), (top, left)]
     views = [img[..., r:r + size, c:c + size] for img in (x_BCHW, x_BCHW.flip(-1)) for r, c in corners]
     return torch.stack(views, dim=1)
+
+
+def bucket_transform(size: tuple[int, int], random_resized_crop_scale: Optional[tuple[float, float]] = None,
+                     hflip: bool = True) -> Compose:
+    """The training transform of one aspect-ratio bucket (height, width): a random resized crop with
+    aspect ratios within 3/4 .. 4/3 of the bucket's (``random_resized_crop_scale`` the area range,
+    default (0.35, 1)), resized to the bucket, then a random flip. Crops of a bucket's own aspect
+    are the most likely, and an image is never squeezed by more than 4/3."""
+    h, w = check_hw(size)
+    a = w / h
+    crop = RandomResizedCrop((h, w), random_resized_crop_scale or (0.35, 1.0), (a * 3 / 4, a * 4 / 3))
+    return Compose([crop, RandomHorizontalFlip(0.5)] if hflip else [crop])

@@ -68,6 +68,7 @@ class ReconEvalConfig:
     crops_per_photo: int = 4  # embedded held-out photos only
     short_side: Optional[int] = None  # embedded photos only
     precision: Optional[str] = None  # the tokenizer's: fp32 | tf32 | bf16 | fp16 (None: tf32 on CUDA, fp32 on CPU)
+    image_size: Optional[int] = None  # evaluate at this side (centre crops); None: the model's training size
 
 
 def _world() -> tuple[int, int]:
@@ -105,7 +106,9 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     device = torch.device(device)
     rank, world = _world()
     prec = resolve_precision(cfg.precision, device)  # the tokenizer only: Inception and LPIPS stay float32
-    size = model.config.image_size
+    size = cfg.image_size or model.config.image_size
+    if cfg.image_size is not None:
+        model.check_image_size(size, size)  # a ValueError naming the size before any image is read
     # on_error="none": an unreadable image becomes None (dropped by the collate), not its neighbour
     ds = build_dataset(cfg.data, "eval", size, crops_per_photo=cfg.crops_per_photo, short_side=cfg.short_side,
                        on_error="none")
@@ -129,7 +132,7 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
         inception = None
     elif inception is None:
         inception = InceptionFeatures(cfg.inception_weights).to(device)
-    sides = model.output_sides()
+    sides = model.output_sides()  # at another image_size: replaced by the first batch's output sides
     # psnr, ssim, perceptual, exact matches, colour error, per-scale psnr
     sums = torch.zeros(5 + len(sides), dtype=torch.float64, device=device)
     feats: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
@@ -159,6 +162,8 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
             break
         with inference_precision(prec, device):
             pyr, idx = model.reconstruct(x)
+        if seen == 0:
+            sides = [r.shape[-1] for r in pyr]
         if usage is not None:
             usage.update(idx)
         # metrics are computed on what a user would save: 8-bit images (quantize_to_uint8 clamps

@@ -75,12 +75,13 @@ class MaskSpec:
         object.__setattr__(self, "sizes", sizes)
 
     @classmethod
-    def for_scales(cls, mode: str, scales: Sequence[int]) -> "MaskSpec":
-        """HieraTok's coarse-to-fine sequence: one block of s*s tokens per scale, ``mode`` one of
-        :data:`ATTENTION_MODES`."""
+    def for_scales(cls, mode: str, scales: Sequence[int | tuple[int, int]]) -> "MaskSpec":
+        """HieraTok's coarse-to-fine sequence: one block of s*s tokens per square scale s, of h*w per
+        rectangular scale (h, w); ``mode`` one of :data:`ATTENTION_MODES`. The rule does not depend
+        on the grid: a larger or rectangular pyramid only changes the block sizes."""
         if mode not in _MODE_RULE:
             raise ValueError(f"attention mode {mode!r} is not one of {ATTENTION_MODES}")
-        return cls(tuple(s * s for s in scales), _MODE_RULE[mode])
+        return cls(tuple(s * s if isinstance(s, int) else s[0] * s[1] for s in scales), _MODE_RULE[mode])
 
     @classmethod
     def causal(cls, length: int) -> "MaskSpec":

@@ -19,13 +19,15 @@ class PatchEmbed(nn.Module):
         return self.proj(x_BCHW).flatten(2).transpose(1, 2)
 
 
-def unpatchify(x_BLK: torch.Tensor, side: int, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """(B, side*side, p*p*C) patches in row-major order -> (B, C, side*p, side*p) image.
+def unpatchify(x_BLK: torch.Tensor, side: int | tuple[int, int], patch_size: int, channels: int = 3) -> torch.Tensor:
+    """(B, h*w, p*p*C) patches in row-major order -> (B, C, h*p, w*p) image; ``side`` is the grid
+    (h, w), or one int for a square grid.
 
     Patch vectors are laid out (p, p, C), the inverse of the usual ViT/MAE patchify.
     """
     B = x_BLK.shape[0]
     p = patch_size
-    x = x_BLK.reshape(B, side, side, p, p, channels)
+    h, w = (side, side) if isinstance(side, int) else side
+    x = x_BLK.reshape(B, h, w, p, p, channels)
     x = torch.einsum("bhwpqc->bchpwq", x)
-    return x.reshape(B, channels, side * p, side * p)
+    return x.reshape(B, channels, h * p, w * p)

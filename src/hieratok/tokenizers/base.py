@@ -24,6 +24,10 @@ class Tokenizer(Protocol):
     def codebook_size(self) -> Optional[int]:
         """Number of codes of a discrete tokenizer; None for continuous latents."""
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """A ValueError (one line, naming the rule) for an image size the tokenizer cannot encode;
+        sizes other than the training size work where their sides follow the rule."""
+
     def output_sides(self) -> list[int]:
         """Side in pixels of each image :meth:`reconstruct` returns, coarse to fine."""
 

@@ -8,6 +8,13 @@ The single-scale twin is the same code with ``scales = [G]``: no downsampler, on
 The latent a generator sees is ``z`` before downsampling (appendix C), so both twins give a
 generator the same (B, d, G, G) latent.
 
+Any image size (section "Any size" of the README): images whose sides are multiples of the patch
+size give a (Gh, Gw) grid; the encoder's position table is resampled to it (bicubic, as timm), and
+scale s of the training grid G becomes the (h, w) of :func:`scale_shapes` (the same fraction of each
+side). The downsampler, the decoder's positions and the scale mask (blocks of h*w tokens, the same
+rule) follow those shapes. At the training size nothing is resampled: the outputs are those of the
+square model, bit for bit.
+
 Legend: B batch, L tokens, D width, d latent channels, G full grid side, s a scale's side.
 """
 
@@ -33,6 +40,7 @@ from ..nn import (
     MultiScalePosEmbed,
     PatchEmbed,
     Transformer,
+    resample_grid,
     set_attention_backend,
     set_fast_paths,
     unpatchify,
@@ -41,9 +49,25 @@ from ..presets import HIERATOK_PRESETS
 from .inputs import check_images
 
 __all__ = ["HieraTokConfig", "HieraTok", "ConvDownsampler", "InterpDownsampler", "DOWNSAMPLERS",
-           "area_downsample", "default_scales"]
+           "area_downsample", "default_scales", "scale_shapes"]
 
 DOWNSAMPLERS = ("conv", "conv-residual", "conv-prenorm", "interp")
+
+
+def scale_shapes(scales: Sequence[int], grid: int, grid_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (h, w) of every scale for a (Gh, Gw) token grid: scale s of the G-grid covers the same
+    fraction s / G of each side, ``(round(s * Gh / G), round(s * Gw / G))`` rounded half up and at
+    least 1; ``(s, s)`` at the training grid. A ValueError when the grid is so small that two scales
+    collapse to one token count (the pyramid would repeat a scale)."""
+    gh, gw = grid_hw
+    if gh < 1 or gw < 1:
+        raise ValueError(f"token grid {gh}x{gw} is empty")
+    shapes = [(max(1, (2 * s * gh + grid) // (2 * grid)), max(1, (2 * s * gw + grid) // (2 * grid))) for s in scales]
+    areas = [h * w for h, w in shapes]
+    if any(a >= b for a, b in zip(areas, areas[1:])):
+        raise ValueError(f"token grid {gh}x{gw} is too small for scales {list(scales)} of grid {grid}: "
+                         f"they collapse to {shapes}; use a larger image (the training grid {grid}x{grid} works)")
+    return shapes
 
 
 def default_scales(grid: int) -> tuple[int, ...]:
@@ -151,6 +175,10 @@ class HieraTokConfig:
         """Side G of the encoder's token grid."""
         return self.image_size // self.patch_size
 
+    def scale_shapes(self, grid_hw: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+        """(h, w) of every scale for a token grid (default: the training grid); see :func:`scale_shapes`."""
+        return scale_shapes(self.scales, self.grid, grid_hw or (self.grid, self.grid))
+
     @property
     def decoder_tokens(self) -> int:
         """Decoder sequence length, sum of s^2 (341 for [1, 2, 4, 8, 16])."""
@@ -171,9 +199,11 @@ def _strided_kernel(grid: int, side: int) -> tuple[int, int]:
     return grid - (side - 1) * stride, stride
 
 
-def area_downsample(z_BdGG: torch.Tensor, side: int) -> torch.Tensor:
-    """Area interpolation of a (B, d, G, G) map to (B, d, side, side); the identity at side G."""
-    return z_BdGG if side == z_BdGG.shape[-1] else F.interpolate(z_BdGG, size=(side, side), mode="area")
+def area_downsample(z_BdGG: torch.Tensor, side: int | tuple[int, int]) -> torch.Tensor:
+    """Area interpolation of a (B, d, Gh, Gw) map to ``side`` (an int for a square, or (h, w)); the
+    identity at its own size."""
+    hw = (side, side) if isinstance(side, int) else tuple(side)
+    return z_BdGG if hw == tuple(z_BdGG.shape[-2:]) else F.interpolate(z_BdGG, size=hw, mode="area")
 
 
 class _PreNormStack(nn.Module):
@@ -208,6 +238,11 @@ class ConvDownsampler(nn.Module):
 
     The model calls :meth:`init_branches` after its generic initialisation.
 
+    Other grids: the strided conv of scale s (kernel k, stride t) maps a side of n = (h-1)*t + k to
+    h; a (Gh, Gw) map whose sides are not that span (e.g. 12 columns for a 2-column scale with
+    k = t = 8) is resampled to it first (antialiased bilinear). Sides that are multiples of G / s
+    need no resampling.
+
     All three have the same convolutions: with the paper's f16d16 model at the decoder width W they
     add 52.9M parameters, putting the total at 399.4M against the paper's 401.18M (the single-scale
     twin is 346.5M vs 346.25M). The forward FLOPs come out 7.5% above the paper's (247.7 vs 230.45 G;
@@ -220,9 +255,9 @@ class ConvDownsampler(nn.Module):
         if design not in ("conv", "conv-residual", "conv-prenorm"):
             raise ValueError(f"conv downsampler design {design!r} is not one of conv, conv-residual, conv-prenorm")
         self.scales, self.design = tuple(scales), design
+        self.kernels = [_strided_kernel(grid, s) for s in self.scales]
         stacks: list[nn.Module] = []
-        for s in self.scales:
-            k, t = _strided_kernel(grid, s)
+        for s, (k, t) in zip(self.scales, self.kernels):
             down = nn.Conv2d(latent_channels, width, kernel_size=k, stride=t)
             mid = nn.Conv2d(width, width, kernel_size=3, padding=1)
             out = nn.Conv2d(width, latent_channels, kernel_size=1)
@@ -244,10 +279,17 @@ class ConvDownsampler(nn.Module):
                 conv.weight.zero_()
                 conv.bias.zero_()
 
-    def forward(self, z_BdGG: torch.Tensor) -> list[torch.Tensor]:
-        maps = [stack(z_BdGG) for stack in self.stacks]  # each (B, d, s, s)
+    def forward(self, z_BdGG: torch.Tensor, shapes: Optional[Sequence[tuple[int, int]]] = None) -> list[torch.Tensor]:
+        """Token maps, coarse to fine, each (B, d, h, w) for ``shapes`` (default: (s, s) per scale)."""
+        shapes = [(s, s) for s in self.scales] if shapes is None else shapes
+        maps = []
+        for stack, (k, t), (h, w) in zip(self.stacks, self.kernels, shapes):
+            span = ((h - 1) * t + k, (w - 1) * t + k)  # the input sides this conv maps to (h, w)
+            z = z_BdGG if span == tuple(z_BdGG.shape[-2:]) else F.interpolate(
+                z_BdGG, size=span, mode="bilinear", align_corners=False, antialias=True)
+            maps.append(stack(z))  # (B, d, h, w)
         if self.design == "conv-residual":
-            maps = [area_downsample(z_BdGG, s) + m for s, m in zip(self.scales, maps)]
+            maps = [area_downsample(z_BdGG, hw) + m for hw, m in zip(shapes, maps)]
         return maps
 
 
@@ -258,8 +300,8 @@ class InterpDownsampler(nn.Module):
         super().__init__()
         self.scales = tuple(scales)
 
-    def forward(self, z_BdGG: torch.Tensor) -> list[torch.Tensor]:
-        return [area_downsample(z_BdGG, s) for s in self.scales]
+    def forward(self, z_BdGG: torch.Tensor, shapes: Optional[Sequence[tuple[int, int]]] = None) -> list[torch.Tensor]:
+        return [area_downsample(z_BdGG, hw) for hw in (shapes or self.scales)]
 
 
 class Encoder(nn.Module):
@@ -274,12 +316,22 @@ class Encoder(nn.Module):
                                   cfg.mlp_bias, cfg.encoder_drop_path, cfg.norm_eps, cfg.attn_backend)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, 2 * cfg.latent_channels)
-        self.grid, self.out_channels = cfg.grid, 2 * cfg.latent_channels
+        self.grid, self.patch_size, self.out_channels = cfg.grid, cfg.patch_size, 2 * cfg.latent_channels
+
+    def pos_for(self, gh: int, gw: int) -> torch.Tensor:
+        """The (1, gh*gw, D) position table of a gh x gw grid: the learned one at the training grid,
+        else that one resampled (bicubic, timm's dynamic image size)."""
+        if (gh, gw) == (self.grid, self.grid):
+            return self.pos_embed
+        G, D = self.grid, self.pos_embed.shape[-1]
+        table = self.pos_embed.transpose(1, 2).reshape(1, D, G, G)
+        return resample_grid(table, (gh, gw)).flatten(2).transpose(1, 2)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        x_BLD = self.patch_embed(x_BCHW) + self.pos_embed
-        h = self.head(self.norm(self.blocks(x_BLD)))  # (B, G*G, 2d)
-        return h.transpose(1, 2).reshape(h.shape[0], self.out_channels, self.grid, self.grid)  # (B, 2d, G, G)
+        gh, gw = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
+        x_BLD = self.patch_embed(x_BCHW) + self.pos_for(gh, gw)
+        h = self.head(self.norm(self.blocks(x_BLD)))  # (B, gh*gw, 2d)
+        return h.transpose(1, 2).reshape(h.shape[0], self.out_channels, gh, gw)  # (B, 2d, Gh, Gw)
 
 
 class Decoder(nn.Module):
@@ -299,13 +351,16 @@ class Decoder(nn.Module):
         self.mask = MaskSpec.for_scales(self.attention, cfg.scales)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # each (B, s*s, d)
-        x_BLD = self.proj_in(torch.cat(tokens, dim=1)) + self.pos()
-        x_BLD = self.head(self.norm(self.blocks(x_BLD, self.mask)))  # (B, L, p*p*3)
+        shapes = [tuple(m.shape[-2:]) for m in maps]
+        native = shapes == [(s, s) for s in self.scales]
+        tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # each (B, h*w, d)
+        x_BLD = self.proj_in(torch.cat(tokens, dim=1)) + (self.pos() if native else self.pos(shapes))
+        mask = self.mask if native else MaskSpec.for_scales(self.attention, shapes)  # blocks of h*w, same rule
+        x_BLD = self.head(self.norm(self.blocks(x_BLD, mask)))  # (B, L, p*p*3)
         out, start = [], 0
-        for s in self.scales:
-            out.append(unpatchify(x_BLD[:, start:start + s * s], s, self.patch_size, self.out_channels))
-            start += s * s
+        for h, w in shapes:
+            out.append(unpatchify(x_BLD[:, start:start + h * w], (h, w), self.patch_size, self.out_channels))
+            start += h * w
         return out
 
 
@@ -369,28 +424,47 @@ class HieraTok(PretrainedMixin, nn.Module):
     # ---- API ----------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor) -> None:
         c = self.config
-        check_images(x, c.in_channels, c.image_size, self.training)
+        check_images(x, c.in_channels, None, self.training, c.patch_size)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """A ValueError for an image size this model cannot encode (sides not multiples of the patch,
+        or too small for the pyramid)."""
+        self.output_shapes(height, width)
+
+    def output_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(height, width) in pixels of every output scale for an input of ``height`` x ``width``."""
+        p = self.config.patch_size
+        if height % p or width % p or height < p or width < p:
+            raise ValueError(f"image size {height}x{width} does not work: sides must be positive multiples of the patch size {p}")
+        return [(h * p, w * p) for h, w in self.config.scale_shapes((height // p, width // p))]
 
     def encode(self, x_BCHW: torch.Tensor) -> DiagonalGaussian:
-        """Images in [-1, 1] -> diagonal Gaussian posterior over z (B, d, G, G)."""
+        """Images in [-1, 1] of any (H, W) that are multiples of the patch size -> diagonal Gaussian
+        posterior over z (B, d, H/p, W/p)."""
         self._check_images(x_BCHW)
         return DiagonalGaussian(self.encoder(x_BCHW))
 
     def multiscale_maps(self, z_BdGG: torch.Tensor) -> list[torch.Tensor]:
-        """The token maps the decoder reads, coarse to fine, each (B, d, s, s)."""
+        """The token maps the decoder reads, coarse to fine, each (B, d, s, s) (each (B, d, h, w) of
+        :func:`scale_shapes` for a latent of another grid)."""
         c = self.config
-        if z_BdGG.ndim != 4 or tuple(z_BdGG.shape[1:]) != (c.latent_channels, c.grid, c.grid):
-            raise ValueError(f"expected latents of shape (B, {c.latent_channels}, {c.grid}, {c.grid}), got {tuple(z_BdGG.shape)}")
-        return [z_BdGG] if self.downsampler is None else self.downsampler(z_BdGG)
+        if z_BdGG.ndim != 4 or z_BdGG.shape[1] != c.latent_channels:
+            raise ValueError(f"expected latents of shape (B, {c.latent_channels}, Gh, Gw) (training grid "
+                             f"{c.grid}x{c.grid}), got {tuple(z_BdGG.shape)}")
+        shapes = c.scale_shapes(tuple(z_BdGG.shape[-2:]))
+        return [z_BdGG] if self.downsampler is None else self.downsampler(z_BdGG, shapes)
 
     def decode_multiscale(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Decode token maps (coarse to fine) -> images (B, 3, s*p, s*p) per scale."""
+        """Decode token maps (coarse to fine) -> images (B, 3, h*p, w*p) per scale (s*p square at the
+        training grid); the finest map's grid sets every scale's shape (:func:`scale_shapes`)."""
         c = self.config
         if len(maps) != len(c.scales):
             raise ValueError(f"expected {len(c.scales)} token maps for scales {list(c.scales)}, got {len(maps)}")
-        for m, s in zip(maps, c.scales):
-            if m.ndim != 4 or tuple(m.shape[1:]) != (c.latent_channels, s, s):
-                raise ValueError(f"token map for scale {s} must be (B, {c.latent_channels}, {s}, {s}), got {tuple(m.shape)}")
+        if maps[-1].ndim != 4:
+            raise ValueError(f"token maps must be (B, {c.latent_channels}, h, w), got {tuple(maps[-1].shape)}")
+        for m, s, (h, w) in zip(maps, c.scales, c.scale_shapes(tuple(maps[-1].shape[-2:]))):
+            if m.ndim != 4 or tuple(m.shape[1:]) != (c.latent_channels, h, w):
+                raise ValueError(f"token map for scale {s} must be (B, {c.latent_channels}, {h}, {w}), got {tuple(m.shape)}")
         return self.decoder(maps)
 
     def decode(self, z_BdGG: torch.Tensor, all_scales: bool = False) -> torch.Tensor | list[torch.Tensor]:

@@ -34,6 +34,16 @@ class DataConfig:
     short_side: Optional[int] = None  # embedded photos only: rescale short side first (crops see more of the scene)
     random_resized_crop_scale: Optional[tuple[float, float]] = None  # None: ADM centre crop (+ flip)
     hflip: bool = True
+    # aspect-ratio buckets, [[height, width], ...]: every batch is one bucket's shape (drawn equally often,
+    # random resized crops of that aspect for folders, native crops of the embedded photos); None: the
+    # model's square image_size. e.g. data.buckets=[[64,64],[64,96],[96,64]]
+    buckets: Optional[tuple[tuple[int, int], ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.buckets is not None:
+            self.buckets = tuple(tuple(b) for b in self.buckets)
+            if not self.buckets or any(len(b) != 2 or not all(isinstance(v, int) and v > 0 for v in b) for b in self.buckets):
+                raise ValueError(f"data.buckets must be a list of [height, width] positive ints, got {self.buckets!r}")
 
 
 @dataclass

@@ -217,6 +217,14 @@ class TokenizerTask(Task):
         from ..data import build_dataset
 
         c, d = self.cfg, self.cfg.data
+        if d.buckets:
+            from ..data import build_bucketed_dataset
+
+            for h, w in d.buckets:
+                self.modules["model"].check_image_size(h, w)  # a ValueError naming the size before any step
+            return build_bucketed_dataset(d.path, d.buckets, seed=c.seed, length=d.samples_per_epoch,
+                                          random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip,
+                                          short_side=d.short_side)
         return build_dataset(d.path, "train", self.image_size, seed=c.seed, length=d.samples_per_epoch,
                              random_resized_crop_scale=d.random_resized_crop_scale, hflip=d.hflip, rank=rank,
                              world_size=world_size, short_side=d.short_side, allow_pipe=self.allow_code_execution)

@@ -43,7 +43,7 @@ from ..checkpoint import (
     unflatten_optim,
 )
 from ..config import architecture_diff, settings_diff
-from ..data import ResumableDistributedSampler, collate_drop_none
+from ..data import BucketBatchSampler, BucketedDataset, ResumableDistributedSampler, collate_drop_none
 from ..hub import EMA_NAME, WEIGHTS_NAME, write_model_dir
 from .config import TrainConfig, config_dict
 from .ema import EMA
@@ -284,6 +284,7 @@ class Trainer:
             self.sampler = ResumableDistributedSampler(self.dataset, self.dist.world_size, self.dist.rank, shuffle=True,
                                                        seed=c.seed, drop_last=True)
         self._iter: Optional[Iterator[Any]] = None
+        self.sizes_seen: dict[str, int] = {}  # "HxW" -> images; saved in trainer_state.json
 
     def _loader(self) -> Iterator[Any]:
         if hasattr(self.dataset, "set_epoch"):
@@ -292,9 +293,12 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)  # no-op within the current (possibly resumed) epoch
         per_step = self.cfg.batch_size * self.cfg.optim.grad_accum
         workers = self.cfg.data.num_workers
-        dl = DataLoader(self.dataset, batch_size=per_step, sampler=self.sampler,
-                        num_workers=default_num_workers(self.dist.device) if workers is None else workers,
-                        collate_fn=collate_drop_none, drop_last=True, pin_memory=self.dist.device.type == "cuda",
+        if isinstance(self.dataset, BucketedDataset):  # one aspect-ratio bucket per batch
+            batching = dict(batch_sampler=BucketBatchSampler(self.sampler, per_step, len(self.dataset.sizes), seed=self.cfg.seed))
+        else:
+            batching = dict(batch_size=per_step, sampler=self.sampler, drop_last=True)
+        dl = DataLoader(self.dataset, **batching, num_workers=default_num_workers(self.dist.device) if workers is None else workers,
+                        collate_fn=collate_drop_none, pin_memory=self.dist.device.type == "cuda",
                         # its own generator: creating a loader must not consume the global RNG
                         # (resume equivalence), and worker seeds follow (seed, epoch)
                         generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
@@ -323,6 +327,8 @@ class Trainer:
             if self.sampler is not None:
                 self.sampler.advance(self.cfg.batch_size * self.cfg.optim.grad_accum)  # local count
             batch = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+            hw = "x".join(map(str, batch[0].shape[-2:]))
+            self.sizes_seen[hw] = self.sizes_seen.get(hw, 0) + batch[0].shape[0]  # this rank's images per size
             return tuple(t.to(self.dist.device, non_blocking=True) for t in batch)
 
     def _no_batch_message(self) -> str:
@@ -488,7 +494,8 @@ class Trainer:
             state = {"step": self.step, "epoch": self.epoch, "optim_groups": groups,
                      "sampler": self.sampler.state_dict() if self.sampler is not None else None,
                      "ema_updates": self.ema.num_updates if self.ema else 0,
-                     "nonfinite_total": self.nonfinite_total, "rng": rng_meta, "train_config": config_dict(self.cfg)}
+                     "nonfinite_total": self.nonfinite_total, "rng": rng_meta, "train_config": config_dict(self.cfg),
+                     "image_sizes_seen": dict(self.sizes_seen)}
             model = unwrap(self.raw["model"])
 
             path = save_checkpoint(self.run_dir, self.step,
@@ -559,6 +566,7 @@ class Trainer:
             self.ema = EMA(unwrap(self.wrapped["model"]), self.cfg.ema_decay)
         self.step, self.epoch = state["step"], state["epoch"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.sizes_seen = dict(state.get("image_sizes_seen", {}))
         if self.sampler is not None and state.get("sampler"):
             self.sampler.load_state_dict(state["sampler"])
         self._iter = None

@@ -321,4 +321,6 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown ResTok preset"):
         ResTok.preset_config("restok-xl")
     with pytest.raises(ValueError, match="images of shape"):
+        ResTok.from_preset("restok-tiny").encode(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="32x32 does not work .* width of 64"):  # 3 merges x stride 8
         ResTok.from_preset("restok-tiny").encode(torch.zeros(1, 3, 32, 32))

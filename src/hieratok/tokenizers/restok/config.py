@@ -14,7 +14,7 @@ class ResTokConfig:
     """Architecture of a ResTok tokenizer (defaults: the released ``restok_l_128``).
 
     Attributes:
-        image_size: input side (square images).
+        image_size: the training side (square); other sizes: :meth:`grid_shape`.
         cnn_channels, cnn_channel_mult, cnn_res_blocks, cnn_z_channels, cnn_groups: the MaskGIT
             CNN front/back end (:mod:`hieratok.nn.conv_autoencoder`); its stride is
             ``2^(len(cnn_channel_mult) - 1)`` and gives the token grid G.
@@ -106,6 +106,29 @@ class ResTokConfig:
     def grid(self) -> int:
         """Side G of the token grid (image_size / CNN stride)."""
         return self.image_size // 2 ** (len(self.cnn_channel_mult) - 1)
+
+    @property
+    def stride(self) -> int:
+        """Downsampling factor of the CNN front end."""
+        return 2 ** (len(self.cnn_channel_mult) - 1)
+
+    @property
+    def size_multiples(self) -> tuple[int, int]:
+        """(height, width) multiples in pixels an image needs: the token grid's height must hold every
+        latent level's pooling rows, its width those columns and S - 1 halvings (merging)."""
+        h = max(h for h, _ in self.latent_grids)
+        w = max(max(w for _, w in self.latent_grids), 2 ** (self.hierarchy_stages - 1))
+        return self.stride * h, self.stride * w
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (Gh, Gw) of a ``height`` x ``width`` image; a ValueError naming the multiples
+        for a size that cannot work (the latent pooling grids and the merges must divide the grid)."""
+        mh, mw = self.size_multiples
+        if height % mh or width % mw or height < mh or width < mw:
+            raise ValueError(f"image size {height}x{width} does not work for this ResTok: height must be a multiple "
+                             f"of {mh} and width of {mw} (CNN stride {self.stride} x latent pooling grids and "
+                             f"{self.hierarchy_stages - 1} merges)")
+        return height // self.stride, width // self.stride
 
     @property
     def latent_levels(self) -> list[int]:

@@ -27,6 +27,7 @@ from .transformer import ResTokDecoder, ResTokEncoder
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KeepLike = Union[None, int, torch.Tensor]
+ImageSize = Union[None, int, tuple[int, int]]
 
 class ResTok(PretrainedMixin, nn.Module):
     """ResTok 1D VQ tokenizer.
@@ -138,7 +139,12 @@ class ResTok(PretrainedMixin, nn.Module):
 
     # ---- API ----------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor) -> None:
-        check_images(x, 3, self.config.image_size, self.training)
+        check_images(x, 3, None, self.training)
+        self.config.grid_shape(*x.shape[-2:])  # a ValueError naming the multiples for a size that cannot work
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """A ValueError for an image size this model cannot encode (see :meth:`ResTokConfig.grid_shape`)."""
+        self.config.grid_shape(height, width)
 
     def encode(self, x_BCHW: torch.Tensor, image_tokens: bool = True) -> dict[str, Any]:
         """Images in [-1, 1] -> codes (``image_tokens=False``: no image stages and no alignment
@@ -166,17 +172,22 @@ class ResTok(PretrainedMixin, nn.Module):
         """Images in [-1, 1] -> code indices (B, N): only what the codes need (inference, code extraction)."""
         return self.encode(x_BCHW, image_tokens=False)["indices"]
 
-    def decode(self, quantized_BNd: torch.Tensor, keep: KeepLike = None, with_alignment: bool = False) -> Any:
+    def decode(self, quantized_BNd: torch.Tensor, keep: KeepLike = None, with_alignment: bool = False,
+               image_size: ImageSize = None) -> Any:
         """Code vectors (B, N, d) -> images in [-1, 1]; ``keep`` masks all but a prefix (int or (B,)).
 
-        With ``with_alignment`` returns ``(images, alignment features (B, A, G, G))``.
+        ``image_size``: (H, W) (or one side) of the images to decode, default the training size (the
+        codes are 1D: the size is the caller's choice, usually the encoded image's).
+        With ``with_alignment`` returns ``(images, alignment features (B, A, Gh, Gw))``.
         """
         c = self.config
         if quantized_BNd.ndim != 3 or tuple(quantized_BNd.shape[1:]) != (c.num_latent_tokens, c.codebook_dim):
             raise ValueError(f"expected codes of shape (B, {c.num_latent_tokens}, {c.codebook_dim}), "
                              f"got {tuple(quantized_BNd.shape)}")
         keep_B = self._keep(keep, quantized_BNd.shape[0], quantized_BNd.device)
-        feat, align = self.decoder(quantized_BNd, keep_B, with_alignment)
+        size = image_size or c.image_size
+        grid = c.grid_shape(*((size, size) if isinstance(size, int) else size))
+        feat, align = self.decoder(quantized_BNd, keep_B, with_alignment, grid)
         dev = feat.device.type
         ctx = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
         with ctx:  # the pixel decoder runs in float32, as released
@@ -187,8 +198,9 @@ class ResTok(PretrainedMixin, nn.Module):
             return img, self.decoder_align(align.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return img
 
-    def decode_indices(self, indices_Bn: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, n), n <= N a prefix of the sequence -> images in [-1, 1]; missing tokens are masked."""
+    def decode_indices(self, indices_Bn: torch.Tensor, image_size: ImageSize = None) -> torch.Tensor:
+        """Code indices (B, n), n <= N a prefix of the sequence -> images in [-1, 1] of ``image_size``
+        (see :meth:`decode`); missing tokens are masked."""
         N = self.config.num_latent_tokens
         if indices_Bn.ndim != 2 or not 1 <= indices_Bn.shape[1] <= N:
             raise ValueError(f"expected indices of shape (B, n) with 1 <= n <= {N}, got {tuple(indices_Bn.shape)}")
@@ -196,7 +208,7 @@ class ResTok(PretrainedMixin, nn.Module):
         q = self.quantizer.decode(indices_Bn)
         if n < N:
             q = torch.cat((q, q.new_zeros(B, N - n, q.shape[-1])), dim=1)
-        return self.decode(q, keep=n if n < N else None)
+        return self.decode(q, keep=n if n < N else None, image_size=image_size)
 
     # ---- the Tokenizer interface (tokenizers/base.py) ----
     @property
@@ -217,7 +229,7 @@ class ResTok(PretrainedMixin, nn.Module):
 
     def reconstruct(self, x_BCHW: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         idx = self.tokenize(x_BCHW)
-        return [self.decode_indices(idx)], idx
+        return [self.decode_indices(idx, tuple(x_BCHW.shape[-2:]))], idx
 
     def last_layer(self) -> torch.Tensor:
         return self.pixel_decoder.conv_out.weight
@@ -248,7 +260,7 @@ class ResTok(PretrainedMixin, nn.Module):
             ``decoder_alignment`` (B, A, G, G).
         """
         out = self.encode(x_BCHW)
-        B = x_BCHW.shape[0]
+        B, size = x_BCHW.shape[0], tuple(x_BCHW.shape[-2:])
         if keep is None and self.training and self.config.nested_dropout_prob > 0:
             keep_B: Optional[torch.Tensor] = self.nested_dropout(B, generator, x_BCHW.device)  # valid by construction
         else:
@@ -257,9 +269,10 @@ class ResTok(PretrainedMixin, nn.Module):
             raise ValueError("return_alignment=True, but this ResTok has no decoder alignment head (decoder_alignment=False)")
         want = self.training if return_alignment is None else return_alignment
         if want and self.decoder_align is not None:
-            out["reconstructions"], out["decoder_alignment"] = self.decode(out["quantized"], keep_B, with_alignment=True)
+            out["reconstructions"], out["decoder_alignment"] = self.decode(out["quantized"], keep_B, with_alignment=True,
+                                                                           image_size=size)
         else:
-            out["reconstructions"] = self.decode(out["quantized"], keep_B)
+            out["reconstructions"] = self.decode(out["quantized"], keep_B, image_size=size)
         if not want:
             out.pop("encoder_alignment", None)
         out["keep"] = keep_B

@@ -98,15 +98,16 @@ class ResTokEncoder(_Stack):
 
     def embed(self, feat_BZGG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CNN map -> (image tokens (B, G*G, D), latent tokens (B, N, D)), with their embeddings added."""
-        B = feat_BZGG.shape[0]
-        img_BLD = self.token_in(feat_BZGG.flatten(2).transpose(1, 2))  # (B, G*G, D)
-        map_BDGG = img_BLD.transpose(1, 2).reshape(B, -1, self.grid, self.grid)
+        B, _, gh, gw = feat_BZGG.shape
+        img_BLD = self.token_in(feat_BZGG.flatten(2).transpose(1, 2))  # (B, Gh*Gw, D)
+        map_BDGG = img_BLD.transpose(1, 2).reshape(B, -1, gh, gw)
         lat_BND = residual_latent_init(map_BDGG, self.grids, self.residual_latent)
         return img_BLD + self.stage_embed[0], lat_BND + self._level_expand(self.latent_level_embed).to(lat_BND.dtype)
 
-    def forward_tokens(self, img_BLD: torch.Tensor, lat_BND: torch.Tensor,
-                       image_tokens: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The transformer part.
+    def forward_tokens(self, img_BLD: torch.Tensor, lat_BND: torch.Tensor, image_tokens: bool = True,
+                       grid: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer part, for image tokens of a ``grid`` (Gh, Gw) (default: the training G x G;
+        a merge halves the row-major width, RoPE positions follow the grid).
 
         With ``image_tokens=False`` (codes only) the last layer runs the latent rows alone (image
         tokens never attend to latents, so nothing else reads them) and no stages are returned.
@@ -114,13 +115,14 @@ class ResTokEncoder(_Stack):
         Returns:
             ``(latents (B, N, D) after the final norm, [image stages coarse..fine, each (B, n_s, D)])``.
         """
-        N, G = lat_BND.shape[1], self.grid
+        N = lat_BND.shape[1]
+        gh, gw = grid or (self.grid, self.grid)
         x = self.norm_pre(torch.cat((img_BLD, lat_BND), dim=1))
-        stages = [G * G]  # image token counts, coarse first
+        stages = [gh * gw]  # image token counts, coarse first
         for i, blk in enumerate(self.blocks):
             s = len(stages) - 1
-            grids = [(G, G // 2 ** k) for k in reversed(range(s + 1))]
-            rope = self._rope(("enc", s, N), lambda g=grids: mixed_positions(g, N, tokens_first=False, device=x.device), x.device)
+            grids = [(gh, gw // 2 ** k) for k in reversed(range(s + 1))]
+            rope = self._rope(("enc", s, N, gh, gw), lambda g=grids: mixed_positions(g, N, tokens_first=False, device=x.device), x.device)
             if i in self.merge_layers:
                 x = self._run(self._merge_layer, blk, x, rope, MaskSpec(stages + self.levels), stages[0], s + 1)
                 stages.insert(0, stages[0] // 2)
@@ -154,7 +156,8 @@ class ResTokEncoder(_Stack):
 
     def forward(self, feat_BZGG: torch.Tensor, image_tokens: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CNN map -> (pre-quantisation latents (B, N, d), image stages coarse-first)."""
-        lat_BND, stages = self.forward_tokens(*self.embed(feat_BZGG), image_tokens=image_tokens)
+        lat_BND, stages = self.forward_tokens(*self.embed(feat_BZGG), image_tokens=image_tokens,
+                                              grid=tuple(feat_BZGG.shape[-2:]))
         return self.project(lat_BND), stages
 
 
@@ -175,11 +178,15 @@ class ResTokDecoder(_Stack):
         self.token_out = nn.Linear(D, cfg.cnn_z_channels)
 
     def forward(
-        self, codes_BNd: torch.Tensor, keep_B: Optional[torch.Tensor] = None, with_alignment: bool = False
+        self, codes_BNd: torch.Tensor, keep_B: Optional[torch.Tensor] = None, with_alignment: bool = False,
+        grid: Optional[tuple[int, int]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Decode to the CNN map (B, Z, G, G); with ``with_alignment`` also the alignment features (B, D, G, G)."""
+        """Decode to the CNN map (B, Z, Gh, Gw) of ``grid`` (default: the training G x G; one learned
+        query per position, 2D RoPE tells them apart); with ``with_alignment`` also the alignment
+        features (B, D, Gh, Gw)."""
         B, N, _ = codes_BNd.shape
-        G, x = self.grid, codes_BNd
+        (gh, gw), x = grid or (self.grid, self.grid), codes_BNd
+        L = gh * gw
         if keep_B is not None:  # nested dropout: the tail after each sample's prefix becomes the mask code
             kept = torch.arange(N, device=x.device)[None, :] < keep_B.to(x.device)[:, None]
             x = torch.where(kept[..., None], x, self.latent_mask_token.to(x.dtype))
@@ -188,24 +195,24 @@ class ResTokDecoder(_Stack):
             parts.append(proj(x[:, start:start + n]) + self.latent_level_embed[i])
             start += n
         lat_BND = torch.cat(parts, dim=1)
-        queries = self.image_query.expand(B, G * G, -1).to(lat_BND.dtype)
+        queries = self.image_query.expand(B, L, -1).to(lat_BND.dtype)
         if with_alignment:
             if self.align_query is None:
                 raise ValueError("this ResTok has no decoder alignment head (decoder_alignment=False)")
             # a second, parallel set of queries reads the same codes (batch doubled, no interaction)
             lat_BND = torch.cat((lat_BND, lat_BND), dim=0)
-            queries = torch.cat((queries, self.align_query.expand(B, G * G, -1).to(lat_BND.dtype)), dim=0)
+            queries = torch.cat((queries, self.align_query.expand(B, L, -1).to(lat_BND.dtype)), dim=0)
         x = self.norm_pre(torch.cat((lat_BND, queries), dim=1))
-        rope = self._rope(("dec", N), lambda: mixed_positions([(G, G)], N, tokens_first=True, device=x.device), x.device)
+        rope = self._rope(("dec", N, gh, gw), lambda: mixed_positions([(gh, gw)], N, tokens_first=True, device=x.device), x.device)
         for i, blk in enumerate(self.blocks):
             if i == len(self.blocks) - 1 and self._rows_only():  # only the image rows are read after it
                 x = self._run(blk, x, rope, None, N)
             else:
                 x = self._run(blk, x, rope, None)
-        img = x[:, -G * G:]
+        img = x[:, -L:]
         align = None
         if with_alignment:
             img, feat = img.chunk(2, dim=0)
-            align = feat.transpose(1, 2).reshape(B, -1, G, G)  # before the final norm, as released
-        out = self.token_out(self.norm_post(img))  # (B, G*G, Z)
-        return out.transpose(1, 2).reshape(B, -1, G, G), align
+            align = feat.transpose(1, 2).reshape(B, -1, gh, gw)  # before the final norm, as released
+        out = self.token_out(self.norm_post(img))  # (B, Gh*Gw, Z)
+        return out.transpose(1, 2).reshape(B, -1, gh, gw), align
