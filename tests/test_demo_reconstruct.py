@@ -91,8 +91,8 @@ def test_reconstruct_crop_and_tile(tmp_path, capsys):
 def test_full_and_tile_modes_reconstruct_the_whole_image():
     import torch
 
-    from hieratok.reconstruct import reconstruct_image
     from hieratok.tokenizers.tiling import tiled_reconstruct
+    from hieratok.workflows.reconstruct import reconstruct_image
 
     torch.manual_seed(0)
     model = HieraTok.from_preset("tiny", encoder_depth=1, decoder_depth=1).eval()

@@ -340,3 +340,17 @@ def test_online_repo_without_weights_names_the_file(hub, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"org/half \\(revision main\\): the Hub repo has no {WEIGHTS_NAME}; "
                                                 "it must hold config.json and model.safetensors"):
         HieraTok.from_pretrained("org/half", cache_dir=tmp_path / "cache")
+
+
+def test_push_command_uploads_a_checkpoint_and_it_loads_back(hub, tmp_path, capsys):
+    from hieratok.cli import main
+
+    m = small_model("hieratok")
+    m.save_pretrained(tmp_path / "tok")
+    assert main(["push", str(tmp_path / "tok"), "org/tok", "--private", "--token", "tok", "--message", "v1"]) == 0
+    assert "to org/tok" in capsys.readouterr().out
+    assert hub.calls[0] == ("create_repo", "org/tok", dict(private=True, exist_ok=True, token="tok"))
+    assert hub.calls[-1][2]["message"] == "v1"
+    back, info = load_model("org/tok", cache_dir=str(tmp_path / "cache"))
+    assert info["model_type"] == "hieratok"
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))

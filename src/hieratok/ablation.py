@@ -22,6 +22,7 @@ import logging
 import math
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +35,21 @@ from PIL import Image
 
 from ._optional import require
 from .config import settings_diff
+from .data import EmbeddedPhotos, build_dataset, pil_to_tensor, tensor_to_pil
+from .evaluate import ReconEvalConfig, evaluate_latents, evaluate_reconstruction
+from .evaluate.latents import encode_latents_and_mirrored
 from .hub import write_atomic
 from .machine import cpu_model
+from .metrics import InceptionFeatures, psnr
+from .metrics.image import quantize_to_uint8
+from .report import Report, plot_loss_curves, plot_per_scale_metric, plot_tsne, pyramid_strip, reconstruction_grid
+from .report.plots import read_csv_log
+from .report.table import SimpleTable
 from .tokenizers import HieraTok
+from .train import Trainer, load_config
+from .train.parallel import unwrap
 from .train.threads import ThreadGovernor, thread_candidates
+from .workflows.reconstruct import reconstruct_image
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -142,8 +154,6 @@ class AblationConfig:
 # ---- training --------------------------------------------------------------------------------------
 
 def _train_config(c: AblationConfig, v: Variant, seed: int, steps: int, out: Path) -> Any:
-    from .train import load_config
-
     over: dict[str, Any] = {"data.path": c.data, "seed": seed, "batch_size": c.batch_size, "optim.lr": c.lr,
                             "optim.end_lr": c.lr / 10, "log_every": 5, "image_every": 0, "ckpt_every": 0,
                             "keep_last": 1, "ema_decay": 0.99, "progress": c.progress, "tensorboard": False,
@@ -172,7 +182,6 @@ def choose_threads(step: Callable[[], None], candidates: tuple[int, ...], repeat
 
 def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[dict[str, float], int, dict[int, float]]:
     """Seconds per training step of every variant, and the thread count to use."""
-    from .train import Trainer
 
     per_step: dict[str, float] = {}
     threads, timings = c.threads, {}
@@ -207,8 +216,6 @@ class _CachedInception(torch.nn.Module):
 
 
 def _model_from(trainer: Any) -> torch.nn.Module:
-    from .train.parallel import unwrap
-
     model = copy.deepcopy(unwrap(trainer.raw["model"])).eval()
     if trainer.ema is not None:
         trainer.ema.copy_to(model)
@@ -217,9 +224,6 @@ def _model_from(trainer: Any) -> torch.nn.Module:
 
 def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[torch.nn.Module], seed: int,
               train_stats: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
-    from .evaluate import ReconEvalConfig, evaluate_latents, evaluate_reconstruction
-    from .evaluate.latents import encode_latents_and_mirrored
-
     size = model.config.image_size
     short = 2 * size if c.eval_data is None else None
     ecfg = ReconEvalConfig(data=c.eval_data, num=10**6, batch_size=16, keep_images=6, progress=False, fid=False,
@@ -240,10 +244,6 @@ def _full_photo(c: AblationConfig, model: torch.nn.Module) -> Optional[dict[str,
     with its PSNR (8-bit); None for other evaluation data."""
     if c.eval_data is not None:
         return None
-    from .data import EmbeddedPhotos, pil_to_tensor
-    from .metrics import psnr
-    from .metrics.image import quantize_to_uint8
-    from .reconstruct import reconstruct_image
 
     size = model.config.image_size
     photos = EmbeddedPhotos("heldout", size, short_side=2 * size)
@@ -256,7 +256,6 @@ def _full_photo(c: AblationConfig, model: torch.nn.Module) -> Optional[dict[str,
 def _train_stats(c: AblationConfig, model: torch.nn.Module, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean / std of the model's latents on training crops (VA-VAE normalises with the
     training set's statistics)."""
-    from .data import build_dataset
 
     ds = build_dataset(c.data, "train", model.config.image_size, seed=seed,
                        short_side=2 * model.config.image_size if c.data is None else None)
@@ -350,7 +349,6 @@ def _fmt(m: Optional[dict[str, Any]], fmt: str, scale: float) -> str:
 
 def summary_tables(summary: dict[str, Any], baseline: str) -> tuple[Any, Any]:
     """(mean ± std per variant, paired differences with the baseline) as report tables."""
-    from .report.table import SimpleTable
 
     keys = [m for m in METRICS if any(m[0] in row for row in summary["variants"].values())]
     n = max((row[k]["n"] for row in summary["variants"].values() for k in row if k != "psnr_per_scale"), default=0)
@@ -436,10 +434,7 @@ def _prepare_out(c: AblationConfig) -> tuple[Path, Optional[dict[str, Any]]]:
 def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str, Any]:
     """Train, evaluate and compare every variant over the seeds; write ``summary.json`` and return
     ``{"results": {variant: {seed: result}}, "summary", "steps", "seeds_done", "threads", ...}``."""
-    import tempfile
 
-    from .metrics import InceptionFeatures
-    from .train import Trainer
     t_start = time.perf_counter() if t_start is None else t_start
     variants = [parse_variant(s, c.preset) for s in c.variants]
     # missing packages stop the run now, not after minutes of training
@@ -573,8 +568,6 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
     """``report.html`` / ``report.md`` in the output folder: both tables, what they support, the
     reconstructions of seed 0 of every variant on the same held-out crops, the pyramid, per-scale
     PSNR, training and held-out curves, t-SNE plots."""
-    from .report import Report, plot_loss_curves, plot_per_scale_metric, plot_tsne, pyramid_strip, reconstruction_grid
-    from .report.plots import read_csv_log
 
     out, summary, variants = Path(res["out"]), res["summary"], res["variants"]
     t1, t2 = summary_tables(summary, c.baseline)
@@ -608,8 +601,6 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
             rep.add_image(out / "pyramid.png", f"the multi-scale pyramid of one held-out crop ({multi[0]}, seed 0)")
     photos = {k: torch.load(d / "full_photo.pt", weights_only=True) for k, d in first.items() if (d / "full_photo.pt").is_file()}
     if photos:
-        from .data import tensor_to_pil
-
         ref = next(iter(photos.values()))
         pics = [tensor_to_pil(ref["input"].clamp(-1, 1))] + [tensor_to_pil(p["recon"].clamp(-1, 1)) for p in photos.values()]
         strip = Image.new("RGB", (sum(p.width for p in pics) + 8 * (len(pics) - 1), pics[0].height), "white")

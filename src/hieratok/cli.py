@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from ._optional import MissingExtraError
 from .version import __version__
 
 __all__ = ["main", "parse_overrides"]
@@ -237,8 +238,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .reconstruct import reconstruct_files
     from .registry import load_model
+    from .workflows.reconstruct import reconstruct_files
 
     model, _ = load_model(args.checkpoint, ema=not args.no_ema, device=_device(args.device), expect=("hieratok",))
     for f in reconstruct_files(model, args.images, args.out, args.mode, overwrite=args.overwrite, tile=args.tile,
@@ -248,7 +249,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .generation import cache_latents
+    from .workflows.generation import cache_latents
 
     _init_eval_dist()
     meta = cache_latents(args.checkpoint, args.data, args.out, flip=args.flip, ten_crop=args.ten_crop,
@@ -263,7 +264,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .generation import sample_to_folder
+    from .workflows.generation import sample_to_folder
 
     _init_eval_dist()
     npz = sample_to_folder(args.generator, args.out, tokenizer=args.tokenizer, num=args.num, cfg_scale=args.cfg,
@@ -275,7 +276,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_gen(args: argparse.Namespace) -> int:
-    from .generation import evaluate_generation
+    from .workflows.generation import evaluate_generation
 
     res = evaluate_generation(args.samples, args.ref, out=args.out, inception_weights=args.inception_weights,
                               device=_device(args.device), batch_size=args.batch_size,
@@ -303,6 +304,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = model.save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.path} -> {out} ({type(model).__name__}, {n / 1e6:.1f}M parameters)")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .registry import load_model
+
+    model, info = load_model(args.checkpoint, ema=not args.no_ema)
+    commit = model.push_to_hub(args.repo_id, source_dir=info["model_dir"], subfolder=args.subfolder,
+                               private=args.private or None, revision=args.revision, token=args.token,
+                               commit_message=args.message)
+    print(f"pushed {info['model_type']} ({info['weights']} weights) from {info['model_dir']} to {args.repo_id}: "
+          f"{getattr(commit, 'commit_url', commit)}")
     return 0
 
 
@@ -526,6 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config fields the weights do not determine, e.g. image_size=256")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("push", help="upload a model folder, training checkpoint or run (EMA weights if any) to the "
+                                    "Hugging Face Hub, with a generated model card")
+    p.add_argument("checkpoint", help="model folder, checkpoint or run folder")
+    p.add_argument("repo_id", help="org/name on the Hub (created if needed; HF_TOKEN or --token for access)")
+    p.add_argument("--subfolder", default=None, help="a folder inside the repo")
+    p.add_argument("--revision", default=None, help="a branch (created from main if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None)
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--no-ema", action="store_true", help="push the raw weights of a checkpoint instead of its EMA")
+    p.set_defaults(func=_cmd_push)
+
     p = sub.add_parser("compare", help="side-by-side table of evaluated runs (paper Table 2 layout)")
     p.add_argument("runs", nargs="+", help="run / eval folders or metrics.json files; the first is the baseline")
     p.add_argument("--names", nargs="+", default=None)
@@ -574,7 +599,8 @@ def _error_line(e: BaseException) -> str:
         return f"{e.strerror or type(e).__name__}: {e.filename}"
     text = " ".join(str(e).split()) or type(e).__name__
     known = (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError)
-    msg = text if type(e) in known or isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
+    plain = (ValueError, FileNotFoundError, MissingExtraError)  # their messages say it all
+    msg = text if type(e) in known or isinstance(e, plain) else f"{type(e).__name__}: {text}"
     return msg + " (--debug shows the traceback)"
 
 

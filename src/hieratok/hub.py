@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
@@ -339,7 +340,6 @@ class PretrainedMixin:
         Returns:
             ``huggingface_hub``'s ``CommitInfo`` (``.commit_url``, ``.oid``).
         """
-        import tempfile
 
         from huggingface_hub import HfApi
 

@@ -32,6 +32,7 @@ from .hub import (
     read_json,
     resolve_pretrained_dir,
 )
+from .interop.diffusers import load_autoencoder_kl
 
 __all__ = ["MODEL_TYPES", "TOKENIZERS", "GENERATORS", "DIFFUSERS_PREFIX", "DIFFUSERS_VAE", "model_class",
            "resolve_model_dir", "load_model"]
@@ -104,7 +105,6 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     if str(path).startswith(DIFFUSERS_PREFIX):
         if expect is not None and DIFFUSERS_VAE not in expect:
             raise ValueError(f"{path}: a diffusers AutoencoderKL ({DIFFUSERS_VAE!r}) is not one of {list(expect)}")
-        from .interop.diffusers import load_autoencoder_kl
 
         vae, d = load_autoencoder_kl(str(path)[len(DIFFUSERS_PREFIX):], **overrides)
         log.info("%s %s", DIFFUSERS_VAE, d)

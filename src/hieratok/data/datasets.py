@@ -24,6 +24,7 @@ import functools
 import glob
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import random
@@ -336,8 +337,6 @@ def _parse_label(sample: dict[str, Any]) -> int:
             text = value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
             return int(text.strip())
     if "json" in sample:
-        import json
-
         meta = json.loads(sample["json"])
         if isinstance(meta, dict):
             for key in _JSON_LABEL_KEYS:

@@ -17,6 +17,7 @@ with them and its checkpoint keeps them (no bare scale constants).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -218,8 +219,6 @@ class LatentCacheDataset(Dataset):
         return self._starts[-1]
 
     def _locate(self, i: int) -> tuple[int, int]:
-        import bisect
-
         k = bisect.bisect_right(self._starts, i) - 1
         return k, i - self._starts[k]
 

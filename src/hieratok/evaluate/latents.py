@@ -25,6 +25,7 @@ from ..hub import read_json
 from ..metrics import latent_uniformity
 from ..metrics.uniformity import PROTOCOLS, channel_stats
 from ..precision import inference_precision, resolve_precision
+from ..report import plot_tsne
 from .recon import eval_indices
 
 __all__ = ["encode_latents", "encode_latents_and_mirrored", "evaluate_latents", "load_latent_stats"]
@@ -251,8 +252,6 @@ def evaluate_latents(model: Any, data: Optional[str], *, protocol: str = "vavae"
            "num_images": int(n_img), "num_skipped": skipped, "latent_shape": list(latents.shape[1:]), "precision": prec}
     arrays = {"points_2d": res.points_2d, "densities": res.densities}  # first run, for plots
     if out_dir is not None:
-        from ..report import plot_tsne
-
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         per = "one per image" if protocol == "vavae" else "pooled positions"

@@ -33,8 +33,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, collate_drop_none
+from ..losses.perceptual import build_perceptual
 from ..losses.reconstruction import scale_targets
 from ..metrics import (
+    CodebookUsage,
     FeatureStats,
     InceptionFeatures,
     all_reduce_feature_stats,
@@ -45,6 +47,7 @@ from ..metrics import (
 )
 from ..metrics.image import color_error, quantize_to_uint8
 from ..precision import inference_precision, resolve_precision
+from ..report import Report, plot_per_scale_metric, pyramid_strip, reconstruction_grid, simple_table
 
 __all__ = ["ReconEvalConfig", "evaluate_reconstruction", "write_recon_report"]
 
@@ -122,8 +125,6 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_drop_none)
     perceptual, pname = None, "none"
     if cfg.perceptual != "none":
-        from ..losses.perceptual import build_perceptual
-
         perceptual, pname = build_perceptual(cfg.perceptual)
         perceptual = perceptual.to(device)
     if cfg.kid and world > 1:
@@ -138,8 +139,6 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
     feats: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
     usage = None
     if model.codebook_size is not None:
-        from ..metrics import CodebookUsage
-
         usage = CodebookUsage(model.codebook_size, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     real_stats, fake_stats = FeatureStats(), FeatureStats()
@@ -244,7 +243,6 @@ def evaluate_reconstruction(model: Any, cfg: ReconEvalConfig, device: str | torc
 
 def write_recon_report(result: dict[str, Any], out_dir: str | Path, title: str = "Reconstruction", info: Optional[dict] = None) -> Path:
     """``metrics.json`` + ``report.html``/``report.md`` with the grid, pyramid strips and per-scale PSNR."""
-    from ..report import Report, plot_per_scale_metric, pyramid_strip, reconstruction_grid, simple_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

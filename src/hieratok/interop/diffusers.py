@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from .._optional import require
 from ..distributions import DiagonalGaussian
 from ..hub import CONFIG_NAME, read_json
 from ..tokenizers.base import Tokenizer
@@ -52,12 +53,9 @@ log = logging.getLogger(__name__)
 NORMALIZATIONS = ("global", "channel")
 
 
-def _diffusers() -> Any:
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError("diffusers interop needs diffusers: pip install 'hieratok[diffusers]'") from None
-    return diffusers
+def _diffusers(module: str = "diffusers") -> Any:
+    """diffusers (or one of its modules), with a one-line error naming the extra when missing."""
+    return require(module, "diffusers interop")
 
 
 def scaling_fields(mean: Optional[list[float]], std: Optional[list[float]], normalization: str = "global",
@@ -109,19 +107,15 @@ class DiffusersVAE(nn.Module):
 
     def encode(self, x_BCHW: torch.Tensor, return_dict: bool = True) -> Any:
         """Images in [-1, 1] -> ``AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution)`` over z (B, d, G, G)."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        from diffusers.models.modeling_outputs import AutoencoderKLOutput
-
+        vae_mod, outputs = _diffusers("diffusers.models.autoencoders.vae"), _diffusers("diffusers.models.modeling_outputs")
         post = self.tokenizer.encode(x_BCHW)
-        dist = DiagonalGaussianDistribution(torch.cat([post.mean, post.logvar], dim=1))  # the clamp is idempotent
-        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+        dist = vae_mod.DiagonalGaussianDistribution(torch.cat([post.mean, post.logvar], dim=1))  # the clamp is idempotent
+        return outputs.AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
     def decode(self, z_BdGG: torch.Tensor, return_dict: bool = True, generator: Optional[torch.Generator] = None) -> Any:
         """Latents -> ``DecoderOutput(sample=finest image)``; ``generator`` is accepted as AutoencoderKL's and unused."""
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
         x = self.tokenizer.detokenize(z_BdGG)
-        return DecoderOutput(sample=x) if return_dict else (x,)
+        return _diffusers("diffusers.models.autoencoders.vae").DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
                 generator: Optional[torch.Generator] = None) -> Any:
@@ -199,8 +193,16 @@ class AutoencoderKLTokenizer(nn.Module):
         self.vae = vae
         self.config = AutoencoderKLTokenizerConfig(size, c.latent_channels, factor)
 
+    def check_image_size(self, height: int, width: int) -> None:
+        f = self.config.downsample_factor
+        if height < 1 or width < 1 or height % f or width % f:
+            raise ValueError(f"image size {height}x{width} does not work: this AutoencoderKL needs sides that are "
+                             f"positive multiples of its downsampling factor {f}")
+
     def encode(self, x_BCHW: torch.Tensor) -> DiagonalGaussian:
-        check_images(x_BCHW, self.vae.config.in_channels, self.config.image_size, self.training)
+        """Any size whose sides are multiples of the downsampling factor (a convolutional VAE)."""
+        check_images(x_BCHW, self.vae.config.in_channels, None, self.training, self.config.downsample_factor,
+                     "the VAE's downsampling factor")
         return DiagonalGaussian(self.vae.encode(x_BCHW).latent_dist.parameters)
 
     def decode(self, z_BdGG: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hieratok.losses.gan import grad_norm_ratio
-from hieratok.weights import resolve_weights
+from ..weights import resolve_weights
+from .gan import grad_norm_ratio
+from .perceptual import load_effnet_lite0
 
 __all__ = [
     "FROZEN_ENCODER_KINDS",
@@ -533,8 +534,6 @@ def build_frozen_encoder(
     if kind not in FROZEN_ENCODER_KINDS:
         raise ValueError(f"frozen encoder kind must be one of {FROZEN_ENCODER_KINDS} or a module, got {kind!r}")
     if kind == "effnet-lite0":
-        from hieratok.losses.perceptual import load_effnet_lite0
-
         tap = int(options.pop("tap", 10))
         net, w = load_effnet_lite0(path)
         if not 0 <= tap < len(net._blocks):

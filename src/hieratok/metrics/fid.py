@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import IMAGE_EXTENSIONS, ImageFolderDataset
+from ..data.images import UnreadableImageError, load_rgb
 from .inception import FID_FEATURE_DIM, InceptionFeatures
 
 __all__ = [
@@ -290,8 +291,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from ..data.images import UnreadableImageError, load_rgb
-
         try:  # the one robust reader: 8-bit RGB as pytorch-fid reads them, 16-bit scaled by its depth
             arr = np.asarray(load_rgb(self.files[i]), dtype=np.uint8)
         except UnreadableImageError as err:

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..precision import exact_fp32
-from ..weights import MissingWeightsError, ResolvedWeights, resolve_weights
+from ..weights import MissingWeightsError, ResolvedWeights, resolve_weights, torch_hub_checkpoint_dir
 from .image import quantize_to_uint8
 
 __all__ = [
@@ -430,8 +430,6 @@ def _fid_helper_trunk() -> Optional[Path]:
 
 
 def _is_unavailable_message() -> str:
-    from ..weights import torch_hub_checkpoint_dir
-
     return (
         f"IS unavailable: the loaded Inception weights have no classifier (the offline trunk only); "
         f"put pytorch-fid's {PT_INCEPTION_FILENAME} (from its GitHub release; it has the classifier) at "

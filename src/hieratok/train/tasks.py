@@ -14,18 +14,29 @@ with ``loss``. Batches are tuples of tensors (images or latents or codes, labels
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from ..data import build_bucketed_dataset, build_dataset
+from ..data.latent_cache import LatentCacheDataset, read_cache_meta
+from ..generators import DiT, GeneratorObjective, sample_latents, training_loss
+from ..generators.autoregressive import ARObjective, sample_layout, sequence_loss
+from ..generators.llamagen import GPT
+from ..losses.alignment import VFAlignmentLoss, build_frozen_encoder
+from ..losses.gan import GANLoss
+from ..losses.perceptual import build_perceptual
 from ..losses.reconstruction import MultiScaleReconstructionLoss
+from ..losses.restok import ResTokLoss, ResTokLossConfig
 from ..metrics.codebook import CodebookUsage
+from ..registry import TOKENIZERS, load_model
+from ..report import reconstruction_grid, save_samples_grid
 from ..tokenizers import HieraTok, ResTok
 from .config import GeneratorTrainConfig, TokenizerTrainConfig, TrainConfig, task_name
-from .diagnostics import posterior_stats
+from .diagnostics import fixed_images, posterior_stats, reconstruction_diagnostics
 from .parallel import unwrap
 
 __all__ = ["Phase", "Task", "TokenizerTask", "ResTokTask", "DiTTask", "ARTask", "build_task"]
@@ -139,8 +150,6 @@ class TokenizerTask(Task):
         model = self.modules["model"]
         self.loss = MultiScaleReconstructionLoss(cfg.loss, model.config.scales, perceptual)
         if cfg.vf.weight > 0:
-            from ..losses.alignment import VFAlignmentLoss, build_frozen_encoder
-
             self.vf_encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path, self.allow_code_execution)
             feat_dim = self.vf_encoder.output_shape(model.config.image_size)[0]
             self.vf = VFAlignmentLoss(feat_dim, model.config.latent_channels, cfg.vf.margin_cos, cfg.vf.margin_dm,
@@ -154,8 +163,6 @@ class TokenizerTask(Task):
         self.cfg = cfg
         perceptual, self.perceptual_name = None, "none"
         if cfg.loss.perceptual > 0 and cfg.loss.perceptual_kind != "none":
-            from ..losses.perceptual import build_perceptual
-
             perceptual, self.perceptual_name = build_perceptual(cfg.loss.perceptual_kind)
         if cfg.init_from:
             log.info("model from %s (preset %r not used)", cfg.init_from, cfg.preset)
@@ -166,8 +173,6 @@ class TokenizerTask(Task):
         self.modules: dict[str, nn.Module] = {"model": model}
         self.gan = self.vf = self.vf_encoder = None
         if cfg.gan.weight > 0:
-            from ..losses.gan import GANLoss
-
             self.gan = GANLoss(cfg.gan)
             self.modules["disc"] = self.gan.discriminator
         return perceptual
@@ -214,12 +219,8 @@ class TokenizerTask(Task):
         return {"lecam": self.gan.lecam} if self.gan is not None and self.gan.lecam is not None else {}
 
     def build_dataset(self, rank: int, world_size: int) -> Any:
-        from ..data import build_dataset
-
         c, d = self.cfg, self.cfg.data
         if d.buckets:
-            from ..data import build_bucketed_dataset
-
             for h, w in d.buckets:
                 self.modules["model"].check_image_size(h, w)  # a ValueError naming the size before any step
             return build_bucketed_dataset(d.path, d.buckets, seed=c.seed, length=d.samples_per_epoch,
@@ -233,8 +234,6 @@ class TokenizerTask(Task):
         """``diag_images`` images of ``diag_data``, else of the embedded photos' held-out split when
         training on the embedded photos, else fixed training images (centre crop, no flip: the data
         has no held-out split the config names)."""
-        from ..data import build_dataset
-        from .diagnostics import fixed_images
 
         c, d = self.cfg, self.cfg.data
         source = c.diag_data or d.path
@@ -255,15 +254,12 @@ class TokenizerTask(Task):
 
     def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-scale PSNR and colour error of the reconstructions (posterior mode in eval mode)."""
-        from .diagnostics import reconstruction_diagnostics
 
         recs = model(x)["reconstructions"]
         return reconstruction_diagnostics(x, [recs] if isinstance(recs, torch.Tensor) else list(recs))
 
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
                   out_dir: Path, step: int) -> list[Path]:
-        from ..report import reconstruction_grid
-
         recs = ctx.get("recs", [[]])[0]
         if not recs:
             return []
@@ -324,8 +320,6 @@ class ResTokTask(TokenizerTask):
     ``optim.warmup_steps`` when set."""
 
     def __init__(self, cfg: TokenizerTrainConfig, allow_code_execution: bool = False) -> None:
-        from ..losses.restok import ResTokLoss, ResTokLossConfig
-
         self.allow_code_execution = allow_code_execution
         encoder, heads = self._alignment_encoder(cfg)
         perceptual = self._setup(cfg, ResTok, **heads)
@@ -353,7 +347,6 @@ class ResTokTask(TokenizerTask):
         if cfg.vf.adaptive:
             raise ValueError("task 'restok' weights its alignment terms by the constant vf.weight (as released): "
                              "set vf.adaptive=false")
-        from ..losses.alignment import build_frozen_encoder
 
 
         encoder = build_frozen_encoder(cfg.vf.encoder, cfg.vf.path, self.allow_code_execution)
@@ -377,7 +370,6 @@ class ResTokTask(TokenizerTask):
     def phases(self) -> list[Phase]:
         """The tokenizer phases, the generator's warm-up taken from ``optim.warmup_steps`` when set
         (the release: 5k steps)."""
-        from dataclasses import replace
 
         o = self.cfg.optim
         ph = super().phases()
@@ -416,8 +408,6 @@ def _sample_decoder(cfg: GeneratorTrainConfig, meta: dict[str, Any]) -> Optional
     if not path:
         return None
     try:
-        from ..registry import TOKENIZERS, load_model
-
         tok, _ = load_model(path, expect=TOKENIZERS)
     except (FileNotFoundError, ValueError) as e:
         log.warning("sample grids off: tokenizer %s not loadable (%s)", path, e)
@@ -450,8 +440,6 @@ class _CachedTask(Task):
     visualize_runs_model = True
 
     def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
-        from ..data.latent_cache import read_cache_meta
-
         self.allow_code_execution = allow_code_execution
         if not cfg.data.path:
             raise ValueError(f"task {cfg.task!r} trains on a latent cache: pass --data <cache dir> "
@@ -461,8 +449,6 @@ class _CachedTask(Task):
         self._decoder: Any = "unset"
 
     def build_dataset(self, rank: int, world_size: int) -> Any:
-        from ..data.latent_cache import LatentCacheDataset
-
         return LatentCacheDataset(self.cfg.data.path)
 
     def _decode(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -484,7 +470,6 @@ class _CachedTask(Task):
     def visualize(self, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any],
                   out_dir: Path, step: int) -> list[Path]:
         """A grid of class-conditional samples (fixed seed and labels), decoded by the tokenizer."""
-        from ..report import save_samples_grid
 
         decode = self._decode()
         if decode is None:
@@ -507,7 +492,6 @@ class DiTTask(_CachedTask):
 
     def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
-        from ..generators import DiT, GeneratorObjective
 
         if self.meta.get("kind") != "latents":
             raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, a DiT needs latents")
@@ -520,14 +504,10 @@ class DiTTask(_CachedTask):
         self.num_classes = self.modules["model"].config.num_classes
 
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from ..generators import training_loss
-
         z, y = batch
         return training_loss(_Forward(mods["model"]), self.objective, z.float(), y.long())
 
     def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from ..generators import sample_latents
-
         return sample_latents(model, self.objective, labels, self.cfg.sample_cfg_scale, generator)
 
 
@@ -536,8 +516,6 @@ class ARTask(_CachedTask):
 
     def __init__(self, cfg: GeneratorTrainConfig, allow_code_execution: bool = False) -> None:
         super().__init__(cfg, allow_code_execution)
-        from ..generators.autoregressive import ARObjective
-        from ..generators.llamagen import GPT
 
         if self.meta.get("kind") != "codes":
             raise ValueError(f"{cfg.data.path} caches {self.meta.get('kind')}, an AR generator needs codes")
@@ -556,14 +534,10 @@ class ARTask(_CachedTask):
                              f"a GPT with vocab_size {mc.vocab_size} and num_classes {mc.num_classes}")
 
     def loss(self, mods: dict[str, nn.Module], batch: tuple[torch.Tensor, ...], ctx: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from ..generators.autoregressive import sequence_loss
-
         codes, y = batch
         return {"loss": sequence_loss(_Forward(mods["model"]), codes.long(), y.long(), self.layout)}
 
     def _sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from ..generators.autoregressive import sample_layout
-
         return sample_layout(model, labels, self.layout, cfg_scale=self.cfg.sample_cfg_scale, generator=generator,
                              **self.sampling).codes
 

@@ -11,6 +11,7 @@ speed, so measuring a stalled configuration costs one step.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 def thread_candidates() -> tuple[int, ...]:
     """One thread and all the cores torch may use (the two counts worth comparing on a CPU)."""
-    import os
 
     return tuple(sorted({1, max(1, min(os.cpu_count() or 1, torch.get_num_threads()))}))
 

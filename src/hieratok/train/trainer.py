@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -71,7 +76,6 @@ def check_run_dir(run_dir: str | Path, resume: Optional[str], overwrite: bool, r
     """Refuse to start a new run in a folder that holds one (its log, config and checkpoints would
     be overwritten or mixed with the new run's): ``resume`` continues it, ``overwrite`` removes the
     old run's files first (when ``remove``: one rank of several removes, every rank checks)."""
-    import shutil
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -106,7 +110,6 @@ def default_num_workers(device: torch.device) -> int:
     """Data-loading processes when ``data.num_workers`` is unset: on CUDA min(8, CPUs per rank on
     this node - 1), so decoding keeps up with the GPU; on CPU 0 (workers would take cores from the
     training threads)."""
-    import os
 
     if device.type != "cuda":
         return 0
@@ -118,7 +121,6 @@ def default_num_workers(device: torch.device) -> int:
 def _init_wandb(run_dir: Path, cfg: TrainConfig) -> Any:
     """Start, or continue after a resume, the run's wandb run: its id, name, entity and project live in
     ``<run>/wandb.json`` (written at the first start, removed by ``--overwrite`` with the run)."""
-    import json
 
     wandb = require("wandb", "wandb logging (wandb=true)")
     path = run_dir / WANDB_RUN
@@ -198,14 +200,10 @@ class _Logger:
             return
         tag = path.stem.rsplit("_", 1)[0]
         if self.tb is not None:
-            import numpy as np
-            from PIL import Image
-
             with Image.open(path) as im:
                 self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
         if self.wandb is not None:
-            import wandb
-
+            wandb = require("wandb", "wandb logging (wandb=true)")
             self.wandb.log({tag: wandb.Image(str(path))}, step=step)
 
     def close(self) -> None:

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from hieratok import HieraTok
 from hieratok.data import EmbeddedPhotos
 from hieratok.data.latent_cache import LatentCacheDataset
-from hieratok.generation import cache_latents, sample_to_folder
 from hieratok.tokenizers import ResTok
 from hieratok.train import Trainer, load_config
+from hieratok.workflows.generation import cache_latents, sample_to_folder
 
 FAST = {"adapt_threads": False,  # fixed threads: trajectories are compared bit for bit
         "progress": False, "tensorboard": False, "log_every": 1, "image_every": 0, "ckpt_every": 0, "batch_size": 16}

@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import center_crop_arr, load_rgb, pil_to_tensor, tensor_to_pil
-from .tokenizers.tiling import tiled_reconstruct
+from ..data import center_crop_arr, load_rgb, pil_to_tensor, tensor_to_pil
+from ..report import pyramid_strip
+from ..tokenizers.tiling import tiled_reconstruct
 
 __all__ = ["reconstruct_image", "reconstruct_files"]
 
@@ -79,7 +80,6 @@ def reconstruct_files(model: Any, paths: Sequence[str | Path], out_dir: Optional
     next to each image (or into ``out_dir``); returns the reconstruction files. An image given twice
     is reconstructed once; stems that would collide are numbered (:func:`_output_stems`); existing
     outputs are replaced only with ``overwrite``."""
-    from .report import pyramid_strip
 
     unique: dict[Path, Path] = {}
     for p in map(Path, paths):

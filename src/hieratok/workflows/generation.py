@@ -20,9 +20,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import settings_diff
-from .hub import read_json, write_atomic
-from .precision import inference_precision, resolve_precision
+from ..config import config_from_dict, settings_diff
+from ..data import EmbeddedPhotos, build_dataset, tensor_to_pil
+from ..data.latent_cache import finalize_cache, read_cache_meta, write_cache
+from ..generators import GeneratorObjective, sample_latents
+from ..generators.autoregressive import ARObjective, sample_layout
+from ..hub import CONFIG_NAME, read_json, write_atomic
+from ..metrics import InceptionFeatures, adm_metrics
+from ..precision import inference_precision, resolve_precision
+from ..registry import GENERATORS, TOKENIZERS, load_model, model_class
+from ..report import pyramid_strip
+from ..train.parallel import barrier
 
 __all__ = ["cache_latents", "sample_to_folder", "write_npz", "evaluate_generation"]
 
@@ -56,10 +64,6 @@ def cache_latents(tokenizer: str, data: Optional[str], out: str, *, flip: bool =
     """
     from torch.utils.data import Subset
 
-    from .data import EmbeddedPhotos, build_dataset
-    from .data.latent_cache import finalize_cache, write_cache
-    from .registry import TOKENIZERS, load_model
-    from .train.parallel import barrier
 
     tok, tok_info = load_model(tokenizer, device=device, expect=TOKENIZERS)
     prec = resolve_precision(precision, device)
@@ -121,9 +125,6 @@ def _check_stats_target(tokenizer: str, tok_info: dict[str, Any]) -> None:
 
 def _write_latent_stats(model_dir: Path, mean: list[float], std: list[float], cache: str) -> None:
     """Set ``latent_mean`` / ``latent_std`` in ``model_dir/config.json`` (checked, written atomically)."""
-    from .config import config_from_dict
-    from .hub import CONFIG_NAME
-    from .registry import model_class
 
     path = model_dir / CONFIG_NAME
     meta = read_json(path)
@@ -146,10 +147,6 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     ``precision``: of the generator and the decoding tokenizer (:mod:`hieratok.precision`; default
     tf32 on CUDA, fp32 on CPU), recorded in ``sampling.json``.
     """
-    from .data import tensor_to_pil
-    from .data.latent_cache import read_cache_meta
-    from .registry import GENERATORS, TOKENIZERS, load_model
-    from .train.parallel import barrier
 
     model, info = load_model(generator_path, device=device, expect=GENERATORS)
     prec = resolve_precision(precision, device)
@@ -163,7 +160,6 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
     if all_scales and len(tok.output_sides()) < 2:
         raise ValueError("--all-scales needs a multi-scale tokenizer")
     if info["model_type"] != "dit":  # a GPT over codes: N is the code count of the ResTok that decodes them
-        from .generators.autoregressive import ARObjective, sample_layout
 
         if tok.codebook_size is None:
             raise ValueError(f"{tok_path}: a GPT generator samples codes, which only a discrete tokenizer (ResTok) decodes")
@@ -198,8 +194,6 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         with inference_precision(prec, device):
             if info["model_type"] == "dit":
-                from .generators import GeneratorObjective, sample_latents
-
                 obj = GeneratorObjective(**tc.get("objective", {}))
                 z = sample_latents(model, obj, labels, cfg_scale, g, num_steps=steps)
             else:
@@ -207,8 +201,6 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
             pyr = tok.detokenize(z, all_scales=True) if all_scales else [tok.detokenize(z)]
         imgs = pyr[-1]
         if all_scales:
-            from .report import pyramid_strip
-
             for j, i in enumerate(idx):
                 pyramid_strip([p[j:j + 1].float().cpu() for p in pyr], out_dir / "pyramids" / f"{i:06d}.png")
         for j, i in enumerate(idx):  # atomic: a killed run never leaves a truncated PNG that counts as done
@@ -266,7 +258,6 @@ def evaluate_generation(samples: str, ref: str, *, out: Optional[str] = None, in
     statistics npz, images npz or folder): gFID, sFID, precision, recall and, when the Inception
     classifier head is available, IS (otherwise ``is_unavailable`` says which file to add), from one
     Inception pass over the samples (:func:`hieratok.metrics.adm_metrics`). Writes ``gen_metrics.json``."""
-    from .metrics import InceptionFeatures, adm_metrics
 
     extractor = InceptionFeatures(inception_weights).to(torch.device(device))
     out_d = adm_metrics(samples, ref, extractor, batch_size=batch_size, precision_and_recall=precision_and_recall,

