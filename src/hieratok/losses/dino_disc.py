@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from hieratok.hub import check_state_dict
-from hieratok.weights import resolve_weights
-
+from ..hub import check_state_dict
+from ..nn.transformer import Block
+from ..weights import resolve_weights
 from .perceptual import load_weight_file
 
 __all__ = ["DinoDiscriminator", "FrozenDinoViT", "diff_augment", "diffaug_groups", "find_dino_weights", "DINO_FILE",
@@ -61,28 +61,6 @@ def find_dino_weights(path: Optional[str] = None) -> Path:
                            without_it=f"download it from {DINO_URL}, or use gan.discriminator=patch").path
 
 
-class _Block(nn.Module):
-    """Pre-norm ViT block with timm's parameter names (qkv with bias, GELU MLP)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.attn.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
-
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        q, k, v = self.attn.qkv(self.norm1(x_BLC)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x_BLC = x_BLC + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
-        return x_BLC + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x_BLC))))
-
-
 class FrozenDinoViT(nn.Module):
     """DINO's ViT (default ViT-S/16 at 224 px) returning the token maps the heads read, (B, C, L) each."""
 
@@ -96,7 +74,9 @@ class FrozenDinoViT(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, dim))
-        self.blocks = nn.ModuleList(_Block(dim, heads, 4.0, eps) for _ in range(max(key_depths) + 1))
+        # the toolkit's ViT block has timm's parameter names (qkv and MLP with biases)
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, qkv_bias=True, mlp_bias=True, norm_eps=eps)
+                                    for _ in range(max(key_depths) + 1))
         self.requires_grad_(False)
 
     def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
