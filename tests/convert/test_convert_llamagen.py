@@ -23,17 +23,6 @@ OFFICIAL_LAYER = {"attention.wqkv.weight", "attention.wo.weight", "feed_forward.
                   "feed_forward.w3.weight", "attention_norm.weight", "ffn_norm.weight"}
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    """The tiny GPT with N(0, 0.2) weights (its zero-initialised head would give constant logits)."""
-    torch.manual_seed(0)
-    m = GPT(GPT.preset_config("gpt-tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
-
-
 def _official(m):
     sd = to_official_gpt_state_dict(m.state_dict(), m.config)
     # what real checkpoints carry besides the weights: a compile prefix and a RoPE table
@@ -49,8 +38,8 @@ def test_official_names_are_the_authors():
     assert set(llamagen_key_map(cfg).values()) == set(GPT(cfg).state_dict())
 
 
-def test_roundtrip_through_the_official_layout(gpt):
-    m = gpt
+def test_roundtrip_through_the_official_layout(tiny_gpt):
+    m = tiny_gpt
     sd = _official(m)
     assert sd["_orig_mod.layers.1.feed_forward.w3.weight"] is not None
     m2 = GPT(m.config).eval()
@@ -62,8 +51,8 @@ def test_roundtrip_through_the_official_layout(gpt):
     torch.testing.assert_close(sd["_orig_mod.layers.0.attention.wqkv.weight"][:D], m.blocks[0].attn.qkv.weight[:D])
 
 
-def test_unmatched_and_missing_keys_are_all_named(gpt):
-    m = gpt
+def test_unmatched_and_missing_keys_are_all_named(tiny_gpt):
+    m = tiny_gpt
     sd = _official(m)
     del sd["_orig_mod.layers.1.attention.wo.weight"]
     del sd["_orig_mod.output.weight"]
@@ -80,8 +69,8 @@ def test_unmatched_and_missing_keys_are_all_named(gpt):
         convert_llamagen_state_dict(sd, m.config)
 
 
-def test_config_from_shapes_and_from_the_authors_config(tmp_path, gpt):
-    m = gpt
+def test_config_from_shapes_and_from_the_authors_config(tmp_path, tiny_gpt):
+    m = tiny_gpt
     sd = _official(m)
     cfg = infer_gpt_config(sd, head_dim=16)
     for f in ("vocab_size", "dim", "depth", "num_heads", "num_classes", "num_placeholders"):

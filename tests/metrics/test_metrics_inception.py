@@ -34,15 +34,6 @@ needs_trunk = pytest.mark.skipif(TRUNK is None or not TRUNK.is_file(), reason="f
 
 
 @pytest.fixture(scope="module")
-def trunk(tmp_path_factory):
-    # An empty torch hub cache and no env var: resolution must fall through to the package copy.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))
-        mp.delenv("HIERATOK_INCEPTION_WEIGHTS", raising=False)
-        return InceptionFeatures()
-
-
-@pytest.fixture(scope="module")
 def images():
     """Three smooth 64x48 uint8 RGB images (varied content) and a strongly noised copy."""
     g = torch.Generator().manual_seed(0)

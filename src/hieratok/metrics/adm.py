@@ -23,7 +23,6 @@ Shape legend: N images, D feature dim (2048 pool3, 2023 spatial), K classes.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,12 @@ from .inception import (
     SFID_FEATURE_DIM,
     InceptionFeatures,
     InceptionScoreUnavailable,
-    inception_score_from_logits,
+    inception_score_in_splits,
 )
 from .precision_recall import precision_recall
 
 __all__ = ["BatchFeatures", "batch_features", "load_reference", "save_adm_stats", "adm_metrics"]
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,12 +120,7 @@ def save_adm_stats(path: str | os.PathLike, feats: BatchFeatures) -> None:
 
 def _inception_score(feats: torch.Tensor, extractor: InceptionFeatures, splits: int) -> dict[str, Any]:
     logits = torch.cat([extractor.logits(c).cpu() for c in feats.split(4096)])  # (N, 1008)
-    n = logits.shape[0]
-    if n < splits:
-        log.warning("Inception Score of %d images in %d splits instead of %d: not comparable with the standard "
-                    "50k-image, 10-split score", n, n, splits)
-        splits = n
-    mean, std = inception_score_from_logits(logits, splits)
+    mean, std, splits = inception_score_in_splits(logits, splits)
     return {"is": mean, "is_std": std, "is_splits": splits}
 
 

@@ -642,6 +642,18 @@ class InceptionFeatures(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def inception_score_in_splits(logits: torch.Tensor, splits: int) -> tuple[float, float, int]:
+    """:func:`inception_score_from_logits` with the splits cut to the image count when there are
+    fewer images than splits (warned: not comparable with the standard 50k-image, 10-split score);
+    returns ``(mean, std, splits used)``."""
+    n = logits.shape[0]
+    if n < splits:
+        logger.warning("Inception Score of %d images over %d splits instead of %d: not comparable with the standard "
+                       "50k-image, 10-split score", n, n, splits)
+        splits = n
+    return (*inception_score_from_logits(logits, splits), splits)
+
+
 def inception_score_from_logits(logits_NK: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
     """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``: mean and std over ``splits`` splits.
 
@@ -719,10 +731,5 @@ def inception_score(
         )
     ]
     all_logits = torch.cat(logits)
-    n = all_logits.shape[0]
-    if n < splits:
-        logger.warning("Inception Score of %d images over %d splits instead of %d: not comparable with the standard "
-                       "50k-image, 10-split score", n, n, splits)
-        splits = n
-    mean, std = inception_score_from_logits(all_logits, splits)
-    return InceptionScoreResult(mean, std, splits, n, extractor.source)
+    mean, std, splits = inception_score_in_splits(all_logits, splits)
+    return InceptionScoreResult(mean, std, splits, all_logits.shape[0], extractor.source)
