@@ -1,13 +1,25 @@
 """Training-step throughput and peak memory of HieraTok.
 
-    python benchmarks/bench_train_step.py                          # CPU: tiny (batch 8) + paper (batch 2, 1 step)
+    python benchmarks/bench_train_step.py                          # CPU: the demo's step, tiny, paper preset
     python benchmarks/bench_train_step.py --json out/train.json
+    python benchmarks/bench_train_step.py --compare-src /tmp/old/src   # also every row with an older checkout
     python benchmarks/bench_train_step.py --gpu-only --gpu-batch 32 [--compile]   # on a CUDA machine
+
+The demo's step (first table): what ``hieratok demo`` runs, through the trainer: the next batch of
+the embedded photos (random crops, flips), forward, the multi-scale loss with the
+EfficientNet-Lite0 perceptual term on every scale, backward, gradient clipping, AdamW, EMA, the
+log accumulation; batch 16, the ``tiny`` preset (``multi``) and its single-scale twin
+(``single``). Rows: each twin alone at 1 and at all threads, and both twins at once in two
+processes of one thread each (the demo's schedule on several cores: ``s/step`` is each twin's
+step while the other trains beside it). "Steps per model per minute" is what a schedule gives
+each twin: one after the other at the faster thread count, ``60 / (multi + single)``; side by
+side, ``2 * 60 / (multi + single)`` at the side-by-side step times (the longest-first order
+keeps both processes busy).
 
 A step is what the trainer does in stage 1 without the perceptual network: forward in train mode
 (posterior sampled, decoder drop-path 0.1), multi-scale L1 + MSE + KL loss
 (:class:`hieratok.losses.reconstruction.MultiScaleReconstructionLoss`), backward, AdamW
-(betas 0.9/0.95, weight decay 0.05). Every configuration runs in a fresh subprocess, so its
+(betas 0.9/0.95, weight decay 0.05, fused, as the trainer builds it). Every configuration runs in a fresh subprocess, so its
 ``ru_maxrss`` is the peak resident memory of that training run alone (model, gradients, AdamW
 state, activations). Achieved GFLOP/s counts 3x the forward FLOPs of hieratok.flops.count_flops
 per image (forward + backward, dense attention count); the ceiling is a large fp32 matmul measured
@@ -22,10 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -61,7 +78,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     loss_fn = MultiScaleReconstructionLoss(ReconLossConfig(perceptual=0.0, perceptual_kind="none"),
                                            len(model.config.scales)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=dev.type == "cuda" or a.fused_adamw)
+                            fused=not a.foreach_adamw)  # the trainer's AdamW: fused
     net = torch.compile(model) if a.compile else model
     size = model.config.image_size
     x = torch.rand(a.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev) * 2 - 1
@@ -94,17 +111,82 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def demo_worker(a: argparse.Namespace) -> dict[str, Any]:
+    """The demo's training step of one twin in this (fresh) process: ``warmup`` steps, then blocks
+    of 5 steps (the demo logs every 5) until ``seconds`` have passed or ``steps`` blocks are timed."""
+    from hieratok.ablation import AblationConfig, _train_config, parse_variant
+    from hieratok.train import Trainer
+
+    torch.set_num_threads(a.threads)
+    c = AblationConfig(progress=False)
+    v = parse_variant(a.variant, c.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Trainer(_train_config(c, v, 0, 10**6, Path(tmp) / "run"))
+        t.fit(max_steps=a.warmup)
+        samples, t_end = Samples(), time.perf_counter() + a.seconds
+        while len(samples.seconds) < a.steps or time.perf_counter() < t_end:
+            time_once(lambda: t.fit(max_steps=5), "cpu", samples)
+            samples.seconds[-1] /= 5
+    return {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "peak_rss_mb": peak_rss_mb(),
+            "perceptual": t.task.perceptual_name, "batch": c.batch_size}
+
+
+def demo_rows(script: str, args: argparse.Namespace, src: Optional[str]) -> list[dict[str, Any]]:
+    """The demo's step of both twins: alone at 1 and at ``--threads`` threads, then side by side."""
+    label = "this checkout" if src is None else src
+    rows = []
+    base = ["--worker", "--kind", "demo", "--warmup", "2", "--steps", str(args.demo_blocks), "--seconds", "0"]
+    for variant in ("multi", "single"):
+        for th in sorted({1, args.threads}):
+            if args.wait_quiet:
+                wait_for_quiet(args.wait_quiet)
+            res = run_worker(script, base + ["--variant", variant, "--threads", str(th)], src=src)
+            rows.append({"code": label, "variant": variant, "schedule": f"alone, {th} thread(s)", "threads": th, **res})
+    if args.threads > 1:  # both twins at once, one thread each, for the same wall time
+        if args.wait_quiet:
+            wait_for_quiet(args.wait_quiet)
+        env = None if src is None else {**os.environ, "PYTHONPATH": src}
+        procs = {v: subprocess.Popen([sys.executable, script, *base[:-1], str(args.demo_seconds), "--variant", v,
+                                      "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for v in ("multi", "single")}
+        for v, p in procs.items():
+            out, err = p.communicate()
+            res = json.loads(out.strip().splitlines()[-1]) if p.returncode == 0 else {"error": err.strip().splitlines()[-1]}
+            rows.append({"code": label, "variant": v, "schedule": "side by side, 1 thread each", "threads": 1, **res})
+    for r in rows:
+        if "step_s" in r:
+            r["s_per_step"] = statistics.median(r["step_s"])
+            r["img_per_s"] = r["batch"] / r["s_per_step"]
+    return rows
+
+
+def demo_schedules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps per model per minute of the two schedules, from the rows of one checkout."""
+    t = {(r["variant"], r["schedule"]): r["s_per_step"] for r in rows if "s_per_step" in r}
+    out = []
+    alone = [s for (_, s) in t if s.startswith("alone")]
+    best = min(set(alone), key=lambda s: t.get(("multi", s), math.inf) + t.get(("single", s), math.inf))
+    out.append({"schedule": f"one after the other ({best})", "pair_s": t[("multi", best)] + t[("single", best)]})
+    side = "side by side, 1 thread each"
+    if ("multi", side) in t and ("single", side) in t:
+        out.append({"schedule": "side by side (2 processes)", "pair_s": (t[("multi", side)] + t[("single", side)]) / 2})
+    for o in out:
+        o["steps_per_model_per_min"] = 60 / o["pair_s"]
+    return out
+
+
 def run_config(script: str, preset: str, batch: int, steps: int, warmup: int, args: argparse.Namespace,
-               device: str = "cpu", backend: str = "sdpa", reference_paths: bool = False, compile: bool = False) -> dict[str, Any]:
+               device: str = "cpu", backend: str = "sdpa", reference_paths: bool = False, compile: bool = False,
+               src: Optional[str] = None) -> dict[str, Any]:
     argv = ["--worker", "--preset", preset, "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
             "--threads", str(args.threads), "--device", device, "--backend", backend]
     argv += ["--reference-paths"] if reference_paths else []
-    argv += ["--fused-adamw"] if args.fused_adamw else []
+    argv += ["--foreach-adamw"] if args.foreach_adamw else []
     argv += ["--compile"] if compile else []
     if device == "cpu" and args.wait_quiet:
         wait_for_quiet(args.wait_quiet)
-    res = run_worker(script, argv)
-    label = preset + (" (reference paths)" if reference_paths else "") + (" fused AdamW" if args.fused_adamw and device == "cpu" else "")
+    res = run_worker(script, argv, src=src)
+    label = ("" if src is None else f"[{src}] ") + preset + (" (reference paths)" if reference_paths else "") + (" foreach AdamW" if args.foreach_adamw else "")
     row: dict[str, Any] = {"preset": label, "device": device,
                            "backend": backend, "compile": compile, "batch": batch, "steps": steps}
     if "error" in res:
@@ -130,13 +212,17 @@ def main() -> None:
     ap.add_argument("--paper-steps", type=int, default=2)
     ap.add_argument("--reference-paths", action="store_true", help="also run each CPU config with the fast paths off")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fused-adamw", action="store_true",
-                    help="fused AdamW on CPU too (the trainer uses fused only on CUDA; fused is always on there)")
+    ap.add_argument("--foreach-adamw", action="store_true",
+                    help="the multi-tensor (foreach) AdamW instead of the fused one the trainer uses")
     ap.add_argument("--gpu-batch", type=int, default=32)
     ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model in the CUDA section")
     ap.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--demo-blocks", type=int, default=6, help="timed blocks of 5 demo steps per row (0 skips the demo)")
+    ap.add_argument("--demo-seconds", type=float, default=40.0, help="wall time of the side-by-side demo rows")
+    ap.add_argument("--compare-src", default=None, metavar="DIR",
+                    help="also run every CPU row with hieratok imported from DIR (e.g. a worktree of an older commit)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="before measuring, wait up to this long for other processes to leave the CPUs idle")
@@ -148,9 +234,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="sdpa", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="model", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="multi", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(demo_worker(args) if args.kind == "demo" else worker(args)))
         return
 
     result: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "cpu": [], "cuda": []}
@@ -158,6 +247,22 @@ def main() -> None:
             ("steps", "steps", "d"), ("s_per_step", "s/step (med)", ".3f"), ("s_per_step_min", "s/step (best)", ".3f"),
             ("img_per_s", "img/s", ".2f"), ("train_gflops", "GFLOP/s", ".0f"), ("ceiling_gflops", "ceiling", ".0f"),
             ("ceiling_ratio", "%ceil", ".1%"), ("peak_rss_mb", "peak RSS MB", ".0f")]
+    srcs = [None] + ([args.compare_src] if args.compare_src else [])
+    result["demo"], result["demo_schedules"] = [], {}
+    if not args.gpu_only and args.demo_blocks > 0:
+        print("The demo's training step (trainer: data + forward + loss with perceptual + backward + AdamW + EMA), batch 16")
+        for src in srcs:
+            rows = demo_rows(__file__, args, src)
+            result["demo"] += rows
+            result["demo_schedules"][src or "this checkout"] = demo_schedules(rows)
+        print_table([r for r in result["demo"] if "error" not in r],
+                    [("code", "code", "s"), ("variant", "twin", "s"), ("schedule", "schedule", "s"),
+                     ("s_per_step", "s/step (med)", ".3f"), ("img_per_s", "img/s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f")])
+        for code, sched in result["demo_schedules"].items():
+            for o in sched:
+                print(f"  {code}: {o['schedule']}: {o['pair_s']:.3f} s per step of both twins, "
+                      f"{o['steps_per_model_per_min']:.0f} steps per model per minute")
+        print()
     if not args.gpu_only:
         print(f"CPU fp32, {args.threads} threads; each configuration in a fresh process")
         configs = [("tiny", args.tiny_batch, args.tiny_steps, 2)]
@@ -165,7 +270,8 @@ def main() -> None:
             configs.append((args.paper_preset, args.paper_batch, args.paper_steps, 1))
         for preset, batch, steps, warmup in configs:
             for ref in ([False, True] if args.reference_paths else [False]):
-                result["cpu"].append(run_config(__file__, preset, batch, steps, warmup, args, reference_paths=ref))
+                for src in srcs:
+                    result["cpu"].append(run_config(__file__, preset, batch, steps, warmup, args, reference_paths=ref, src=src))
         print_table([r for r in result["cpu"] if "error" not in r], cols)
     if torch.cuda.is_available() and not args.cpu_only:
         for backend in ("sdpa", "flex"):

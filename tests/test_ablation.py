@@ -83,3 +83,30 @@ def test_load_notes_name_what_the_machine_did():
     assert "2 threads took 25.00 s per step against 0.90 s for 1" in notes
     assert "1 -> 2, 2 -> 1" in notes and "4.0x slower than calibrated (single, seed 1)" in notes
     assert "13.3 min against a budget of 10.0 min" in notes
+
+
+def test_schedule_of_runs_on_several_processes():
+    from hieratok.ablation import AblationConfig, Variant, _job_order, _makespan, _plan_workers, _steps_that_fit
+
+    assert _makespan([3.0, 2.0, 2.0, 1.0], 1) == 8.0
+    assert _makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0  # 3+1 | 2+2
+    assert _makespan([1.0, 1.0, 3.0], 2) == 4.0  # taken in order: 1+3 | 1
+    m, s = Variant("multi", "tiny"), Variant("single", "tiny-single")
+    c = AblationConfig(seeds=3)
+    per = {"multi": 2.0, "single": 1.0}
+    # one worker: seed by seed; several: the slow variant's runs first
+    assert _job_order(c, [s, m], per, 1) == [(s, 0), (m, 0), (s, 1), (m, 1), (s, 2), (m, 2)]
+    assert _job_order(c, [s, m], per, 2) == [(m, 0), (m, 1), (m, 2), (s, 0), (s, 1), (s, 2)]
+    # 2 workers, multi jobs of 2n + e s and single jobs of n + e s: worker 1 takes multi 0, multi 2 and
+    # single 2 (5n + 3e), worker 2 multi 1, single 0 and single 1 (4n + 3e)
+    jobs, e = _job_order(c, [s, m], per, 2), 5.0
+    for n in (10, 37, 100):
+        span = _makespan([n * per[v.name] + e for v, _ in jobs], 2)
+        assert span == 5 * n + 3 * e
+        assert _steps_that_fit(span, jobs, per, e, 2) == n
+        assert _steps_that_fit(span - 1e-6, jobs, per, e, 2) == n - 1
+    assert _steps_that_fit(100.0, [(m, 0)], per, 0.0, 1) == 50
+    assert _plan_workers(AblationConfig(seeds=2, workers=1, threads=3)) == (1, 3)
+    assert _plan_workers(AblationConfig(seeds=2, workers=2, threads=1)) == (2, 1)
+    with pytest.raises(ValueError, match="workers and threads must be >= 1"):
+        AblationConfig(workers=0)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from hieratok.demo import DemoConfig, run_demo
 
 
 def test_demo_end_to_end_small_budget(tmp_path):
+    # the default schedule: on a machine with several cores the runs train in processes side by side
     cfg = DemoConfig(steps=2, seeds=2, out=str(tmp_path / "demo"), batch_size=4, eval_crops_per_photo=2, tsne_runs=1,
-                     threads=1, progress=False)
+                     progress=False)
     res = run_demo(cfg)
     out = tmp_path / "demo"
     for f in ["report.html", "report.md", "reconstructions.png", "pyramid.png", "curves.png", "tsne_multi.png",
@@ -24,6 +26,7 @@ def test_demo_end_to_end_small_budget(tmp_path):
     assert Image.open(out / "full_photo.png").size == (3 * photo["input"].shape[-1] + 16, 128)
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 2 and s["seeds_done"] == 2 and "cpu" in s
+    assert s["workers"] == min(4, os.cpu_count() or 1) and s["threads"] == max(1, (os.cpu_count() or 1) // s["workers"])
     for seed in (0, 1):
         r = {k: json.loads((out / "runs" / k / f"seed{seed}" / "result.json").read_text()) for k in ("multi", "single")}
         assert r["multi"]["num_images"] == r["single"]["num_images"] == 6
@@ -59,7 +62,7 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
     monkeypatch.setattr(ablation, "_calibrate", optimistic)
     monkeypatch.setattr(ablation, "_eval_estimate_s", lambda c, threads: 0.0)
     c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
-                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1)
+                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1)
     res = run_ablation(c)
     steps = res["steps"]
     assert steps >= 1 and 1 <= res["seeds_done"] < 5
@@ -72,6 +75,28 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
         lr = float(first["lr"])  # the demo's optimiser: lr 4e-4 -> 4e-5, 3% warm-up
         assert lr == pytest.approx(sum(lr_at(s, steps, 4e-4, 4e-5, 0.03) for s in range(min(5, steps))) / min(5, steps),
                                    rel=1e-5)
+
+
+def test_runs_in_processes_side_by_side_equal_runs_one_after_the_other(tmp_path):
+    """The parallel schedule (each run in a spawned process) is the sequential one (each run in this
+    process) at the same thread count: same steps, same data, same numbers, bit for bit."""
+    from hieratok.ablation import AblationConfig, run_ablation
+
+    res = {}
+    for workers in (1, 2):
+        c = AblationConfig(steps=3, seeds=1, out=str(tmp_path / f"w{workers}"), batch_size=2, eval_crops_per_photo=1,
+                           kid=False, uniformity=False, progress=False, threads=1, workers=workers)
+        res[workers] = run_ablation(c)
+        assert res[workers]["workers"] == workers and res[workers]["seeds_done"] == 1
+    for name in ("single", "multi"):
+        a, b = (res[w]["results"][name][0] for w in (1, 2))
+        keys = [k for k in a if "seconds" not in k]
+        assert keys and {k: a[k] for k in keys} == {k: b[k] for k in keys}
+        logs = [(tmp_path / f"w{w}" / "runs" / name / "seed0" / "metrics.csv").read_text().splitlines() for w in (1, 2)]
+        cols = logs[0][0].split(",")
+        drop = {i for i, k in enumerate(cols) if k in ("img_per_s", "threads")}
+        assert [[v for i, v in enumerate(r.split(",")) if i not in drop] for r in logs[0]] == \
+               [[v for i, v in enumerate(r.split(",")) if i not in drop] for r in logs[1]]
 
 
 def test_reconstruct_crop_and_tile(tmp_path, capsys):
@@ -136,3 +161,19 @@ def test_reconstruct_names_are_unique_and_nothing_is_overwritten(tmp_path):
     assert main(args) == 2  # outputs exist: refused
     assert main(args + ["--overwrite"]) == 0
     assert (tmp_path / "out" / "x-1.recon.png").read_bytes() == before
+
+
+def test_parallel_budget_calibrates_side_by_side_and_skips_runs_that_cannot_end(tmp_path, caplog):
+    """Several processes with a time budget: both variants are timed at once, and a budget far too
+    small still finishes seed 0 of every variant (as the sequential schedule always finishes its
+    first round) and does not start the runs that cannot end within it, saying so."""
+    from hieratok.ablation import AblationConfig, run_ablation
+
+    c = AblationConfig(minutes=0.05, seeds=3, out=str(tmp_path / "p"), batch_size=2, eval_crops_per_photo=1, kid=False,
+                       uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=2, calibrate_s=0.5)
+    res = run_ablation(c)
+    assert res["workers"] == 2 and res["steps"] == 1 and res["seeds_done"] == 1
+    assert set(res["calibrated_s_per_step"]) == {"single", "multi"} and min(res["calibrated_s_per_step"].values()) > 0
+    assert "budget: not starting" in caplog.text
+    assert sorted(p.parent.name + "/" + p.name for p in (tmp_path / "p" / "runs").glob("*/seed*")
+                  if (p / "result.json").is_file()) == ["multi/seed0", "single/seed0"]

@@ -20,11 +20,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -132,7 +135,9 @@ class AblationConfig:
     kid: bool = True  # rKID on the held-out images (unbiased at this count; rFID is not)
     uniformity: bool = True  # latent uniformity (VA-VAE protocol) of every run
     tsne_runs: int = 1  # per run: the spread over runs comes from the seeds
-    threads: Optional[int] = None  # torch threads; None = the faster of 1 and all cores, timed
+    threads: Optional[int] = None  # torch threads (of each run process); None: see workers
+    workers: Optional[int] = None  # runs trained at once, each in a process; None: one per core (<= 4)
+    calibrate_s: float = 12.0  # with several workers: seconds each variant's step is timed, side by side
     report_reserve_s: float = 45.0  # time kept for the report
     resume: bool = False  # keep finished runs of the same plan
     overwrite: bool = False  # replace a non-empty output folder
@@ -149,6 +154,8 @@ class AblationConfig:
             raise ValueError(f"need seeds >= 1, steps >= 1 and minutes > 0 (got {self.seeds}, {self.steps}, {self.minutes})")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        if (self.workers is not None and self.workers < 1) or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"workers and threads must be >= 1 (got {self.workers}, {self.threads})")
 
 
 # ---- training --------------------------------------------------------------------------------------
@@ -431,6 +438,178 @@ def _prepare_out(c: AblationConfig) -> tuple[Path, Optional[dict[str, Any]]]:
     return out, None
 
 
+def _plan_workers(c: AblationConfig) -> tuple[int, int]:
+    """(runs trained at once, torch threads per run).
+
+    Small tokenizers use two cores poorly (measured for the demo's step: 1.36x from the second
+    thread), while two one-thread processes run side by side at nearly full speed each. So on a
+    machine with several cores the runs are spread over processes, one per core up to the runs
+    there are (at most 4), each with ``cores // workers`` threads. One worker trains the runs one
+    after the other in this process, at the faster of 1 and all cores (``threads=None``).
+    """
+    cores, runs = os.cpu_count() or 1, c.seeds * len(c.variants)
+    workers = c.workers if c.workers is not None else max(1, min(runs, 4, cores // (c.threads or 1)))
+    if workers == 1:
+        return 1, c.threads or torch.get_num_threads()
+    return workers, c.threads or max(1, cores // workers)
+
+
+def _makespan(durations: list[float], workers: int) -> float:
+    """Seconds until the last job ends when ``workers`` take jobs in this order as they come free."""
+    free = [0.0] * workers
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def _job_order(c: AblationConfig, variants: list["Variant"], per_step: dict[str, float], workers: int) -> list[tuple["Variant", int]]:
+    """One worker: seed by seed (every variant of a seed before the next seed, so that a budget that
+    runs out leaves complete pairs). Several: the slowest variant's runs first (longest job first
+    balances the workers), seed by seed within a variant."""
+    jobs = [(v, seed) for seed in range(c.seeds) for v in variants]
+    if workers > 1:
+        jobs.sort(key=lambda j: (-per_step.get(j[0].name, 0.0), j[1]))
+    return jobs
+
+
+def _steps_that_fit(left_s: float, jobs: list[tuple["Variant", int]], per_step: dict[str, float], eval_s: float,
+                    workers: int) -> int:
+    """The most steps per run for which every job (training + evaluation) ends within ``left_s``."""
+    def span(steps: int) -> float:
+        return _makespan([steps * per_step[v.name] + eval_s for v, _ in jobs], workers)
+    lo, hi = 1, 1
+    while span(hi * 2) <= left_s and hi < 10**7:
+        hi *= 2
+    hi *= 2
+    while hi - lo > 1:  # span is increasing in steps: the largest fitting count
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if span(mid) <= left_s else (lo, mid)
+    return lo
+
+
+def _run_dir(out: Path, v: "Variant", seed: int) -> Path:
+    return out / "runs" / v.name / f"seed{seed}"
+
+
+def _run_one(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float],
+             governor: Optional[ThreadGovernor] = None) -> None:
+    """Train and evaluate one run (in this process); writes its ``result.json`` (and, for seed 0, the
+    samples, the whole photo and the t-SNE points the report shows)."""
+    run_dir = _run_dir(out, v, seed)
+    if run_dir.exists():  # an interrupted run: train it again from the start
+        shutil.rmtree(run_dir)
+    log.info("training %s (%s), seed %d, %d steps", v.name, v.preset, seed, steps)
+    t0 = time.perf_counter()
+    t = Trainer(_train_config(c, v, seed, steps, run_dir))
+    if governor is not None:
+        governor.new_workload()
+        t.threads = governor
+    t.fit()
+    train_s = time.perf_counter() - t0
+    if governor is not None:
+        torch.set_num_threads(governor.current)  # evaluate at the count training found fastest
+    model = _model_from(t)
+    stats = _train_stats(c, model, seed) if c.uniformity else None
+    res = _evaluate(c, model, _inception(c), seed, stats)
+    res["train_seconds"] = train_s
+    if planned_s:
+        res["train_seconds_planned"] = planned_s
+    samples = res.pop("samples")
+    if seed == 0:  # tensors only, read back with weights_only=True
+        torch.save({"inputs": samples["inputs"], "pyramids": samples["pyramids"]}, run_dir / "samples.pt")
+        full = _full_photo(c, model)
+        if full is not None:
+            torch.save(full, run_dir / "full_photo.pt")
+    lean = {k: v2 for k, v2 in res.items() if k != "uniformity"}
+    if "uniformity" in res:
+        lean["uniformity"] = {k: v2 for k, v2 in res["uniformity"].items() if k not in ("points_2d", "densities")}
+        if seed == 0:
+            np.savez(run_dir / "tsne.npz", points_2d=res["uniformity"]["points_2d"],
+                     densities=res["uniformity"]["densities"])
+    _write_json(run_dir / "result.json", lean)
+
+
+_PROCESS_INCEPTION: dict[str, torch.nn.Module] = {}  # one cached extractor per process (worker or main)
+
+
+def _inception(c: AblationConfig) -> Optional[torch.nn.Module]:
+    if not c.kid:
+        return None
+    if "net" not in _PROCESS_INCEPTION:
+        _PROCESS_INCEPTION["net"] = _CachedInception(InceptionFeatures())
+    return _PROCESS_INCEPTION["net"]
+
+
+def _worker_init(threads: int, level: int) -> None:
+    """A run process: its thread count, and its warnings in the parent's format (spawned processes
+    start without the parent's logging setup; the parent's progress bar stands for their INFO
+    records unless the parent logs DEBUG)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level if level <= logging.DEBUG else max(level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s [run process] %(message)s")
+
+
+def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str, seconds: float = 12.0) -> float:
+    """Seconds per training step of one variant in this process: after two warm-up steps, steps
+    for ``seconds`` (at least 3), so that variants calibrated side by side overlap all the time
+    (a fixed step count would leave the slower one timing its last steps alone, i.e. too fast)."""
+    t = Trainer(_train_config(replace(c, progress=False), v, 0, 10**6, Path(tmp) / v.name))
+    t.fit(max_steps=2)  # allocation and lazy initialisation
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        t.fit(max_steps=1)
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The last step a run has logged (its ``metrics.csv``), 0 before the first row."""
+    try:
+        with open(run_dir / "metrics.csv", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+        return int(float(last.split(",", 1)[0]))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: int, out: Path,
+                  per_step: dict[str, float], pool: ProcessPoolExecutor, workers: int, eval_s: float,
+                  end: float) -> None:
+    """Train and evaluate ``jobs`` on the pool's workers, a new job as a worker comes free; a job that
+    could not end before ``end`` (the whole budget: a run may use the time kept for the report, a
+    seed lost to a few seconds would cost more) is not started. One progress bar over all runs' steps."""
+    from tqdm.auto import tqdm
+
+    todo, running = list(jobs), {}
+    bar = tqdm(total=steps * len(jobs), desc=f"{len(jobs)} runs on {workers} processes", dynamic_ncols=True,
+               mininterval=1.0, disable=not c.progress)
+    shown = 0
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                v, seed = todo.pop(0)
+                expected = steps * per_step.get(v.name, 0.0) + eval_s
+                if per_step and seed > 0 and time.perf_counter() + expected > end:  # seed 0 always runs
+                    log.warning("budget: not starting %s seed %d (about %.0f s, %.0f s left)", v.name, seed, expected,
+                                end - time.perf_counter())
+                    continue
+                planned = steps * per_step[v.name] if per_step.get(v.name) else None
+                running[pool.submit(_run_one, replace(c, progress=False), v, seed, steps, out, planned)] = (v, seed)
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                running.pop(f)
+                f.result()  # a failed run stops the ablation with its error
+            finished = sum(steps for v, s in jobs if (_run_dir(out, v, s) / "result.json").is_file())
+            now = finished + sum(min(steps, _logged_step(_run_dir(out, v, s))) for v, s in running.values())
+            bar.update(now - shown)
+            shown = now
+    finally:
+        bar.close()
+
+
 def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str, Any]:
     """Train, evaluate and compare every variant over the seeds; write ``summary.json`` and return
     ``{"results": {variant: {seed: result}}, "summary", "steps", "seeds_done", "threads", ...}``."""
@@ -441,81 +620,73 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     for module in ("scipy", "sklearn", "matplotlib") + (("skimage",) if c.data is None or c.eval_data is None else ()):
         require(module, "an ablation (t-tests, t-SNE, plots, the embedded photos)", extra="demo")
     out, old = _prepare_out(c)
-    threads, timings, per_step = c.threads or torch.get_num_threads(), {}, {}
-    if old is not None:
-        steps, threads = old["steps"], old["threads"]
-    elif c.steps is not None:
-        steps = c.steps
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            per_step, threads, timings = _calibrate(c, variants, Path(tmp))
-        round_s = sum(per_step.values())
-        # evaluation: about 40 model passes per held-out image plus Inception on each reconstruction
-        left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
-        # plus once: loading Inception and the held-out originals' features (cached for every later run;
-        # measured: the first evaluation takes about twice as long as the others)
-        left -= (c.seeds * len(variants) + 1) * _eval_estimate_s(c, threads)
-        steps = max(1, int(left / (c.seeds * round_s)))
-        log.info("%.2f s per step for one seed of all variants: %d steps per run fit %d seeds in %.1f minutes",
-                 round_s, steps, c.seeds, c.minutes)
-        if steps < 50:
-            log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
-    torch.set_num_threads(threads)
-    # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
-    governor = None if c.threads is not None else ThreadGovernor(thread_candidates(), speeds=timings or None)
-    _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads})
-    inception = _CachedInception(InceptionFeatures()) if c.kid else None
-    results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
-    deadline = t_start + c.minutes * 60 - c.report_reserve_s
-    seeds_done = 0
-    for seed in range(c.seeds):
-        t_round = time.perf_counter()
-        for v in variants:
-            run_dir = out / "runs" / v.name / f"seed{seed}"
-            done = run_dir / "result.json"
+    workers, threads = _plan_workers(c)
+    timings: dict[int, float] = {}
+    per_step: dict[str, float] = {}
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(threads, logging.getLogger().getEffectiveLevel()))
+    try:
+        eval_s = _eval_estimate_s(c, threads or torch.get_num_threads())
+        if old is not None:
+            steps = old["steps"]
+            threads = old["threads"] if workers == 1 else threads
+        elif c.steps is not None:
+            steps = c.steps
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                if pool is None:
+                    per_step, threads, timings = _calibrate(c, variants, Path(tmp))
+                else:  # every variant at once, as the runs will train: side by side
+                    futs = [pool.submit(_calibrate_one, c, v, tmp, c.calibrate_s) for v in variants]
+                    per_step = {v.name: f.result() for v, f in zip(variants, futs)}
+            eval_s = _eval_estimate_s(c, threads)
+            jobs = _job_order(c, variants, per_step, workers)
+            left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s - eval_s  # + the first load
+            steps = _steps_that_fit(left, jobs, per_step, eval_s, workers)
+            log.info("%s s per step: %d steps per run fit %d seeds of %d variants on %d process(es) in %.1f minutes",
+                     {k: round(t, 3) for k, t in per_step.items()}, steps, c.seeds, len(variants), workers, c.minutes)
+            if steps < 50:
+                log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
+        _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads, "workers": workers})
+        results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
+        deadline = t_start + c.minutes * 60 - c.report_reserve_s
+        jobs = [(v, s) for v, s in _job_order(c, variants, per_step, workers)
+                if not (_run_dir(out, v, s) / "result.json").is_file()]
+        governor = None
+        if pool is not None:
+            _run_parallel(c, jobs, steps, out, per_step, pool, workers, eval_s,
+                          t_start + c.minutes * 60 if c.steps is None else math.inf)
+        else:
+            torch.set_num_threads(threads)
+            # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
+            governor = None if c.threads is not None else ThreadGovernor(thread_candidates(), speeds=timings or None)
+            for seed in range(c.seeds):
+                t_round = time.perf_counter()
+                for v, s in jobs:
+                    if s == seed:
+                        planned = steps * per_step[v.name] if per_step.get(v.name) else None
+                        _run_one(c, v, seed, steps, out, planned, governor)
+                round_s = time.perf_counter() - t_round
+                if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:
+                    log.warning("budget: %d of %d seeds done (a round takes %.0f s, %.0f s left); comparing those",
+                                seed + 1, c.seeds, round_s, deadline - time.perf_counter())
+                    break
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for v in variants:
+        for seed in range(c.seeds):
+            done = _run_dir(out, v, seed) / "result.json"
             if done.is_file():
-                results[v.name][seed] = json.loads(done.read_text())
-                continue
-            if run_dir.exists():  # an interrupted run: train it again from the start
-                shutil.rmtree(run_dir)
-            log.info("training %s (%s), seed %d, %d steps", v.name, v.preset, seed, steps)
-            t0 = time.perf_counter()
-            t = Trainer(_train_config(c, v, seed, steps, run_dir))
-            if governor is not None:
-                governor.new_workload()
-                t.threads = governor
-            t.fit()
-            train_s = time.perf_counter() - t0
-            if governor is not None:
-                torch.set_num_threads(governor.current)  # evaluate at the count training found fastest
-            model = _model_from(t)
-            stats = _train_stats(c, model, seed) if c.uniformity else None
-            res = _evaluate(c, model, inception, seed, stats)
-            res["train_seconds"] = train_s
-            if per_step.get(v.name):
-                res["train_seconds_planned"] = steps * per_step[v.name]
-            samples = res.pop("samples")
-            if seed == 0:  # tensors only, read back with weights_only=True
-                torch.save({"inputs": samples["inputs"], "pyramids": samples["pyramids"]}, run_dir / "samples.pt")
-                full = _full_photo(c, model)
-                if full is not None:
-                    torch.save(full, run_dir / "full_photo.pt")
-            lean = {k: v2 for k, v2 in res.items() if k != "uniformity"}
-            if "uniformity" in res:
-                lean["uniformity"] = {k: v2 for k, v2 in res["uniformity"].items() if k not in ("points_2d", "densities")}
-                if seed == 0:
-                    np.savez(run_dir / "tsne.npz", points_2d=res["uniformity"]["points_2d"],
-                             densities=res["uniformity"]["densities"])
-            _write_json(done, lean)
-            results[v.name][seed] = json.loads(done.read_text())  # as a resumed run reads it (string keys)
-        seeds_done = seed + 1
-        round_s = time.perf_counter() - t_round
-        if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:
-            log.warning("budget: %d of %d seeds done (a round takes %.0f s, %.0f s left); comparing those",
-                        seeds_done, c.seeds, round_s, deadline - time.perf_counter())
-            break
-    summary = summarize({k: {s: r for s, r in v.items() if s < seeds_done} for k, v in results.items()}, c.baseline)
-    info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads,
+                results[v.name][seed] = json.loads(done.read_text())  # as a resumed run reads it (string keys)
+    # the seeds every variant finished (all of them unless the budget ran out)
+    complete = [s for s in range(c.seeds) if all(s in results[v.name] for v in variants)]
+    seeds_done = len(complete)
+    summary = summarize({k: {s: r for s, r in v.items() if s in complete} for k, v in results.items()}, c.baseline)
+    info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads, "workers": workers,
+            "calibrated_s_per_step": per_step,
             "thread_timings_s": timings, "thread_switches": governor.switches if governor else [],
             "budget_s": None if c.steps is not None else c.minutes * 60,
             "seconds": time.perf_counter() - t_start, "cpu": cpu_model(),
@@ -639,7 +810,7 @@ def write_report(res: dict[str, Any], c: AblationConfig, title: str, intro: str)
     rep.add_key_values({"steps per run": res["steps"], "seeds": f"{res['seeds_done']} of {res['seeds_asked']}",
                         "batch size": c.batch_size, "variants": ", ".join(f"{v.name} ({v.preset} {v.overrides or ''})".strip()
                                                                           for v in variants),
-                        "threads": res["threads"], "total time (s)": round(res["seconds"], 1), "cpu": res["cpu"],
+                        "processes x threads": f"{res.get('workers', 1)} x {res['threads']}", "total time (s)": round(res["seconds"], 1), "cpu": res["cpu"],
                         "torch": res["torch"]}, title="Run")
     rep.write(out)
     return out / "report.html"

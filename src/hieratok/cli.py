@@ -203,9 +203,11 @@ def _print_ablation(res: dict[str, Any]) -> None:
     print()
     for line in conclusions(res["summary"], res["baseline"]):
         print(line)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\n{res['steps']} steps per run, {res['seeds_done']} of {res['seeds_asked']} seeds, {res['threads']} thread(s), "
-          f"{res['seconds'] / 60:.1f} min, peak memory {peak:.2f} GiB")
+    # the largest process: this one, or a run process (ru_maxrss of the children is their largest)
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20
+    print(f"\n{res['steps']} steps per run, {res['seeds_done']} of {res['seeds_asked']} seeds, "
+          f"{res.get('workers', 1)} process(es) x {res['threads']} thread(s), "
+          f"{res['seconds'] / 60:.1f} min, peak memory {peak:.2f} GiB per process")
     print(f"report: {res['report']}")
 
 
@@ -213,7 +215,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(minutes=args.minutes, steps=args.steps, seeds=args.seeds, preset=args.preset, data=args.data,
-                     out=args.out, threads=args.threads, overwrite=args.overwrite, resume=args.resume)
+                     out=args.out, threads=args.threads, workers=args.workers, overwrite=args.overwrite, resume=args.resume)
     res = run_demo(cfg)
     res["baseline"] = "single"
     _print_ablation(res)
@@ -226,7 +228,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     cfg = AblationConfig(preset=args.preset, variants=tuple(args.variants), baseline=args.baseline, seeds=args.seeds,
                          minutes=args.minutes, steps=args.steps, data=args.data, eval_data=args.eval_data,
                          out=args.out, batch_size=args.batch_size, eval_crops_per_photo=args.eval_crops,
-                         threads=args.threads, overwrite=args.overwrite, resume=args.resume)
+                         threads=args.threads, workers=args.workers, overwrite=args.overwrite,
+                         resume=args.resume)
     res = run_ablation(cfg)
     intro = (f"Variants of {args.preset}, each trained for {res['steps']} steps of {cfg.batch_size} images with "
              f"{res['seeds_done']} seed(s) (seed k: the same data order and encoder initialisation for every variant), "
@@ -329,8 +332,12 @@ def _precision_option(p: argparse.ArgumentParser) -> None:
 
 def _ablation_options(p: argparse.ArgumentParser, seeds: int) -> None:
     p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained at once, each in its own process (default: one per core, at most 4; "
+                        "1: one after the other in this process)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the faster of 1 and all cores, timed at the start)")
+                   help="torch threads of each run (default: cores / workers; with one worker the faster of 1 "
+                        "and all cores, timed at the start)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the runs in --out (same settings)")
     g.add_argument("--overwrite", action="store_true", help="replace what --out holds")

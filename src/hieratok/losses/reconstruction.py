@@ -116,12 +116,15 @@ class MultiScaleReconstructionLoss(nn.Module):
         l1_sum, mse_sum, p_sum = x_BCHW.new_zeros(()), x_BCHW.new_zeros(()), x_BCHW.new_zeros(())
         n = [r.shape[-2] * r.shape[-1] for r in recs]
         weights = self.scale_weights or tuple(len(n) * v / sum(n) for v in n)
+        recs = [r.float() for r in recs]
+        if c.perceptual > 0:  # all scales at once: one pass per upsampled shape where the module batches pairs
+            ps = (self.perceptual.distances(recs, targets) if hasattr(self.perceptual, "distances")
+                  else [self.perceptual(r, t) for r, t in zip(recs, targets)])
         for k, (rec, tgt, w) in enumerate(zip(recs, targets, weights)):
-            rec = rec.float()
             l1, mse = F.l1_loss(rec, tgt), F.mse_loss(rec, tgt)
             term = c.l1 * l1 + c.mse * mse
             if c.perceptual > 0:
-                p = self.perceptual(rec, tgt).mean()
+                p = ps[k].mean()
                 term = term + c.perceptual * p
                 p_sum = p_sum + w * p.detach()
                 logs[f"perceptual_s{rec.shape[-1]}"] = p.detach()
