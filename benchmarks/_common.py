@@ -27,7 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from hieratok.machine import cpu_model
+from hieratok.machine import cpu_model, isa_flags, numpy_blas, torch_build_facts
+from hieratok.precision import native_on_cpu
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak (no sparsity)
 
@@ -187,6 +188,10 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": isa_flags(),  # of hieratok.machine.ISA_FLAGS, those this CPU has
+        "bf16_native": native_on_cpu("bf16"),  # False: no bf16 instructions, CPU bf16 is emulated (slow)
+        "torch_build": torch_build_facts(),  # BLAS / LAPACK provider, MKL and oneDNN versions
+        "numpy_blas": numpy_blas(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "packages": {p: _version(p) for p in ("hieratok", "numpy", "diffusers")},

@@ -1,6 +1,7 @@
 """ResTok tokenizer and HAR generator: ours against the authors' implementation, same weights, one run.
 
     python benchmarks/bench_restok_vs_official.py --official /tmp/restok-official [--batch 4] [--json out.json]
+    python benchmarks/bench_restok_vs_official.py --official /tmp/restok-official --precision bf16 --only sampling
 
 ``--official`` is a local checkout of github.com/Kwai-Kolors/ResTok (never vendored here; its
 commit is read from ``git`` or from a ``.commit`` file next to it). The script
@@ -58,6 +59,26 @@ pass g is ``g / (num_steps - 1)``; for the plain next-token generator it sets no
 unguided scale is ``min_cfg_scale + 1e-4``). The script records the scale their sampler used at
 every forward pass (by wrapping their ``step_schedule``) and checks that ours used the same.
 
+Precision (``--precision``). ``fp32`` (the default) is everything above. ``bf16`` runs each
+side's HAR sampler the way its released sampler runs it in bf16, and the tokenizer rows stay fp32:
+
+* theirs: the published sampling script (``--precision bf16``, its default) casts the GPT's
+  weights to bfloat16 (``model.to(dtype=torch.bfloat16)``) and uses no autocast, so the KV cache
+  and activations are bf16; their RMSNorm and RoPE compute in float32 and cast back, and the
+  logits are cast to float32 before CFG and sampling. Their tokenizer stays float32.
+* ours: ``hieratok sample --precision bf16`` (:mod:`hieratok.precision`): float32 weights under
+  ``torch.autocast(dtype=torch.bfloat16)`` around the sampler (matmuls in bf16, our KV cache
+  float32), logits float32.
+
+The fp32 parity checks run first, as with ``--precision fp32``, and keep their sampled codes.
+Then each side samples again in bf16 with the same seed, and the script reports how many codes
+agree, position by position: ours bf16 with ours fp32, theirs bf16 with theirs fp32, ours bf16
+with theirs bf16. A sampled sequence conditions on its own earlier codes, so after the first
+differing code the rest of that row mostly differs too; the first differing position of each row
+is reported as well. Token-by-token AR is timed in fp32 only. A CPU without AVX512-BF16 or
+AMX-BF16 emulates bf16 (the script prints and records it): bf16 timings from such a CPU say
+nothing about bf16 where it is native.
+
 Legend: B batch.
 """
 
@@ -72,8 +93,9 @@ import re
 import subprocess
 import sys
 import types
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -85,11 +107,20 @@ from hieratok.convert.llamagen import convert_llamagen_state_dict  # noqa: E402
 from hieratok.convert.restok import convert_restok_checkpoint, infer_restok_config  # noqa: E402
 from hieratok.generators.autoregressive import ar_layout, har_layout, sample_layout  # noqa: E402
 from hieratok.generators.llamagen import GPT, GPTConfig  # noqa: E402
+from hieratok.precision import inference_precision, native_on_cpu, resolve_precision  # noqa: E402
 from hieratok.tokenizers.restok import ResTok  # noqa: E402
 
 INFER_CONFIG = "configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml"
 PUBLISHED = dict(cfg_scale=3.75, cfg_start=0.25, top_p=0.95, min_cfg_scale=1.0)  # README's FID command
 AR_TOKEN_NUM = 4  # next-token codes before the HAR levels (the config's num_min_tokens)
+PRECISION_REGIMES = {  # how each side's released sampler runs the GPT at that precision
+    "fp32": {"official": "float32", "ours": "float32", "tokenizer": "float32"},
+    "bf16": {"official": "GPT weights cast to bfloat16 (model.to(dtype=torch.bfloat16)), bf16 KV cache, float32 logits; "
+                         "no autocast (their sampling script's --precision bf16)",
+             "ours": "float32 weights under torch.autocast(bfloat16) around sample_layout, float32 KV cache and "
+                     "logits (hieratok sample --precision bf16)",
+             "tokenizer": "float32 on both sides (their sampling script decodes in float32)"},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +519,25 @@ def _our_sample(model: GPT, labels: torch.Tensor, layout: Any, temperature: floa
     return r.codes, r.cfg_scales
 
 
+def code_agreement(a_BN: torch.Tensor, b_BN: torch.Tensor) -> dict[str, Any]:
+    """Position-by-position agreement of two (B, N) code tensors: the share of equal codes and,
+    per row, the first position where they differ (None where the rows are identical)."""
+    if a_BN.shape != b_BN.shape:
+        raise ValueError(f"code tensors differ in shape: {tuple(a_BN.shape)} vs {tuple(b_BN.shape)}")
+    same_BN = a_BN.long() == b_BN.long()
+    first = [None if bool(r.all()) else int((~r).nonzero()[0]) for r in same_BN]
+    return {"rate": float(same_BN.float().mean()), "equal": f"{int(same_BN.sum())}/{same_BN.numel()}",
+            "first_difference": first}
+
+
+def bf16_status() -> dict[str, Any]:
+    """Whether this CPU computes bf16 natively (:func:`hieratok.precision.native_on_cpu`), as recorded."""
+    native = bool(native_on_cpu("bf16"))
+    return {"native": native, "emulated": not native, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "note": None if native else "no AVX512-BF16 / AMX-BF16 on this CPU: bf16 is emulated, so bf16 timings "
+                                        "here say nothing about bf16 where it is native"}
+
+
 def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict], dict]:
     theirs, ours = build_gpts(off, args.seed + 1, vanilla=False)
     labels = torch.arange(args.batch) * 97 % 1000
@@ -501,25 +551,54 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
             torch.manual_seed(args.seed)
             co, scales = _our_sample(ours, labels, har_layout(N, AR_TOKEN_NUM), temperature=1.0 if sample else 0.0)
             parity[f"har_{name}_codes_identical"] = f"{int((ct.long() == co).sum())}/{co.numel()}"
+        fp32_codes = {"official": ct.long(), "ours": co}  # the sampled ones
         parity["official_har_cfg_scales"] = rec.scales
         parity["step_release_schedule_equals_official"] = scales == rec.scales
     print(f"HAR parity: {parity}", flush=True)
 
+    bf16 = args.precision == "bf16"
+    regime: Callable[[], ContextManager] = (lambda: inference_precision("bf16", "cpu")) if bf16 else nullcontext
+    agreement: dict[str, Any] = {}
+    if bf16:
+        theirs.to(dtype=torch.bfloat16)  # what their sampling script does with --precision bf16
+        with torch.inference_mode():
+            torch.manual_seed(args.seed)
+            ct16 = _their_generate(off, "generate_har", theirs, labels, N).long()
+            torch.manual_seed(args.seed)
+            with regime():
+                co16, _ = _our_sample(ours, labels, har_layout(N, AR_TOKEN_NUM))
+        agreement = {"ours_bf16_vs_ours_fp32": code_agreement(co16, fp32_codes["ours"]),
+                     "official_bf16_vs_official_fp32": code_agreement(ct16, fp32_codes["official"]),
+                     "ours_bf16_vs_official_bf16": code_agreement(co16, ct16)}
+        parity["har_bf16_sampled_agreement"] = agreement
+        print("HAR bf16 codes agreeing: " + ", ".join(f"{k} {v['equal']} (first difference per row: "
+                                                      f"{v['first_difference']})" for k, v in agreement.items()),
+              flush=True)
+
     def ours_with(fast: bool, layout: Any) -> Callable[[], Any]:
         def run() -> Any:
             ours.set_fast_paths(fast)
-            return _our_sample(ours, labels, layout)
+            with regime():
+                return _our_sample(ours, labels, layout)
         return run
 
     fns = {"har official": lambda: _their_generate(off, "generate_har", theirs, labels, N),
            "har ours": ours_with(True, har_layout(N, AR_TOKEN_NUM))}
     if args.reference_paths:
         fns["har ours (reference paths)"] = ours_with(False, har_layout(N, AR_TOKEN_NUM))
-    with torch.inference_mode():
-        res = timed(fns, args.repeats, 1, args.wait_quiet)
-    rows = [_row(f"HAR sampling, batch {args.batch} + CFG (9 passes)", res, "har official", "har ours",
-                 reference="har ours (reference paths)" if args.reference_paths else None)]
-    if args.ar_repeats > 0:
+    with torch.inference_mode():  # in bf16 the agreement runs above were each side's warm-up
+        res = timed(fns, args.repeats, 0 if bf16 else 1, args.wait_quiet)
+    row = _row(f"HAR sampling, batch {args.batch} + CFG (9 passes), {args.precision}", res, "har official",
+               "har ours", reference="har ours (reference paths)" if args.reference_paths else None)
+    row["precision"] = args.precision
+    if agreement:
+        row.update(agree_ours=agreement["ours_bf16_vs_ours_fp32"]["rate"],
+                   agree_official=agreement["official_bf16_vs_official_fp32"]["rate"],
+                   agree_between=agreement["ours_bf16_vs_official_bf16"]["rate"])
+    rows = [row]
+    if args.ar_repeats > 0 and bf16:
+        print("token-by-token AR is timed in fp32 only: skipped with --precision bf16", flush=True)
+    elif args.ar_repeats > 0:
         vanilla = off.gpt_vanilla.GPT_models[off.config.model.generator.model_type](off.config).eval()
         share_gpt_weights(theirs, vanilla)
         theirs = None
@@ -554,11 +633,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="before each timed round wait up to this long for other processes to leave the CPUs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=("tokenizer", "sampling"), default=None)
+    ap.add_argument("--precision", choices=tuple(PRECISION_REGIMES), default="fp32",
+                    help="of HAR sampling, each side as its released sampler runs it (see the docstring); "
+                         "the tokenizer rows stay fp32")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = machine_info()  # at the start: its date and load average describe the run, not its end
     off = load_official(args.official)
     print(f"official checkout {off.root} @ {off.commit}; shimmed: {off.shimmed or 'none'}", flush=True)
+    precision = {"name": args.precision, **PRECISION_REGIMES[args.precision]}
+    if args.precision == "bf16":
+        resolve_precision("bf16", "cpu")  # hieratok's own warning where bf16 is emulated
+        precision["bf16"] = status = bf16_status()
+        print(f"bf16 on this CPU ({status['cpu_capability']}): "
+              + ("native" if status["native"] else f"EMULATED ({status['note']})"), flush=True)
+        print(f"  official: {precision['official']}\n  ours: {precision['ours']}", flush=True)
     rows, parity = [], {}
     if args.only in (None, "tokenizer"):
         r, p = tokenizer_section(off, args)
@@ -569,11 +659,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows += r
         parity.update(p)
     print()
-    print_table(rows, [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"),
-                       ("ours", "ours s", ".3f"), ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
-                       ("ours_reference_paths", "ours, reference paths s", ".3f"), ("other_cpu", "others' CPU", ".0%")])
-    write_json(args.json, {"machine": machine_info(), "official_commit": off.commit, "shimmed": off.shimmed,
-                           "args": vars(args), "published_setting": PUBLISHED, "rows": rows, "parity": parity})
+    columns = [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"),
+               ("ours", "ours s", ".3f"), ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
+               ("ours_reference_paths", "ours, reference paths s", ".3f"), ("other_cpu", "others' CPU", ".0%")]
+    if args.precision != "fp32":  # share of codes equal to the fp32 codes of the same seed
+        p = args.precision
+        columns += [("agree_ours", f"ours {p}=fp32", ".1%"), ("agree_official", f"official {p}=fp32", ".1%"),
+                    ("agree_between", f"ours=official {p}", ".1%")]
+    print_table(rows, columns)
+    if args.precision == "bf16" and not precision["bf16"]["native"]:
+        print(f"bf16 was EMULATED on this CPU: {precision['bf16']['note']}")
+    write_json(args.json, {"machine": machine, "official_commit": off.commit, "shimmed": off.shimmed,
+                           "args": vars(args), "published_setting": PUBLISHED, "precision": precision,
+                           "rows": rows, "parity": parity})
 
 
 if __name__ == "__main__":

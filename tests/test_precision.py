@@ -18,7 +18,7 @@ import torch
 from hieratok import HieraTok
 from hieratok.data import EmbeddedPhotos
 from hieratok.evaluate import ReconEvalConfig, evaluate_reconstruction
-from hieratok.precision import PRECISIONS, exact_fp32, inference_precision, resolve_precision
+from hieratok.precision import PRECISIONS, exact_fp32, inference_precision, native_on_cpu, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,14 @@ def test_cpu_bf16_is_gated_on_native_support(monkeypatch, caplog):
         assert not caplog.text
         resolve_precision("tf32", "cpu")
     assert "runs as fp32" in caplog.text
+
+
+def test_native_on_cpu_follows_the_flags():
+    assert native_on_cpu("bf16", frozenset({"avx2", "fma"})) is False
+    assert native_on_cpu("bf16", frozenset({"amx_bf16"})) and native_on_cpu("bf16", frozenset({"avx512_bf16"}))
+    assert native_on_cpu("fp16", frozenset({"avx512_bf16"})) is False
+    assert native_on_cpu("fp16", frozenset({"avx512_fp16"})) is True
+    assert native_on_cpu("fp32", frozenset()) is None and native_on_cpu("tf32", frozenset({"amx_bf16"})) is None
 
 
 def test_tf32_switches_are_set_inside_and_restored():

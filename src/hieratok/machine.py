@@ -1,10 +1,23 @@
-"""Facts about the machine a result was measured on (recorded with every benchmark and ablation)."""
+"""Facts about the machine a result was measured on (recorded with every benchmark and ablation).
+
+The CPU (model, the instruction-set flags that decide how fast fp32 / bf16 / fp16 run) and the
+math libraries behind torch and NumPy (which BLAS, which MKL and oneDNN versions).
+"""
 
 from __future__ import annotations
 
 import platform
+import re
+from typing import Any, Mapping, Optional
 
-__all__ = ["cpu_model", "cpu_flags"]
+import numpy
+import torch
+
+__all__ = ["ISA_FLAGS", "cpu_model", "cpu_flags", "isa_flags", "torch_build_facts", "parse_torch_build",
+           "numpy_blas", "parse_numpy_blas"]
+
+# the flags (as /proc/cpuinfo names them) that decide the fast paths of fp32 / bf16 / fp16 / int8 matmuls
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "avx_vnni")
 
 
 def cpu_model() -> str:
@@ -29,3 +42,47 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def isa_flags(flags: Optional[frozenset[str]] = None) -> list[str]:
+    """The flags of :data:`ISA_FLAGS` this CPU has (``flags``: a :func:`cpu_flags` set; default this CPU's)."""
+    have = cpu_flags() if flags is None else flags
+    return [f for f in ISA_FLAGS if f in have]
+
+
+def parse_torch_build(text: str) -> dict[str, Optional[str]]:
+    """BLAS, LAPACK, MKL and oneDNN of a torch build, from the text of ``torch.__config__.show()``.
+
+    Returns ``{"blas", "lapack", "mkl", "onednn"}``: the ``BLAS_INFO`` / ``LAPACK_INFO`` build
+    settings (e.g. ``mkl``, ``open``, ``accelerate``) and the MKL / MKL-DNN (oneDNN) version
+    numbers; None for whatever the text does not name.
+    """
+    def find(pattern: str) -> Optional[str]:
+        m = re.search(pattern, text)
+        return m.group(1) if m else None
+
+    return {"blas": find(r"\bBLAS_INFO=([^,\s]+)"), "lapack": find(r"\bLAPACK_INFO=([^,\s]+)"),
+            "mkl": find(r"Math Kernel Library Version (\d[\w.]*)"),
+            "onednn": find(r"(?:MKL-DNN|oneDNN) v?(\d[\d.]*\d)")}
+
+
+def torch_build_facts() -> dict[str, Optional[str]]:
+    """:func:`parse_torch_build` of the running torch."""
+    return parse_torch_build(torch.__config__.show())
+
+
+def parse_numpy_blas(config: Mapping[str, Any]) -> Optional[str]:
+    """``"name version"`` of the BLAS in a NumPy build configuration (``numpy.__config__.CONFIG``,
+    NumPy >= 1.26), e.g. ``"scipy-openblas 0.3.27"``; None where it names none."""
+    blas = config.get("Build Dependencies", {}).get("blas") or {}
+    name = blas.get("name")
+    if not name or blas.get("found") is False:
+        return None
+    version = blas.get("version")
+    return f"{name} {version}" if version and version != "unknown" else str(name)
+
+
+def numpy_blas() -> Optional[str]:
+    """:func:`parse_numpy_blas` of the installed NumPy (None before NumPy 1.26, which kept no such record)."""
+    config = getattr(getattr(numpy, "__config__", None), "CONFIG", None)
+    return parse_numpy_blas(config) if isinstance(config, Mapping) else None

@@ -28,7 +28,8 @@ import torch
 
 from .machine import cpu_flags
 
-__all__ = ["PRECISIONS", "default_precision", "resolve_precision", "inference_precision", "exact_fp32"]
+__all__ = ["PRECISIONS", "default_precision", "native_on_cpu", "resolve_precision", "inference_precision",
+           "exact_fp32"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ _NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16"
 def default_precision(device: str | torch.device) -> str:
     """``tf32`` on CUDA, ``fp32`` elsewhere."""
     return "tf32" if torch.device(device).type == "cuda" else "fp32"
+
+
+def native_on_cpu(name: str, flags: Optional[frozenset[str]] = None) -> Optional[bool]:
+    """Whether the CPU computes the 16-bit format ``name`` (``bf16`` / ``fp16``) in hardware
+    (AVX512-BF16 or AMX-BF16; AVX512-FP16 or AMX-FP16); None for the formats that need no such
+    instructions. ``flags``: a :func:`hieratok.machine.cpu_flags` set (default: this CPU's)."""
+    if name not in _NATIVE_CPU_FLAGS:
+        return None
+    have = cpu_flags() if flags is None else flags
+    return any(f in have for f in _NATIVE_CPU_FLAGS[name])
 
 
 def resolve_precision(name: Optional[str], device: str | torch.device) -> str:
@@ -59,8 +70,7 @@ def resolve_precision(name: Optional[str], device: str | torch.device) -> str:
     if dev.type == "cpu" and name == "tf32":
         log.warning("--precision tf32: TF32 is a CUDA tensor-core mode; on the CPU this runs as fp32")
     elif dev.type == "cpu" and name in _NATIVE_CPU_FLAGS:
-        flags = cpu_flags()
-        if not any(f in flags for f in _NATIVE_CPU_FLAGS[name]):
+        if not native_on_cpu(name):
             log.warning("--precision %s on a CPU without native %s (%s; ATen capability %s): emulated, usually "
                         "slower than fp32", name, name, " / ".join(_NATIVE_CPU_FLAGS[name]).upper(),
                         torch.backends.cpu.get_cpu_capability())
