@@ -27,8 +27,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from hieratok.machine import cpu_model, isa_flags, numpy_blas, torch_build_facts
-from hieratok.precision import native_on_cpu
+from hieratok.machine import cpu_model
+
+try:  # workers of --compare-src import an older hieratok, which may lack these (only the parent needs them)
+    from hieratok.machine import isa_flags, numpy_blas, torch_build_facts
+    from hieratok.precision import native_on_cpu
+except ImportError:  # pragma: no cover - older checkouts
+    isa_flags = numpy_blas = torch_build_facts = native_on_cpu = None  # type: ignore[assignment]
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak (no sparsity)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -154,6 +153,8 @@ def demo_rows(script: str, args: argparse.Namespace, src: Optional[str]) -> list
             res = json.loads(out.strip().splitlines()[-1]) if p.returncode == 0 else {"error": err.strip().splitlines()[-1]}
             rows.append({"code": label, "variant": v, "schedule": "side by side, 1 thread each", "threads": 1, **res})
     for r in rows:
+        if "error" in r:
+            print(f"{label}, {r['variant']}, {r['schedule']}: failed: {r['error']}")
         if "step_s" in r:
             r["s_per_step"] = statistics.median(r["step_s"])
             r["img_per_s"] = r["batch"] / r["s_per_step"]
@@ -164,9 +165,10 @@ def demo_schedules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Steps per model per minute of the two schedules, from the rows of one checkout."""
     t = {(r["variant"], r["schedule"]): r["s_per_step"] for r in rows if "s_per_step" in r}
     out = []
-    alone = [s for (_, s) in t if s.startswith("alone")]
-    best = min(set(alone), key=lambda s: t.get(("multi", s), math.inf) + t.get(("single", s), math.inf))
-    out.append({"schedule": f"one after the other ({best})", "pair_s": t[("multi", best)] + t[("single", best)]})
+    alone = {s for (_, s) in t if s.startswith("alone") and ("multi", s) in t and ("single", s) in t}
+    if alone:
+        best = min(alone, key=lambda s: t[("multi", s)] + t[("single", s)])
+        out.append({"schedule": f"one after the other ({best})", "pair_s": t[("multi", best)] + t[("single", best)]})
     side = "side by side, 1 thread each"
     if ("multi", side) in t and ("single", side) in t:
         out.append({"schedule": "side by side (2 processes)", "pair_s": (t[("multi", side)] + t[("single", side)]) / 2})

@@ -138,7 +138,7 @@ class AblationConfig:
     threads: Optional[int] = None  # torch threads (of each run process); None: see workers
     workers: Optional[int] = None  # runs trained at once, each in a process; None: one per core (<= 4)
     calibrate_s: float = 12.0  # with several workers: seconds each variant's step is timed, side by side
-    report_reserve_s: float = 45.0  # time kept for the report
+    report_reserve_s: float = 20.0  # time kept for the report (measured: about 5 s for two variants)
     resume: bool = False  # keep finished runs of the same plan
     overwrite: bool = False  # replace a non-empty output folder
     progress: bool = True
@@ -444,8 +444,9 @@ def _plan_workers(c: AblationConfig) -> tuple[int, int]:
     Small tokenizers use two cores poorly (measured for the demo's step: 1.36x from the second
     thread), while two one-thread processes run side by side at nearly full speed each. So on a
     machine with several cores the runs are spread over processes, one per core up to the runs
-    there are (at most 4), each with ``cores // workers`` threads. One worker trains the runs one
-    after the other in this process, at the faster of 1 and all cores (``threads=None``).
+    there are (at most 4), each with ``cores // workers`` threads to start with; unless ``threads``
+    is given, a run takes the cores of runs that have ended (:class:`_CoreShare`). One worker trains
+    the runs one after the other in this process, at the faster of 1 and all cores (``threads=None``).
     """
     cores, runs = os.cpu_count() or 1, c.seeds * len(c.variants)
     workers = c.workers if c.workers is not None else max(1, min(runs, 4, cores // (c.threads or 1)))
@@ -493,7 +494,7 @@ def _run_dir(out: Path, v: "Variant", seed: int) -> Path:
 
 
 def _run_one(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float],
-             governor: Optional[ThreadGovernor] = None) -> None:
+             governor: Optional["ThreadGovernor | _CoreShare"] = None) -> None:
     """Train and evaluate one run (in this process); writes its ``result.json`` (and, for seed 0, the
     samples, the whole photo and the t-SNE points the report shows)."""
     run_dir = _run_dir(out, v, seed)
@@ -531,6 +532,32 @@ def _run_one(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, 
 
 
 _PROCESS_INCEPTION: dict[str, torch.nn.Module] = {}  # one cached extractor per process (worker or main)
+_BUSY: dict[str, Any] = {}  # in a run process: the shared count of runs under way ("runs"), the cores
+
+
+class _CoreShare:
+    """Torch threads of a run process: the cores divided among the runs under way, re-read every
+    step, so a run left alone at the end of the schedule (or beside a finished neighbour) takes
+    all the cores. Used in place of a :class:`~hieratok.train.threads.ThreadGovernor` by the
+    trainer (``apply`` / ``step_done``) when the thread count is not given."""
+
+    def __init__(self, runs: Any, cores: int) -> None:
+        self.runs, self.cores = runs, cores
+
+    def apply(self) -> None:
+        n = max(1, self.cores // max(1, self.runs.value))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    def step_done(self, seconds: float) -> None:
+        self.apply()
+
+    def new_workload(self) -> None:
+        self.apply()
+
+    @property
+    def current(self) -> int:
+        return torch.get_num_threads()
 
 
 def _inception(c: AblationConfig) -> Optional[torch.nn.Module]:
@@ -541,13 +568,29 @@ def _inception(c: AblationConfig) -> Optional[torch.nn.Module]:
     return _PROCESS_INCEPTION["net"]
 
 
-def _worker_init(threads: int, level: int) -> None:
+def _worker_init(threads: int, level: int, runs: Any = None) -> None:
     """A run process: its thread count, and its warnings in the parent's format (spawned processes
     start without the parent's logging setup; the parent's progress bar stands for their INFO
     records unless the parent logs DEBUG)."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=level if level <= logging.DEBUG else max(level, logging.WARNING),
                         format="%(asctime)s %(levelname)s [run process] %(message)s")
+    if runs is not None:  # threads not given: share the cores among the runs under way
+        _BUSY.update(runs=runs, cores=os.cpu_count() or 1)
+
+
+def _run_in_process(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float]) -> None:
+    """:func:`_run_one` in a run process, counted among the runs under way while it lasts."""
+    runs = _BUSY.get("runs")
+    if runs is None:
+        return _run_one(c, v, seed, steps, out, planned_s)
+    with runs.get_lock():
+        runs.value += 1
+    try:
+        _run_one(c, v, seed, steps, out, planned_s, _CoreShare(runs, _BUSY["cores"]))
+    finally:
+        with runs.get_lock():
+            runs.value -= 1
 
 
 def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str, seconds: float = 12.0) -> float:
@@ -555,12 +598,13 @@ def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str, seconds: float = 1
     for ``seconds`` (at least 3), so that variants calibrated side by side overlap all the time
     (a fixed step count would leave the slower one timing its last steps alone, i.e. too fast)."""
     t = Trainer(_train_config(replace(c, progress=False), v, 0, 10**6, Path(tmp) / v.name))
-    t.fit(max_steps=2)  # allocation and lazy initialisation
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < seconds:
-        t.fit(max_steps=1)
-        n += 1
-    return (time.perf_counter() - t0) / n
+    t.fit(max_steps=3)  # allocation and lazy initialisation (the first steps after it are still slow)
+    chunks, t0 = [], time.perf_counter()
+    while len(chunks) < 3 or time.perf_counter() - t0 < seconds:
+        t1 = time.perf_counter()
+        t.fit(max_steps=2)
+        chunks.append((time.perf_counter() - t1) / 2)
+    return float(np.median(chunks))  # robust to a slow start and to a neighbour's start-up
 
 
 def _logged_step(run_dir: Path) -> int:
@@ -597,7 +641,7 @@ def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: i
                                 end - time.perf_counter())
                     continue
                 planned = steps * per_step[v.name] if per_step.get(v.name) else None
-                running[pool.submit(_run_one, replace(c, progress=False), v, seed, steps, out, planned)] = (v, seed)
+                running[pool.submit(_run_in_process, replace(c, progress=False), v, seed, steps, out, planned)] = (v, seed)
             done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             for f in done:
                 running.pop(f)
@@ -625,8 +669,10 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     per_step: dict[str, float] = {}
     pool = None
     if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(threads, logging.getLogger().getEffectiveLevel()))
+        ctx = get_context("spawn")
+        runs = ctx.Value("i", 0) if c.threads is None else None  # runs under way, when their threads may change
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(threads, logging.getLogger().getEffectiveLevel(), runs))
     try:
         eval_s = _eval_estimate_s(c, threads or torch.get_num_threads())
         if old is not None:

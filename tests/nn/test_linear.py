@@ -4,26 +4,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hieratok.nn.linear import Linear, mkl_packing_available, pack_weight
+from hieratok.nn import linear as linear_mod
+from hieratok.nn.linear import ENV, Linear, available_backends, pack_weight, packed_backend
 
-needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL packed gemm")
+BACKENDS = available_backends()
+needs_packing = pytest.mark.skipif(not BACKENDS, reason="this torch build has no packed gemm")
 
 
-@needs_mkl
+@pytest.fixture(params=BACKENDS or ["none"])
+def backend(request, monkeypatch):
+    """Each packed gemm of this build in turn, as the process's choice."""
+    monkeypatch.setenv(ENV, request.param)
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    return request.param
+
+
+@needs_packing
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (8, 48), (513, 48), (3, 5, 48)])
-def test_packed_path_matches_f_linear(gen, bias, shape):
+def test_packed_path_matches_f_linear(gen, bias, shape, backend):
     lin = Linear(48, 40, bias=bias).eval()
     x = torch.randn(*shape, generator=gen)
     with torch.no_grad():
         out = lin(x)
-        assert lin._pack is not None  # the packed path ran
+        assert lin._pack is not None and lin._pack[0] == backend  # the packed path ran
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
     assert out.shape == (*shape[:-1], 40)
 
 
-@needs_mkl
-def test_pack_follows_weight_updates(gen):
+@needs_packing
+def test_pack_follows_weight_updates(gen, backend):
     lin = Linear(16, 8).eval()
     x = torch.randn(4, 16, generator=gen)
     with torch.no_grad():
@@ -49,8 +59,8 @@ def test_reference_path_training_and_state_dict(gen):
     assert lin._pack is None
 
 
-@needs_mkl
-def test_pack_is_dropped_in_training_mode_so_fused_adamw_steps_are_seen(gen):
+@needs_packing
+def test_pack_is_dropped_in_training_mode_so_fused_adamw_steps_are_seen(gen, backend):
     lin = Linear(16, 8).eval()
     x = torch.randn(4, 16, generator=gen)
     with torch.no_grad():
@@ -69,8 +79,8 @@ def test_pack_is_dropped_in_training_mode_so_fused_adamw_steps_are_seen(gen):
     assert lin._pack is None
 
 
-@needs_mkl
-def test_autocast_takes_the_reference_path(gen):
+@needs_packing
+def test_autocast_takes_the_reference_path(gen, backend):
     lin = Linear(16, 8).eval()
     x = torch.randn(4, 16, generator=gen)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -82,3 +92,25 @@ def test_autocast_takes_the_reference_path(gen):
 def test_pack_weight_declines_what_it_cannot_pack():
     assert pack_weight(torch.randn(4, 3, dtype=torch.float64)) is None
     assert pack_weight(torch.randn(2, 4, 3)) is None
+
+
+def test_backend_choice_from_the_environment_or_one_probe(gen, monkeypatch):
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    monkeypatch.setenv(ENV, "off")
+    assert packed_backend() is None
+    lin = Linear(16, 8).eval()
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias)) and lin._pack is None
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    monkeypatch.setenv(ENV, "blas-from-mars")
+    with pytest.raises(ValueError, match="HIERATOK_PACKED_LINEAR='blas-from-mars'"):
+        packed_backend()
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    monkeypatch.delenv(ENV)
+    timed = []
+    real = linear_mod._time_backend
+    monkeypatch.setattr(linear_mod, "_time_backend", lambda b, x, w: timed.append(b) or real(b, x, w))
+    choice = packed_backend()
+    assert choice in (None, *BACKENDS) and sorted(map(str, timed)) == sorted(map(str, (None, *BACKENDS)))
+    assert packed_backend() == choice and len(timed) == len(BACKENDS) + 1  # chosen once per process

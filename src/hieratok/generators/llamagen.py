@@ -16,7 +16,7 @@ of any number of new tokens, each with its own rows of the attention mask.
 
 Fast paths for sampling on CPU (:meth:`GPT.set_fast_paths` switches them to their reference
 paths; parity: tests/generators/autoregressive/test_gpt_fast_paths.py): the linear layers keep their weights prepacked
-for MKL's gemm (:class:`hieratok.nn.linear.Linear`), RoPE rotates the channel pairs as one complex
+for the CPU's faster packed gemm, MKL's or oneDNN's (:class:`hieratok.nn.linear.Linear`), RoPE rotates the channel pairs as one complex
 multiply (:func:`hieratok.nn.rope.rotate_pairs`), and a mask whose rows see every key so far
 (every step of a block-causal layout) runs as unmasked attention.
 
