@@ -158,12 +158,18 @@ def peak_rss_mb() -> float:
     return r / 2 ** 20 if sys.platform == "darwin" else r / 2 ** 10
 
 
+def worker_env(src: Optional[str]) -> Optional[dict[str, str]]:
+    """The environment of a worker process that imports hieratok from ``src`` (None: this one's)."""
+    if src is None:
+        return None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+
+
 def run_worker(script: str, args: Sequence[str], timeout: float = 3600, src: Optional[str] = None) -> dict[str, Any]:
     """Run ``python script args`` in a fresh process; its last stdout line is a JSON result.
     ``src``: import hieratok from this source folder (e.g. a worktree of an older commit) instead."""
     cmd = [sys.executable, script, *args]
-    env = None if src is None else {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(src))
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["exit code %d" % p.returncode])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from _common import (  # noqa: E402
     run_worker,
     time_once,
     wait_for_quiet,
+    worker_env,
     write_json,
 )
 
@@ -144,9 +144,8 @@ def demo_rows(script: str, args: argparse.Namespace, src: Optional[str]) -> list
     if args.threads > 1:  # both twins at once, one thread each, for the same wall time
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
-        env = None if src is None else {**os.environ, "PYTHONPATH": src}
         procs = {v: subprocess.Popen([sys.executable, script, *base[:-1], str(args.demo_seconds), "--variant", v,
-                                      "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                      "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(src))
                  for v in ("multi", "single")}
         for v, p in procs.items():
             out, err = p.communicate()

@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "pack_weight", "packed_linear", "packed_backend", "available_backends", "mkl_packing_available",
-           "PACKED_BACKENDS"]
+__all__ = ["Linear", "pack_weight", "packed_linear", "packed_backend", "available_backends", "PACKED_BACKENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,6 @@ def available_backends() -> tuple[str, ...]:
     if torch.backends.mkldnn.is_available() and _has_ops("mkldnn", "_linear_pointwise", "_reorder_linear_weight"):
         out.append("onednn")
     return tuple(out)
-
-
-def mkl_packing_available() -> bool:
-    """Whether this torch build has MKL's packed sgemm ops."""
-    return "mkl" in available_backends()
 
 
 def _pack(weight: torch.Tensor, backend: str) -> torch.Tensor:
