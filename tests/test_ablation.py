@@ -110,3 +110,69 @@ def test_schedule_of_runs_on_several_processes():
     assert _plan_workers(AblationConfig(seeds=2, workers=2, threads=1)) == (2, 1)
     with pytest.raises(ValueError, match="workers and threads must be >= 1"):
         AblationConfig(workers=0)
+
+
+@pytest.mark.parametrize("two_thread_s, expected", [(0.3, 2), (5.0, 1)])
+def test_a_run_left_alone_takes_the_idle_core_only_if_that_measures_faster(two_thread_s, expected):
+    from types import SimpleNamespace
+
+    from hieratok.ablation import _CoreShare
+
+    runs, set_to = SimpleNamespace(value=2), []
+    share = _CoreShare(runs, 2, set_threads=set_to.append)
+    share.new_workload()
+    seconds = {1: 0.5, 2: two_thread_s}  # 2 threads: faster (idle machine) or stalled (a neighbour holds a core)
+    for _ in range(4):  # beside another run: one thread
+        share.apply()
+        share.step_done(seconds[share.current])
+    assert set_to == [1] and share.current == 1
+    runs.value = 1  # the neighbour ended: probe two threads against one thread's 0.5 s
+    used = []
+    for _ in range(6):
+        share.apply()
+        used.append(share.current)
+        share.step_done(seconds[share.current])
+    # a faster count is measured for 3 steps and kept; a stalled one is dropped after its first step
+    assert used == ([2] * 6 if expected == 2 else [2, 1, 1, 1, 1, 1])
+    assert set_to[-1] == expected
+    runs.value = 2  # another run started: back to one thread
+    share.apply()
+    assert share.current == 1 and set_to[-1] == 1
+
+
+def test_inception_cache_reuses_features_image_by_image_and_the_eval_estimate():
+    import torch
+
+    from hieratok.ablation import AblationConfig, _CachedInception, _eval_estimate_s
+
+    class Inner(torch.nn.Module):  # a stand-in feature: per-image sums, and the batches it saw
+        source, seen = "test", []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])
+            return x.double().flatten(1).sum(1, keepdim=True).repeat(1, 3)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 4, 4), generator=g, dtype=torch.uint8)
+    cached = _CachedInception(Inner())
+    ref = Inner()(x)
+    assert torch.equal(cached(x[:3]), ref[:3])
+    mixed = torch.stack([x[4], x[0], x[3], x[0]])  # two new images, one seen image twice
+    assert torch.equal(cached(mixed), ref[[4, 0, 3, 0]])
+    assert Inner.seen[1:] == [3, 2] and len(cached.cache) == 5  # only the new images went through
+    c = AblationConfig(eval_crops_per_photo=32, tsne_runs=1)
+    # 96 originals took 19.2 s: a run's evaluation is its 96 reconstructions + 15 images' time for the rest
+    assert _eval_estimate_s(c, 1, (19.2, 96)) == pytest.approx((96 + 15) * 0.2)
+
+
+def test_a_run_that_completes_its_seed_may_end_a_little_after_the_budget():
+    from hieratok.ablation import AblationConfig, _may_start
+
+    # 100 s left; a 110 s run: seed 0 always starts, a seed's last run within the grace, others not
+    assert _may_start(110.0, 0.0, 100.0, 20.0, 0, completes_seed=False)
+    assert _may_start(110.0, 0.0, 100.0, 20.0, 2, completes_seed=True)
+    assert not _may_start(110.0, 0.0, 100.0, 20.0, 2, completes_seed=False)
+    assert not _may_start(130.0, 0.0, 100.0, 20.0, 2, completes_seed=True)
+    assert _may_start(100.0, 0.0, 100.0, 0.0, 1, completes_seed=False)
+    with pytest.raises(ValueError, match="slack"):
+        AblationConfig(slack=1.0)

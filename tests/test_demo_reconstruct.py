@@ -60,7 +60,7 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
         return {k: v / 6 for k, v in per_step.items()}, threads, timings
 
     monkeypatch.setattr(ablation, "_calibrate", optimistic)
-    monkeypatch.setattr(ablation, "_eval_estimate_s", lambda c, threads: 0.0)
+    monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
     c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
                        kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1)
     res = run_ablation(c)

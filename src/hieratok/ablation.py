@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from ._optional import require
 from .config import settings_diff
-from .data import EmbeddedPhotos, build_dataset, pil_to_tensor, tensor_to_pil
+from .data import EmbeddedPhotos, build_dataset, collate_drop_none, pil_to_tensor, tensor_to_pil
 from .evaluate import ReconEvalConfig, evaluate_latents, evaluate_reconstruction
 from .evaluate.latents import encode_latents_and_mirrored
 from .hub import write_atomic
@@ -139,6 +140,9 @@ class AblationConfig:
     workers: Optional[int] = None  # runs trained at once, each in a process; None: one per core (<= 4)
     calibrate_s: float = 12.0  # with several workers: seconds each variant's step is timed, side by side
     report_reserve_s: float = 20.0  # time kept for the report (measured: about 5 s for two variants)
+    # share of the training time kept free: a shared machine's speed drifts (two demo runs minutes
+    # apart on a 2-core VM trained 15% slower and up to 30% faster than their calibration)
+    slack: float = 0.1
     resume: bool = False  # keep finished runs of the same plan
     overwrite: bool = False  # replace a non-empty output folder
     progress: bool = True
@@ -154,6 +158,8 @@ class AblationConfig:
             raise ValueError(f"need seeds >= 1, steps >= 1 and minutes > 0 (got {self.seeds}, {self.steps}, {self.minutes})")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        if not 0 <= self.slack < 1:
+            raise ValueError(f"slack must be in [0, 1), got {self.slack}")
         if (self.workers is not None and self.workers < 1) or (self.threads is not None and self.threads < 1):
             raise ValueError(f"workers and threads must be >= 1 (got {self.workers}, {self.threads})")
 
@@ -199,27 +205,77 @@ def _calibrate(c: AblationConfig, variants: list[Variant], tmp: Path) -> tuple[d
             threads, timings = choose_threads(lambda: t.fit(max_steps=1), thread_candidates())
             log.info("threads: %s s per step -> using %d", {k: round(s, 3) for k, s in timings.items()}, threads)
         torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        t.fit(max_steps=4)
-        per_step[v.name] = (time.perf_counter() - t0) / 4
+        per_step[v.name] = _step_seconds(t, 0.0, 4)
     return per_step, threads, timings
+
+
+class _StepTimes:
+    """Stands in for the trainer's thread governor to read its step times (data, forward, backward,
+    optimizer; not the bookkeeping of a ``fit`` call, which a run pays once)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def apply(self) -> None:
+        pass
+
+    def new_workload(self) -> None:
+        pass
+
+    def step_done(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    @property
+    def current(self) -> int:
+        return torch.get_num_threads()
+
+
+def _step_seconds(t: Any, seconds: float, min_steps: int) -> float:
+    """The median step time of trainer ``t`` over at least ``min_steps`` steps and ``seconds``
+    (median: robust to a slow start and to a neighbour's start-up)."""
+    timer, t0 = _StepTimes(), time.perf_counter()
+    t.threads = timer
+    while len(timer.seconds) < min_steps or time.perf_counter() - t0 < seconds:
+        t.fit(max_steps=5)  # a run logs every 5 steps
+    return float(np.median(timer.seconds))
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
 class _CachedInception(torch.nn.Module):
-    """The Inception extractor with the features of inputs seen before reused (every run of an
-    ablation scores the same held-out originals)."""
+    """The Inception extractor with the features of images seen before reused, image by image
+    (every run of an ablation scores the same held-out originals; :func:`_warm_heldout` computes
+    them while the runs are planned)."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner, self.source, self.cache = inner, inner.source, {}
 
     def forward(self, x_u8: torch.Tensor) -> torch.Tensor:
-        key = hashlib.sha1(x_u8.cpu().numpy().tobytes()).hexdigest() + str(tuple(x_u8.shape))
-        if key not in self.cache:
-            self.cache[key] = self.inner(x_u8)
-        return self.cache[key]
+        keys = [hashlib.sha1(im.numpy().tobytes()).hexdigest() + str(tuple(im.shape)) for im in x_u8.cpu()]
+        new = [i for i, k in enumerate(keys) if k not in self.cache]
+        if new:  # all of a batch seen for the first time: the batch as it came, in one pass
+            self.cache.update(zip((keys[i] for i in new), self.inner(x_u8[new])))
+        return torch.stack([self.cache[k] for k in keys])
+
+
+def _warm_heldout(c: AblationConfig) -> Optional[tuple[float, int]]:
+    """Run the held-out originals through this process's Inception extractor (batches of 16, as
+    the evaluation reads them), so that every evaluation in this process reuses their features;
+    returns (seconds it took, images), None without rKID."""
+    inception = _inception(c)
+    if inception is None:
+        return None
+    size = HieraTok.preset_config(c.preset).image_size
+    ds = build_dataset(c.eval_data, "eval", size, crops_per_photo=c.eval_crops_per_photo,
+                       short_side=2 * size if c.eval_data is None else None, on_error="none")
+    n, t0 = 0, time.perf_counter()
+    for batch in DataLoader(ds, batch_size=16, collate_fn=collate_drop_none):
+        if batch is not None:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            inception(quantize_to_uint8(x))
+            n += x.shape[0]
+    return time.perf_counter() - t0, n
 
 
 def _model_from(trainer: Any) -> torch.nn.Module:
@@ -445,7 +501,7 @@ def _plan_workers(c: AblationConfig) -> tuple[int, int]:
     thread), while two one-thread processes run side by side at nearly full speed each. So on a
     machine with several cores the runs are spread over processes, one per core up to the runs
     there are (at most 4), each with ``cores // workers`` threads to start with; unless ``threads``
-    is given, a run takes the cores of runs that have ended (:class:`_CoreShare`). One worker trains
+    is given, a run takes the cores of runs that have ended when that measures faster (:class:`_CoreShare`). One worker trains
     the runs one after the other in this process, at the faster of 1 and all cores (``threads=None``).
     """
     cores, runs = os.cpu_count() or 1, c.seeds * len(c.variants)
@@ -536,28 +592,49 @@ _BUSY: dict[str, Any] = {}  # in a run process: the shared count of runs under w
 
 
 class _CoreShare:
-    """Torch threads of a run process: the cores divided among the runs under way, re-read every
-    step, so a run left alone at the end of the schedule (or beside a finished neighbour) takes
-    all the cores. Used in place of a :class:`~hieratok.train.threads.ThreadGovernor` by the
-    trainer (``apply`` / ``step_done``) when the thread count is not given."""
+    """Torch threads of a run process: up to its share of the cores (the cores divided among the
+    runs under way, re-read every step), so a run left alone at the end of the schedule may take
+    all the cores. A share above one thread is only taken if it measures faster: a
+    :class:`~hieratok.train.threads.ThreadGovernor` over (1, share) probes it and drops it after one
+    stalled step (another process holding a core). Used in place of a governor by the trainer
+    (``apply`` / ``step_done``) when the thread count is not given."""
 
-    def __init__(self, runs: Any, cores: int) -> None:
-        self.runs, self.cores = runs, cores
+    def __init__(self, runs: Any, cores: int, set_threads: Callable[[int], None] = torch.set_num_threads) -> None:
+        self.runs, self.cores, self.set_threads = runs, cores, set_threads
+        self.share, self.governor, self.current = 1, None, 0  # 0: not set yet
+        self.one_thread_s: list[float] = []  # the last step times at one thread
+        self.switches: list[tuple[int, int]] = []
+
+    def _threads(self, n: int) -> None:
+        self.current = n
+        self.set_threads(n)
 
     def apply(self) -> None:
-        n = max(1, self.cores // max(1, self.runs.value))
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
+        share = max(1, self.cores // max(1, self.runs.value))
+        if share != self.share:
+            self.share = share
+            self.governor = None
+            if share > 1:  # probe the larger count against one thread's recent speed
+                known = {1: float(np.median(self.one_thread_s))} if self.one_thread_s else None
+                self.governor = ThreadGovernor((1, share), speeds=known, set_threads=self._threads)
+        if self.governor is None:
+            if self.current != 1:
+                self._threads(1)
+        else:
+            self.governor.apply()
 
     def step_done(self, seconds: float) -> None:
+        if self.current == 1:
+            self.one_thread_s = (self.one_thread_s + [seconds])[-3:]
+        if self.governor is not None:
+            self.governor.step_done(seconds)
+            self.switches += self.governor.switches
+            self.governor.switches = []
         self.apply()
 
     def new_workload(self) -> None:
+        self.one_thread_s, self.share, self.governor = [], 1, None  # another model: measure again
         self.apply()
-
-    @property
-    def current(self) -> int:
-        return torch.get_num_threads()
 
 
 def _inception(c: AblationConfig) -> Optional[torch.nn.Module]:
@@ -593,18 +670,18 @@ def _run_in_process(c: AblationConfig, v: "Variant", seed: int, steps: int, out:
             runs.value -= 1
 
 
-def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str, seconds: float = 12.0) -> float:
-    """Seconds per training step of one variant in this process: after two warm-up steps, steps
-    for ``seconds`` (at least 3), so that variants calibrated side by side overlap all the time
-    (a fixed step count would leave the slower one timing its last steps alone, i.e. too fast)."""
+def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str,
+                   seconds: float = 12.0) -> tuple[float, Optional[tuple[float, int]]]:
+    """Seconds per training step of one variant in this process, then the Inception pass over the
+    held-out originals (:func:`_warm_heldout`, which leaves their features in this worker for its
+    runs). Steps: after three warm-up steps, steps for ``seconds`` (at least 5), so that variants
+    calibrated side by side overlap all the time (a fixed step count would leave the slower one
+    timing its last steps alone, i.e. too fast)."""
     t = Trainer(_train_config(replace(c, progress=False), v, 0, 10**6, Path(tmp) / v.name))
-    t.fit(max_steps=3)  # allocation and lazy initialisation (the first steps after it are still slow)
-    chunks, t0 = [], time.perf_counter()
-    while len(chunks) < 3 or time.perf_counter() - t0 < seconds:
-        t1 = time.perf_counter()
-        t.fit(max_steps=2)
-        chunks.append((time.perf_counter() - t1) / 2)
-    return float(np.median(chunks))  # robust to a slow start and to a neighbour's start-up
+    t.fit(max_steps=3)  # allocation and lazy initialisation
+    per_step = _step_seconds(t, seconds, 5)
+    del t
+    return per_step, _warm_heldout(c)
 
 
 def _logged_step(run_dir: Path) -> int:
@@ -619,15 +696,23 @@ def _logged_step(run_dir: Path) -> int:
         return 0
 
 
+def _may_start(expected_s: float, now: float, end: float, grace_s: float, seed: int, completes_seed: bool) -> bool:
+    """Whether a run of ``expected_s`` seconds starts at ``now``: seed 0 always; a run that completes
+    its seed (every other variant of the seed started) if it ends within ``grace_s`` after ``end``
+    (a finished partner without it would be wasted, a lost seed costs more than a short overrun);
+    any other if it ends by ``end``."""
+    return seed == 0 or now + expected_s <= end + (grace_s if completes_seed else 0.0)
+
+
 def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: int, out: Path,
                   per_step: dict[str, float], pool: ProcessPoolExecutor, workers: int, eval_s: float,
-                  end: float) -> None:
+                  end: float, grace_s: float = 0.0) -> None:
     """Train and evaluate ``jobs`` on the pool's workers, a new job as a worker comes free; a job that
-    could not end before ``end`` (the whole budget: a run may use the time kept for the report, a
-    seed lost to a few seconds would cost more) is not started. One progress bar over all runs' steps."""
+    could not end in time (:func:`_may_start`; ``end`` is the whole budget: a run may use the time
+    kept for the report) is not started. One progress bar over all runs' steps."""
     from tqdm.auto import tqdm
 
-    todo, running = list(jobs), {}
+    todo, running, skipped = list(jobs), {}, set()
     bar = tqdm(total=steps * len(jobs), desc=f"{len(jobs)} runs on {workers} processes", dynamic_ncols=True,
                mininterval=1.0, disable=not c.progress)
     shown = 0
@@ -636,9 +721,12 @@ def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: i
             while todo and len(running) < workers:
                 v, seed = todo.pop(0)
                 expected = steps * per_step.get(v.name, 0.0) + eval_s
-                if per_step and seed > 0 and time.perf_counter() + expected > end:  # seed 0 always runs
+                # every other variant of this seed started (the jobs left are not started yet)
+                completes = not any(s == seed and ((w.name, s) in skipped or (w, s) in todo) for w, s in jobs)
+                if per_step and not _may_start(expected, time.perf_counter(), end, grace_s, seed, completes):
                     log.warning("budget: not starting %s seed %d (about %.0f s, %.0f s left)", v.name, seed, expected,
                                 end - time.perf_counter())
+                    skipped.add((v.name, seed))
                     continue
                 planned = steps * per_step[v.name] if per_step.get(v.name) else None
                 running[pool.submit(_run_in_process, replace(c, progress=False), v, seed, steps, out, planned)] = (v, seed)
@@ -684,13 +772,18 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
             with tempfile.TemporaryDirectory() as tmp:
                 if pool is None:
                     per_step, threads, timings = _calibrate(c, variants, Path(tmp))
+                    torch.set_num_threads(threads)
+                    heldout = [_warm_heldout(c)]
                 else:  # every variant at once, as the runs will train: side by side
                     futs = [pool.submit(_calibrate_one, c, v, tmp, c.calibrate_s) for v in variants]
-                    per_step = {v.name: f.result() for v, f in zip(variants, futs)}
-            eval_s = _eval_estimate_s(c, threads)
+                    per_step = {v.name: f.result()[0] for v, f in zip(variants, futs)}
+                    heldout = [f.result()[1] for f in futs]
+            # the originals' features are computed (in every process, unless a pool worker calibrated
+            # no variant: then its first evaluation computes them, at most once more than planned)
+            eval_s = _eval_estimate_s(c, threads, None if None in heldout else max(heldout, key=lambda h: h[0] / h[1]))
             jobs = _job_order(c, variants, per_step, workers)
-            left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s - eval_s  # + the first load
-            steps = _steps_that_fit(left, jobs, per_step, eval_s, workers)
+            left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
+            steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers)
             log.info("%s s per step: %d steps per run fit %d seeds of %d variants on %d process(es) in %.1f minutes",
                      {k: round(t, 3) for k, t in per_step.items()}, steps, c.seeds, len(variants), workers, c.minutes)
             if steps < 50:
@@ -703,7 +796,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
         governor = None
         if pool is not None:
             _run_parallel(c, jobs, steps, out, per_step, pool, workers, eval_s,
-                          t_start + c.minutes * 60 if c.steps is None else math.inf)
+                          t_start + c.minutes * 60 if c.steps is None else math.inf, c.slack * c.minutes * 60)
         else:
             torch.set_num_threads(threads)
             # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
@@ -769,11 +862,16 @@ def load_notes(info: dict[str, Any], results: dict[str, dict[int, dict[str, Any]
     return notes
 
 
-def _eval_estimate_s(c: AblationConfig, threads: int) -> float:
-    """A rough time for one run's evaluation (held-out crops through the model, Inception on the
-    reconstructions, t-SNE). Measured for the demo's runs (96 crops, AMD EPYC): 19 s with 2 threads on
-    an idle machine, 31-40 s with 1 thread beside a busy core; the first evaluation of a plan about
-    twice that (loading, the held-out originals' features)."""
+def _eval_estimate_s(c: AblationConfig, threads: int, heldout: Optional[tuple[float, int]] = None) -> float:
+    """The time of one run's evaluation: Inception over its reconstructions of the held-out images
+    (``heldout``: the seconds and images of :func:`_warm_heldout`; the originals' features are cached)
+    and the rest (the model's passes over held-out and training crops, t-SNE), for the demo's
+    runs 3 s at one thread where an Inception image took 0.2 s (AMD EPYC), i.e. 15 images' time.
+    Without a measurement: the earlier rough model (19 s with 2 threads on an idle machine for the
+    demo's 96 crops)."""
+    if heldout is not None:
+        seconds, n = heldout
+        return (n + 10 + (5 * c.tsne_runs if c.uniformity else 0)) * seconds / max(1, n)
     n = 3 * c.eval_crops_per_photo if c.eval_data is None else 500
     two_threads = 2.0 + n * (0.1 if c.kid else 0.02) + (8.0 * c.tsne_runs if c.uniformity else 0.0)
     return two_threads * 2 / min(2, max(1, threads))

@@ -85,6 +85,26 @@ def test_trunk_source_and_parity_with_torchscript(trunk, images):
 
 
 @needs_trunk
+def test_channels_last_fast_path_matches_nchw_reference(trunk, images, monkeypatch):
+    x = images[1][:2]
+    seen = []
+    hook = trunk.net.Mixed_7c.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last) and not a[0].is_contiguous()))
+    try:
+        assert trunk.channels_last is None  # default: channels-last on CPU
+        fast, fast_tap = trunk.pool_and_spatial(x)
+        monkeypatch.setattr(trunk, "channels_last", False)
+        ref, ref_tap = trunk.pool_and_spatial(x)
+    finally:
+        hook.remove()
+    assert seen == [True, False]  # the fast path ran channels-last to the last block; the reference NCHW
+    # Same float32 arithmetic in another summation order through 94 convolutions: the bound of the
+    # TorchScript parity above.
+    torch.testing.assert_close(fast, ref, atol=3e-5, rtol=0)
+    torch.testing.assert_close(fast_tap, ref_tap, atol=3e-5, rtol=0)
+
+
+@needs_trunk
 def test_float_and_uint8_inputs_agree(trunk, images):
     x = images[0]
     ref = trunk.preprocess(x)
