@@ -606,8 +606,9 @@ class _CoreShare:
         self.switches: list[tuple[int, int]] = []
 
     def _threads(self, n: int) -> None:
-        self.current = n
-        self.set_threads(n)
+        if n != self.current:
+            self.current = n
+            self.set_threads(n)
 
     def apply(self) -> None:
         share = max(1, self.cores // max(1, self.runs.value))
