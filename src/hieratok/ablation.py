@@ -603,7 +603,6 @@ class _CoreShare:
         self.runs, self.cores, self.set_threads = runs, cores, set_threads
         self.share, self.governor, self.current = 1, None, 0  # 0: not set yet
         self.one_thread_s: list[float] = []  # the last step times at one thread
-        self.switches: list[tuple[int, int]] = []
 
     def _threads(self, n: int) -> None:
         if n != self.current:
@@ -619,8 +618,7 @@ class _CoreShare:
                 known = {1: float(np.median(self.one_thread_s))} if self.one_thread_s else None
                 self.governor = ThreadGovernor((1, share), speeds=known, set_threads=self._threads)
         if self.governor is None:
-            if self.current != 1:
-                self._threads(1)
+            self._threads(1)
         else:
             self.governor.apply()
 
@@ -628,9 +626,7 @@ class _CoreShare:
         if self.current == 1:
             self.one_thread_s = (self.one_thread_s + [seconds])[-3:]
         if self.governor is not None:
-            self.governor.step_done(seconds)
-            self.switches += self.governor.switches
-            self.governor.switches = []
+            self.governor.step_done(seconds)  # it logs a change of thread count itself
         self.apply()
 
     def new_workload(self) -> None:
