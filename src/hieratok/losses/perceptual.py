@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hieratok.hub import check_state_dict
+from hieratok.nn.norm import fold_batchnorm
 from hieratok.weights import MissingWeightsError, ResolvedWeights, resolve_weights
 
 __all__ = [
@@ -396,17 +397,6 @@ class _SameConv2d(nn.Conv2d):
         return F.conv2d(x_BCHW, w, self.bias, self.stride, (pads[0][1], pads[1][1]), 1, self.groups)
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold an eval-mode BatchNorm into the preceding convolution, in place."""
-    scale_C = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias_C = bn.bias - bn.running_mean * scale_C
-    if conv.bias is not None:
-        bias_C = bias_C + conv.bias * scale_C
-    conv.weight = nn.Parameter(conv.weight.detach() * scale_C.detach().view(-1, 1, 1, 1),
-                               requires_grad=conv.weight.requires_grad)
-    conv.bias = nn.Parameter(bias_C.detach(), requires_grad=conv.weight.requires_grad)
-
-
 class _MBConv(nn.Module):
     """Inverted residual block without squeeze-excitation (EfficientNet-Lite)."""
 
@@ -437,7 +427,7 @@ class _MBConv(nn.Module):
             pairs.append(("_expand_conv", "_bn0"))
         for conv, bn in pairs:
             if isinstance(getattr(self, bn), nn.BatchNorm2d):
-                _fold_bn(getattr(self, conv), getattr(self, bn))
+                fold_batchnorm(getattr(self, conv), getattr(self, bn))
                 setattr(self, bn, nn.Identity())
 
 
@@ -494,10 +484,10 @@ class EfficientNetLite0(nn.Module):
         function as the unfused one in eval mode, with fewer kernels per block.
         """
         if isinstance(self._bn0, nn.BatchNorm2d):
-            _fold_bn(self._conv_stem, self._bn0)
+            fold_batchnorm(self._conv_stem, self._bn0)
             self._bn0 = nn.Identity()
         if isinstance(self._bn1, nn.BatchNorm2d):
-            _fold_bn(self._conv_head, self._bn1)
+            fold_batchnorm(self._conv_head, self._bn1)
             self._bn1 = nn.Identity()
         for block in self._blocks:
             block.fuse_bn()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "RMSNorm"]
+__all__ = ["LayerNorm2d", "RMSNorm", "fold_batchnorm"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -30,3 +30,19 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return y.type_as(x) * self.weight
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm into the convolution before it, in place.
+
+    ``bn(conv(x)) == conv'(x)`` with ``w' = w * s`` and ``b' = (b - mean) * s + beta`` per output
+    channel, ``s = gamma / sqrt(var + eps)``: the same function with its running statistics
+    frozen, up to float rounding. The caller then replaces ``bn`` with an identity.
+    """
+    scale_C = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias_C = bn.bias - bn.running_mean * scale_C
+    if conv.bias is not None:
+        bias_C = bias_C + conv.bias * scale_C
+    conv.weight = nn.Parameter(conv.weight * scale_C.view(-1, 1, 1, 1), requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter(bias_C, requires_grad=conv.weight.requires_grad)
