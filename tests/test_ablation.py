@@ -1,12 +1,16 @@
 """The ablation's statistics and variant parsing (the end-to-end runs are in test_demo_reconstruct)."""
 
+import logging
 import time
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
-from hieratok.ablation import VARIANTS, AblationConfig, conclusions, paired_comparison, parse_variant, summarize
+from hieratok import HieraTok
+from hieratok.ablation import (VARIANTS, AblationConfig, _evaluate, conclusions, paired_comparison, parse_variant,
+                               summarize)
 
 
 def test_paired_comparison_is_scipys_paired_t_test():
@@ -176,3 +180,16 @@ def test_a_run_that_completes_its_seed_may_end_a_little_after_the_budget():
     assert _may_start(100.0, 0.0, 100.0, 0.0, 1, completes_seed=False)
     with pytest.raises(ValueError, match="slack"):
         AblationConfig(slack=1.0)
+
+
+def test_an_evaluation_scores_every_held_out_image_without_a_shortfall_warning(caplog):
+    # 3 embedded held-out photos x 32 crops; the evaluation asks for exactly these, so nothing is
+    # reported as missing (each run's evaluation used to warn twice about "num=1000000")
+    c = AblationConfig(eval_crops_per_photo=32, kid=False)
+    torch.manual_seed(0)
+    model = HieraTok.from_preset("tiny").eval()
+    with caplog.at_level(logging.WARNING):
+        res = _evaluate(c, model, None, seed=0)
+    assert res["num_images"] == 96 and res["uniformity"]["num_points"] == 96
+    shortfall = [r for r in caplog.records if r.name.startswith("hieratok.evaluate") and r.levelno >= logging.WARNING]
+    assert not shortfall, caplog.text

@@ -166,14 +166,26 @@ class AblationConfig:
 
 # ---- training --------------------------------------------------------------------------------------
 
+def _short_side(data: Optional[str], size: int) -> Optional[int]:
+    """Resize before cropping: the embedded photos at twice the crop size (crops then see more of
+    each scene), other data as it is."""
+    return 2 * size if data is None else None
+
+
+def _heldout(c: AblationConfig, size: int) -> Any:
+    """The held-out images every run is evaluated on (crops of the embedded held-out photos, or
+    ``eval_data``), unreadable ones as None."""
+    return build_dataset(c.eval_data, "eval", size, crops_per_photo=c.eval_crops_per_photo,
+                         short_side=_short_side(c.eval_data, size), on_error="none")
+
+
 def _train_config(c: AblationConfig, v: Variant, seed: int, steps: int, out: Path) -> Any:
     over: dict[str, Any] = {"data.path": c.data, "seed": seed, "batch_size": c.batch_size, "optim.lr": c.lr,
                             "optim.end_lr": c.lr / 10, "log_every": 5, "image_every": 0, "ckpt_every": 0,
                             "keep_last": 1, "ema_decay": 0.99, "progress": c.progress, "tensorboard": False,
                             "adapt_threads": False,  # one governor for all runs (run_ablation)
-                            "data.short_side": None, "steps": steps, "preset": v.preset, "out_dir": str(out)}
-    if c.data is None:  # embedded photos: crops see more of each scene at twice the crop size
-        over["data.short_side"] = 2 * HieraTok.preset_config(c.preset).image_size
+                            "data.short_side": _short_side(c.data, HieraTok.preset_config(c.preset).image_size),
+                            "steps": steps, "preset": v.preset, "out_dir": str(out)}
     return load_config(overrides={**over, **v.overrides})
 
 
@@ -266,11 +278,9 @@ def _warm_heldout(c: AblationConfig) -> Optional[tuple[float, int]]:
     inception = _inception(c)
     if inception is None:
         return None
-    size = HieraTok.preset_config(c.preset).image_size
-    ds = build_dataset(c.eval_data, "eval", size, crops_per_photo=c.eval_crops_per_photo,
-                       short_side=2 * size if c.eval_data is None else None, on_error="none")
     n, t0 = 0, time.perf_counter()
-    for batch in DataLoader(ds, batch_size=16, collate_fn=collate_drop_none):
+    for batch in DataLoader(_heldout(c, HieraTok.preset_config(c.preset).image_size), batch_size=16,
+                            collate_fn=collate_drop_none):
         if batch is not None:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             inception(quantize_to_uint8(x))
@@ -288,14 +298,18 @@ def _model_from(trainer: Any) -> torch.nn.Module:
 def _evaluate(c: AblationConfig, model: torch.nn.Module, inception: Optional[torch.nn.Module], seed: int,
               train_stats: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
     size = model.config.image_size
-    short = 2 * size if c.eval_data is None else None
-    ecfg = ReconEvalConfig(data=c.eval_data, num=10**6, batch_size=16, keep_images=6, progress=False, fid=False,
+    short = _short_side(c.eval_data, size)
+    try:  # all of them (shards do not know their length: as many as they hold)
+        num = len(_heldout(c, size))
+    except TypeError:
+        num = 10**6
+    ecfg = ReconEvalConfig(data=c.eval_data, num=num, batch_size=16, keep_images=6, progress=False, fid=False,
                            kid=c.kid and inception is not None, crops_per_photo=c.eval_crops_per_photo, short_side=short)
     res = evaluate_reconstruction(model, ecfg, "cpu", inception=inception)
     if c.uniformity:
-        lat, lat_flip = encode_latents_and_mirrored(model, c.eval_data, 10**6, 32, "cpu",
+        lat, lat_flip = encode_latents_and_mirrored(model, c.eval_data, num, 32, "cpu",
                                                     crops_per_photo=c.eval_crops_per_photo, short_side=short)
-        res["uniformity"] = evaluate_latents(model, None, latents=lat, latents_flip=lat_flip, num_points=10**6,
+        res["uniformity"] = evaluate_latents(model, None, latents=lat, latents_flip=lat_flip, num_points=len(lat),
                                              num_runs=c.tsne_runs, seed=seed, train_stats=train_stats)
         res.update({k: res["uniformity"][k] for k in ("density_cv", "gini", "normalized_entropy")})
     return res
@@ -309,7 +323,7 @@ def _full_photo(c: AblationConfig, model: torch.nn.Module) -> Optional[dict[str,
         return None
 
     size = model.config.image_size
-    photos = EmbeddedPhotos("heldout", size, short_side=2 * size)
+    photos = EmbeddedPhotos("heldout", size, short_side=_short_side(None, size))
     x = pil_to_tensor(photos.photo(0))
     rec = reconstruct_image(model, x, "tile")[-1]
     p = psnr(quantize_to_uint8(rec[None]), quantize_to_uint8(x[None]), floor_mse=True)
@@ -321,7 +335,7 @@ def _train_stats(c: AblationConfig, model: torch.nn.Module, seed: int) -> tuple[
     training set's statistics)."""
 
     ds = build_dataset(c.data, "train", model.config.image_size, seed=seed,
-                       short_side=2 * model.config.image_size if c.data is None else None)
+                       short_side=_short_side(c.data, model.config.image_size))
     xs = torch.stack([ds[i][0] for i in range(256)])
     with torch.no_grad():
         z = torch.cat([model.encode(xs[i:i + 32]).mode() for i in range(0, len(xs), 32)])
