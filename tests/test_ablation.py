@@ -9,8 +9,15 @@ import torch
 from scipy import stats
 
 from hieratok import HieraTok
-from hieratok.ablation import (VARIANTS, AblationConfig, _evaluate, conclusions, paired_comparison, parse_variant,
-                               summarize)
+from hieratok.ablation import (
+    VARIANTS,
+    AblationConfig,
+    _evaluate,
+    conclusions,
+    paired_comparison,
+    parse_variant,
+    summarize,
+)
 
 
 def test_paired_comparison_is_scipys_paired_t_test():
