@@ -90,10 +90,10 @@ SRC = str(Path(hieratok.__file__).resolve().parents[1])  # the subprocesses impo
 
 # What differs between the two chains; options left unset on the command line take these values.
 CHAINS: dict[str, dict[str, Any]] = {
-    "dit": dict(tok_task="hieratok", tok_preset="tiny", gen_task="dit", gen_preset="dit-tiny", gen_steps=1000,
+    "dit": dict(name="DiT", tok_task="hieratok", tok_preset="tiny", gen_task="dit", gen_preset="dit-tiny", gen_steps=1000,
                 gen_batch=64, gen_lr=1e-3, sample_steps=50, num=128, seeds=3, out="/tmp/bf16q/run"),
-    # the GPT is cheap to train and to sample (64 px, 32 codes in 6 passes); scoring dominates
-    "har": dict(tok_task="restok", tok_preset="restok-tiny", gen_task="ar", gen_preset="gpt-tiny", gen_steps=2000,
+    # the GPT is cheap to train and to sample (64 px, 32 codes in 7 passes: groups 1, 1, 1, 1, 4, 8, 16); scoring dominates
+    "har": dict(name="HAR", tok_task="restok", tok_preset="restok-tiny", gen_task="ar", gen_preset="gpt-tiny", gen_steps=2000,
                 gen_batch=64, gen_lr=1e-3, sample_steps=None, num=256, seeds=5, out="/tmp/bf16q/har"),
 }
 # task-specific overrides of the trainings: the ResTok task's 5k warm-up steps would outlast the run
@@ -387,7 +387,7 @@ def print_report(a: argparse.Namespace, res: dict[str, Any]) -> None:
     s, t = res["summary"], res["timing"]
     k = 1e3  # KID x 10^3, as usually printed
     steps = "" if a.sample_steps is None else f"{a.sample_steps} sampler steps, "
-    print(f"\n{a.generator.upper()} sample quality, K={a.num} per seed, seeds {a.seeds}, {steps}cfg {a.cfg} "
+    print(f"\n{a.name} sample quality, K={a.num} per seed, seeds {a.seeds}, {steps}cfg {a.cfg} "
           f"(mean ± std over seeds; KID x 1e3; bf16 {'EMULATED' if res['bf16']['emulated'] else 'native'})")
     print("| | fp32 | bf16 | bf16 - fp32 | supports |\n|---|---:|---:|---:|---|")
     for key, name, sc in (("kid_vs_real", "KID vs real crops (x 1e3)", k), ("fid_vs_real", "FID vs real crops", 1.0)):
