@@ -86,8 +86,8 @@ def test_har_chain_trains_restok_then_a_har_gpt_on_its_codes(tmp_path):
     assert tok[:5] == ["train", "--task", "restok", "--preset", "restok-tiny"] and tok[tok.index("--steps") + 1] == "30"
     o = _overrides(tok)
     # restok-tiny is 64 px: crops of photos shrunk to a 128 px short side, as the cache draws them;
-    # the ResTok task's 5000 warm-up steps would outlast the run
-    assert o["data.short_side"] == "128" and o["optim.warmup_steps"] == "null"
+    # the ResTok task's 5000 warm-up steps would outlast the run; at init_std 0.02 every photo gets the same codes
+    assert o["data.short_side"] == "128" and o["optim.warmup_steps"] == "null" and o["model.init_std"] == "0.1"
 
     assert bench.cache_argv(a, "tokdir", tmp_path / "cache") == [
         "cache-latents", "--checkpoint", "tokdir", "--out", str(tmp_path / "cache"), "--num", "2048"]  # no --ten-crop
