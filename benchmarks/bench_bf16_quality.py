@@ -156,6 +156,15 @@ def pixel_difference(a_NHWC: np.ndarray, b_NHWC: np.ndarray) -> dict[str, Any]:
             "identical_images": int((per_image == 0).sum()), "num": int(d.shape[0])}
 
 
+def seed_matters(summary: dict[str, Any]) -> Optional[bool]:
+    """Whether a fresh draw of noise moves the fp32 samples (FID between the fp32 sets of two seeds)
+    more than bf16 moves them (FID between the fp32 and bf16 sets of one seed); None with one seed.
+    False: the samples hardly depend on the seed (e.g. a decoder that ignores its input), so the
+    metrics against real crops show the rounding of (nearly) one image, not sample quality."""
+    other = summary["fid_fp32_vs_fp32_other_seed"]
+    return None if other is None else other["mean"] > summary["fid_fp32_vs_bf16_same_seed"]["mean"]
+
+
 def pm(s: dict[str, Any], fmt: str = ".3f", scale: float = 1.0) -> str:
     """``"mean +- std"`` of a :func:`mean_std` dict."""
     return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt}}"
@@ -375,6 +384,7 @@ def score(a: argparse.Namespace, npz: dict[str, dict[int, Path]], size: int, out
         "kid_fp32_vs_fp32_other_seed": mean_std([o["kid"] for o in other]) if other else None,
         "fid_fp32_vs_fp32_other_seed": mean_std([o["fid"] for o in other]) if other else None,
     }
+    summary["seed_matters"] = seed_matters(summary)
     context = {"real_vs_real": distances(f_floor, f_ref), "fp32_other_seed_pairs": other,
                "inception": {"source": extractor.source, "path": str(extractor.path)}}
     return {"per_seed": per_seed, "summary": summary, "context": context}
@@ -410,6 +420,9 @@ def print_report(a: argparse.Namespace, res: dict[str, Any]) -> None:
     if s["kid_fp32_vs_fp32_other_seed"]:
         print(f"\ncontext: fp32 vs fp32 of another seed: KID {pm(s['kid_fp32_vs_fp32_other_seed'], '.3f', k)} x 1e-3, "
               f"FID {pm(s['fid_fp32_vs_fp32_other_seed'], '.2f')}")
+    if s["seed_matters"] is False:
+        print("WARNING: the fp32 sets of two seeds are closer than the fp32 and bf16 sets of one seed: the samples "
+              "hardly depend on the seed, so the rows against real crops do not measure sample quality")
     rr = res["context"]["real_vs_real"]
     print(f"context: {a.num} real crops vs the {a.ref_num} reference crops: KID {rr['kid'] * k:.3f} x 1e-3, FID {rr['fid']:.2f}")
     print(f"fp32 rerun of seed {a.seeds[0]}'s first batch identical: {res['fp32_rerun_identical']}")

@@ -58,6 +58,16 @@ def test_pixel_difference_compares_image_i_with_image_i():
         bench.pixel_difference(a, b.astype(np.int16))
 
 
+def test_seed_matters_compares_the_seed_spread_with_the_bf16_shift():
+    def summary(other, same):
+        return {"fid_fp32_vs_fp32_other_seed": None if other is None else {"mean": other},
+                "fid_fp32_vs_bf16_same_seed": {"mean": same}}
+
+    assert bench.seed_matters(summary(28.3, 0.58)) is True  # the DiT run: noise moves the samples, bf16 barely
+    assert bench.seed_matters(summary(0.01, 0.22)) is False  # every seed decodes to the same image
+    assert bench.seed_matters(summary(None, 0.22)) is None  # one seed
+
+
 def test_pm_formats_mean_and_std_with_a_scale():
     assert bench.pm({"mean": 0.0123, "std": 0.0045}, ".1f", 1e3) == "12.3 ± 4.5"
 
