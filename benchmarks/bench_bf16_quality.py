@@ -1,26 +1,41 @@
-"""Sample quality of ``--precision bf16`` against fp32 (issue 16): a tiny DiT trained here, sampled
-both ways with the same seeds, scored with KID and FID against real crops.
+"""Sample quality of ``--precision bf16`` against fp32 (issue 16): a tiny DiT (``--generator dit``,
+the default) or a tiny HAR GPT on ResTok codes (``--generator har``) trained here, sampled both
+ways with the same seeds, scored with KID and FID against real crops.
 
     python benchmarks/bench_bf16_quality.py --json benchmarks/results/bf16_quality_dit.json   # ~35 min, 2 CPU cores
+    python benchmarks/bench_bf16_quality.py --generator har --json benchmarks/results/bf16_quality_har.json  # ~17 min
     python benchmarks/bench_bf16_quality.py --quick --out /tmp/bf16q/quick                    # the chain only, ~3 min
     python benchmarks/bench_bf16_quality.py --tokenizer runs/tokenizer ...                    # skip step 1
 
-The chain, every step through the ``hieratok`` command (one subprocess each) or the function behind it:
+The chain, every step through the ``hieratok`` command (one subprocess each) or the function behind it
+(:data:`CHAINS` holds what differs between the two generators):
 
-1. ``hieratok train --preset tiny`` on the embedded photos, or ``--tokenizer PATH``;
-2. ``hieratok cache-latents`` of embedded training crops. The DiT task reads the latents' mean and
-   std from the cache, so ``--update-tokenizer`` is not needed (it only feeds diffusers interop);
-3. ``hieratok train --task dit --preset dit-tiny --data CACHE``;
+1. ``hieratok train --preset tiny`` (DiT) or ``--task restok --preset restok-tiny`` (HAR) on the
+   embedded photos, or ``--tokenizer PATH``;
+2. ``hieratok cache-latents`` of embedded training crops: latents of the HieraTok, codes of the
+   ResTok (one centre crop per image, the distribution the reference crops below come from; not
+   ``--ten-crop``). The DiT task reads the latents' mean and std from the cache, so
+   ``--update-tokenizer`` is not needed (it only feeds diffusers interop);
+3. ``hieratok train --task dit --preset dit-tiny --data CACHE``, or ``--task ar --preset gpt-tiny
+   --data CACHE objective.layout=har`` (next-hierarchy, the AR task's default layout, set explicitly);
 4. :func:`hieratok.workflows.generation.sample_to_folder` (what ``hieratok sample`` runs) of K
-   images per seed with ``precision="fp32"`` and ``"bf16"``: the DiT and the decoding tokenizer
-   under bf16 autocast, the same seeds, labels, guidance and sampler steps on both sides. The order
-   of the two alternates from seed to seed, so drifting machine load hits both alike;
+   images per seed with ``precision="fp32"`` and ``"bf16"``: the generator and the decoding tokenizer
+   under bf16 autocast, the same seeds, labels, guidance and (DiT) sampler steps on both sides. The
+   order of the two alternates from seed to seed, so drifting machine load hits both alike. HAR
+   also: the codes of every seed sampled again by :func:`sampled_codes` (the sampler called
+   directly, as ``sample_to_folder`` calls it; the ADM ``samples.npz`` holds images only) in both
+   precisions, and the share of codes that agree position by position;
 5. Inception pool3 features (:class:`hieratok.metrics.InceptionFeatures`, always exact fp32) of
    every sample set and of a reference set of real embedded-photo crops at the tokenizer's size
    (another draw than the cached crops). Per seed: KID and FID of each set against the reference,
    their paired difference bf16 - fp32, KID and FID between the fp32 and the bf16 set of the same
    seed, and the mean absolute 8-bit pixel difference between the fp32 and the bf16 image of the
    same seed and index.
+
+With ``--generator har`` and the default tokenizer (200 steps of ``restok-tiny``) the decoder
+still ignores its codes: every sample is nearly the same image, and the metrics against real crops
+show bf16 rounding in the decoder, not sample quality (``seed_matters`` is false and the report
+warns). The code agreement is then the HAR result; give a ResTok that reconstructs with ``--tokenizer``.
 
 Two context rows put those numbers on a scale: K real crops of a third draw against the reference
 (the floor at this sample count), and the fp32 sets of two different seeds against each other (how
@@ -57,12 +72,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Samples, machine_info, time_once, worker_env, write_json  # noqa: E402
-from bench_restok_vs_official import bf16_status  # noqa: E402
+from bench_restok_vs_official import bf16_status, code_agreement  # noqa: E402
 
 import hieratok  # noqa: E402
-from hieratok import HieraTok  # noqa: E402
-from hieratok.data import EmbeddedPhotos  # noqa: E402
+from hieratok.data import EmbeddedPhotos, tensor_to_pil  # noqa: E402
 from hieratok.data.latent_cache import read_cache_meta  # noqa: E402
+from hieratok.generators.autoregressive import ARObjective, sample_layout  # noqa: E402
 from hieratok.metrics import (  # noqa: E402
     FeatureStats,
     InceptionFeatures,
@@ -70,14 +85,31 @@ from hieratok.metrics import (  # noqa: E402
     iter_npz_images,
     kernel_inception_distance,
 )
+from hieratok.precision import inference_precision  # noqa: E402
+from hieratok.registry import GENERATORS, TOKENIZERS, load_model, model_class  # noqa: E402
 from hieratok.report.images import save_samples_grid  # noqa: E402
 from hieratok.workflows.generation import sample_to_folder  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 SRC = str(Path(hieratok.__file__).resolve().parents[1])  # the subprocesses import this same hieratok
 
+# What differs between the two chains; options left unset on the command line take these values.
+CHAINS: dict[str, dict[str, Any]] = {
+    "dit": dict(name="DiT", tok_task="hieratok", tok_preset="tiny", gen_task="dit", gen_preset="dit-tiny", gen_steps=1000,
+                gen_batch=64, gen_lr=1e-3, sample_steps=50, num=128, seeds=3, out="/tmp/bf16q/run"),
+    # the GPT is cheap to train and to sample (64 px, 32 codes in 7 passes: groups 1, 1, 1, 1, 4, 8, 16); scoring dominates
+    "har": dict(name="HAR", tok_task="restok", tok_preset="restok-tiny", gen_task="ar", gen_preset="gpt-tiny", gen_steps=2000,
+                gen_batch=64, gen_lr=1e-3, sample_steps=None, num=256, seeds=5, out="/tmp/bf16q/har"),
+}
+# task-specific overrides of the trainings. ResTok: its task's 5k warm-up steps would outlast the run
+# (null: warmup_ratio, as the HieraTok task); and at the preset's init_std 0.02 restok-tiny's latents
+# hardly depend on the image (cosine 0.99995 between photos), so every photo gets the same codes and
+# training keeps it so (6 of 256 codes used, one code sequence for all cached crops), while 0.1 starts
+# with distinct codes per photo and keeps ~13% of the codebook in use. AR: its default layout (HAR) named.
+EXTRA_OVERRIDES = {"restok": ["optim.warmup_steps=null", "model.init_std=0.1"], "ar": ["objective.layout=har"]}
+
 # --quick: a few minutes, to check the chain (its numbers mean nothing)
-QUICK = dict(tok_steps=20, cache_num=128, dit_steps=30, dit_batch=32, num=16, seeds=2, sample_steps=5,
+QUICK = dict(tok_steps=20, cache_num=128, gen_steps=30, gen_batch=32, num=16, seeds=2, sample_steps=5,
              ref_num=32, batch_size=16)
 
 
@@ -129,6 +161,15 @@ def pixel_difference(a_NHWC: np.ndarray, b_NHWC: np.ndarray) -> dict[str, Any]:
             "identical_images": int((per_image == 0).sum()), "num": int(d.shape[0])}
 
 
+def seed_matters(summary: dict[str, Any]) -> Optional[bool]:
+    """Whether a fresh draw of noise moves the fp32 samples (FID between the fp32 sets of two seeds)
+    more than bf16 moves them (FID between the fp32 and bf16 sets of one seed); None with one seed.
+    False: the samples hardly depend on the seed (e.g. a decoder that ignores its input), so the
+    metrics against real crops show the rounding of (nearly) one image, not sample quality."""
+    other = summary["fid_fp32_vs_fp32_other_seed"]
+    return None if other is None else other["mean"] > summary["fid_fp32_vs_bf16_same_seed"]["mean"]
+
+
 def pm(s: dict[str, Any], fmt: str = ".3f", scale: float = 1.0) -> str:
     """``"mean +- std"`` of a :func:`mean_std` dict."""
     return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt}}"
@@ -157,47 +198,49 @@ def _quiet_run(every: int) -> list[str]:
     return [f"log_every={every}", "image_every=0", "ckpt_every=0", "keep_last=1", "tensorboard=false", "progress=false"]
 
 
-def train_tokenizer(a: argparse.Namespace, out: Path, stages: dict[str, Any]) -> str:
-    """Step 1: the tiny HieraTok on the embedded photos (the demo's batch and learning rate); its run folder."""
+def tokenizer_argv(a: argparse.Namespace, run: Path) -> list[str]:
+    """Step 1: the tiny HieraTok or ResTok on the embedded photos (the demo's batch and learning rate)."""
+    size = model_class(a.tok_task).preset_config(a.tok_preset).image_size
+    return ["train", "--task", a.tok_task, "--preset", a.tok_preset, "--steps", str(a.tok_steps), "--out", str(run),
+            "--overwrite", "batch_size=16", f"optim.lr={a.tok_lr}", f"optim.end_lr={a.tok_lr / 10}",
+            *EXTRA_OVERRIDES.get(a.tok_task, []), f"data.short_side={2 * size}", "ema_decay=0.99", "diag_every=0",
+            f"seed={a.train_seed}", *_quiet_run(25)]
+
+
+def cache_argv(a: argparse.Namespace, tokenizer: str, cache: Path) -> list[str]:
+    """Step 2: latents (HieraTok) or codes (ResTok) of ``cache_num`` embedded training crops (the default data)."""
+    return ["cache-latents", "--checkpoint", tokenizer, "--out", str(cache), "--num", str(a.cache_num)]
+
+
+def generator_argv(a: argparse.Namespace, cache: Path, run: Path) -> list[str]:
+    """Step 3: dit-tiny or gpt-tiny (HAR) on the cache, a constant learning rate (as DiT trains; EMA weights sampled)."""
+    return ["train", "--task", a.gen_task, "--preset", a.gen_preset, "--data", str(cache), "--steps", str(a.gen_steps),
+            "--out", str(run), "--overwrite", f"batch_size={a.gen_batch}", f"optim.lr={a.gen_lr}",
+            f"optim.end_lr={a.gen_lr}", *EXTRA_OVERRIDES.get(a.gen_task, []), f"seed={a.train_seed}", *_quiet_run(50)]
+
+
+def run_stage(a: argparse.Namespace, name: str, argv: list[str], done: Path, out: Path, stages: dict[str, Any]) -> None:
+    """Run one ``hieratok`` step unless ``--reuse`` finds its result ``done`` from an earlier call."""
+    if a.reuse and done.exists():
+        stages[name] = {"reused": str(done)}
+        return
+    stages[name] = {"argv": argv, "seconds": run_cli(argv, out / "logs" / f"{name}.log")}
+
+
+def train_chain(a: argparse.Namespace, out: Path, stages: dict[str, Any]) -> tuple[Path, Path]:
+    """Steps 1-3; returns the cache and the generator's run folder."""
+    tokenizer, cache, gen = out / "tokenizer", out / "cache", out / a.generator
     if a.tokenizer:
         stages["tokenizer"] = {"given": a.tokenizer}
-        return a.tokenizer
-    run = out / "tokenizer"
-    size = HieraTok.preset_config(a.tok_preset).image_size
-    if a.reuse and (run / "checkpoints" / f"step_{a.tok_steps:08d}").is_dir():
-        stages["tokenizer"] = {"reused": str(run)}
-        return str(run)
-    argv = ["train", "--task", "hieratok", "--preset", a.tok_preset, "--steps", str(a.tok_steps), "--out", str(run),
-            "--overwrite", "batch_size=16", f"optim.lr={a.tok_lr}", f"optim.end_lr={a.tok_lr / 10}",
-            f"data.short_side={2 * size}", "ema_decay=0.99", "diag_every=0", f"seed={a.train_seed}",
-            *_quiet_run(25)]
-    stages["tokenizer"] = {"argv": argv, "seconds": run_cli(argv, out / "logs" / "tokenizer.log")}
-    return str(run)
-
-
-def cache_latents(a: argparse.Namespace, tokenizer: str, out: Path, stages: dict[str, Any]) -> Path:
-    """Step 2: latents of ``cache_num`` embedded training crops (cache-latents' default data)."""
-    cache = out / "cache"
-    if a.reuse and (cache / "cache.json").is_file():
-        stages["cache"] = {"reused": str(cache)}
-        return cache
-    shutil.rmtree(cache, ignore_errors=True)
-    argv = ["cache-latents", "--checkpoint", tokenizer, "--out", str(cache), "--num", str(a.cache_num)]
-    stages["cache"] = {"argv": argv, "seconds": run_cli(argv, out / "logs" / "cache.log")}
-    return cache
-
-
-def train_dit(a: argparse.Namespace, cache: Path, out: Path, stages: dict[str, Any]) -> Path:
-    """Step 3: dit-tiny on the cache (a constant learning rate, as DiT trains; EMA weights sampled)."""
-    run = out / "dit"
-    if a.reuse and (run / "checkpoints" / f"step_{a.dit_steps:08d}").is_dir():
-        stages["dit"] = {"reused": str(run)}
-        return run
-    argv = ["train", "--task", "dit", "--preset", "dit-tiny", "--data", str(cache), "--steps", str(a.dit_steps),
-            "--out", str(run), "--overwrite", f"batch_size={a.dit_batch}", f"optim.lr={a.dit_lr}",
-            f"optim.end_lr={a.dit_lr}", f"seed={a.train_seed}", *_quiet_run(50)]
-    stages["dit"] = {"argv": argv, "seconds": run_cli(argv, out / "logs" / "dit.log")}
-    return run
+    else:
+        run_stage(a, "tokenizer", tokenizer_argv(a, tokenizer), tokenizer / "checkpoints" / f"step_{a.tok_steps:08d}",
+                  out, stages)
+    if not (a.reuse and (cache / "cache.json").is_file()):
+        shutil.rmtree(cache, ignore_errors=True)
+    run_stage(a, "cache", cache_argv(a, a.tokenizer or str(tokenizer), cache), cache / "cache.json", out, stages)
+    run_stage(a, a.generator, generator_argv(a, cache, gen), gen / "checkpoints" / f"step_{a.gen_steps:08d}", out,
+              stages)
+    return cache, gen
 
 
 def sample_both(a: argparse.Namespace, generator: Path, out: Path) -> dict[str, Any]:
@@ -207,7 +250,8 @@ def sample_both(a: argparse.Namespace, generator: Path, out: Path) -> dict[str, 
     warm = out / "samples" / "warmup"
     for prec in PRECISIONS:  # one-time costs (first autocast region, kernel selection) out of the timings
         shutil.rmtree(warm, ignore_errors=True)
-        sample_to_folder(str(generator), str(warm), **{**kw, "num": 2, "batch_size": 2, "steps": 2}, precision=prec)
+        sample_to_folder(str(generator), str(warm), **{**kw, "num": 2, "batch_size": 2,
+                                                         "steps": None if a.sample_steps is None else 2}, precision=prec)
     shutil.rmtree(warm, ignore_errors=True)
     npz: dict[str, dict[int, Path]] = {p: {} for p in PRECISIONS}
     times = {p: Samples() for p in PRECISIONS}
@@ -231,6 +275,44 @@ def sample_both(a: argparse.Namespace, generator: Path, out: Path) -> dict[str, 
     rerun = bool(np.array_equal(first, load_npz(npz["fp32"][a.seeds[0]])[:n]))
     print(f"  fp32 rerun of the first {n} samples of seed {a.seeds[0]}: {'identical' if rerun else 'DIFFERENT'}", flush=True)
     return {"npz": npz, "times": times, "fp32_rerun_identical": rerun}
+
+
+def sampled_codes(a: argparse.Namespace, model: torch.nn.Module, layout: Any, obj: ARObjective, seed: int,
+                  precision: str) -> torch.Tensor:
+    """The codes (K, N) that ``sample_to_folder(generator, seed=seed, ...)`` samples and decodes, sampled
+    again with the same labels, per-batch generators and sampling settings as it uses."""
+    codes = []
+    for b in range((a.num + a.batch_size - 1) // a.batch_size):
+        labels = torch.tensor([i % model.config.num_classes for i in range(b * a.batch_size, min(a.num, (b + 1) * a.batch_size))])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # as sample_to_folder seeds batch b
+        with torch.inference_mode(), inference_precision(precision, "cpu"):
+            codes.append(sample_layout(model, labels, layout, cfg_scale=a.cfg, generator=g, **obj.sampling_kwargs()).codes)
+    return torch.cat(codes)
+
+
+def code_agreements(a: argparse.Namespace, generator: Path, cache: Path, npz: dict[str, dict[int, Path]]) -> dict[str, Any]:
+    """HAR: per seed, the share of the bf16 codes equal to the fp32 codes at the same position, and of
+    the sequences equal throughout. Check: the fp32 codes of the first batch of the first seed, decoded,
+    give that set's PNGs (``reproduce_samples``), so these are the codes behind the scored samples."""
+    model, info = load_model(str(generator), expect=GENERATORS)
+    obj = ARObjective.from_dict(info["train_config"].get("objective", {}))
+    meta = read_cache_meta(str(cache))
+    layout = obj.sequence_layout(meta["shape"][0])
+    per_seed, reproduce = {}, None
+    for s in a.seeds:
+        codes = {p: sampled_codes(a, model, layout, obj, s, p) for p in PRECISIONS}
+        per_seed[s] = code_agreement(codes["bf16"], codes["fp32"])
+        print(f"  seed {s}: bf16 codes equal to fp32: {per_seed[s]['equal']}", flush=True)
+        if reproduce is None:
+            n = min(a.num, a.batch_size)
+            tok, _ = load_model(meta["tokenizer"], expect=TOKENIZERS)
+            with torch.inference_mode():
+                imgs = tok.detokenize(codes["fp32"][:n])
+            decoded = np.stack([np.asarray(tensor_to_pil(x.float().clamp(-1, 1))) for x in imgs])
+            reproduce = bool(np.array_equal(decoded, load_npz(npz["fp32"][s])[:n]))
+    same_rows = [statistics.fmean(f is None for f in r["first_difference"]) for r in per_seed.values()]
+    return {"per_seed": per_seed, "rate": mean_std([r["rate"] for r in per_seed.values()]),
+            "identical_sequences": mean_std(same_rows), "reproduce_samples": reproduce}
 
 
 def load_npz(path: Path) -> np.ndarray:
@@ -295,7 +377,7 @@ def score(a: argparse.Namespace, npz: dict[str, dict[int, Path]], size: int, out
         row["pixels"] = pixel_difference(imgs["fp32"], imgs["bf16"])
         per_seed.append(row)
         if s == a.seeds[0]:
-            write_grid(imgs, floor, out / f"grid_dit_seed{s}.png")
+            write_grid(imgs, floor, out / f"grid_{a.generator}_seed{s}.png")
     other = [distances(feats["fp32"][s], feats["fp32"][t]) for s, t in zip(a.seeds, a.seeds[1:])]
     summary = {
         "kid_vs_real": paired_summary([r["fp32"]["kid"] for r in per_seed], [r["bf16"]["kid"] for r in per_seed]),
@@ -307,6 +389,7 @@ def score(a: argparse.Namespace, npz: dict[str, dict[int, Path]], size: int, out
         "kid_fp32_vs_fp32_other_seed": mean_std([o["kid"] for o in other]) if other else None,
         "fid_fp32_vs_fp32_other_seed": mean_std([o["fid"] for o in other]) if other else None,
     }
+    summary["seed_matters"] = seed_matters(summary)
     context = {"real_vs_real": distances(f_floor, f_ref), "fp32_other_seed_pairs": other,
                "inception": {"source": extractor.source, "path": str(extractor.path)}}
     return {"per_seed": per_seed, "summary": summary, "context": context}
@@ -319,9 +402,10 @@ def timing_summary(times: dict[str, Samples]) -> dict[str, Any]:
 
 
 def print_report(a: argparse.Namespace, res: dict[str, Any]) -> None:
-    s, c, t = res["summary"], res["context"], res["timing"]
+    s, t = res["summary"], res["timing"]
     k = 1e3  # KID x 10^3, as usually printed
-    print(f"\nDiT sample quality, K={a.num} per seed, seeds {a.seeds}, {a.sample_steps} sampler steps, cfg {a.cfg} "
+    steps = "" if a.sample_steps is None else f"{a.sample_steps} sampler steps, "
+    print(f"\n{a.name} sample quality, K={a.num} per seed, seeds {a.seeds}, {steps}cfg {a.cfg} "
           f"(mean ± std over seeds; KID x 1e3; bf16 {'EMULATED' if res['bf16']['emulated'] else 'native'})")
     print("| | fp32 | bf16 | bf16 - fp32 | supports |\n|---|---:|---:|---:|---|")
     for key, name, sc in (("kid_vs_real", "KID vs real crops (x 1e3)", k), ("fid_vs_real", "FID vs real crops", 1.0)):
@@ -333,31 +417,45 @@ def print_report(a: argparse.Namespace, res: dict[str, Any]) -> None:
     print(f"| FID | {pm(s['fid_fp32_vs_bf16_same_seed'], '.3f')} |")
     print(f"| mean abs pixel difference (8-bit) | {pm(s['pixel_mean_abs'], '.3f')} |")
     print(f"| largest per-image mean abs difference | {pm(s['pixel_per_image_max'], '.2f')} |")
+    if res.get("codes"):
+        c = res["codes"]
+        print(f"| codes equal at the same position | {pm(c['rate'], '.2%')} |")
+        print(f"| sequences equal throughout | {pm(c['identical_sequences'], '.2%')} |")
+        print(f"(fp32 codes sampled again reproduce the fp32 PNGs: {c['reproduce_samples']})")
     if s["kid_fp32_vs_fp32_other_seed"]:
         print(f"\ncontext: fp32 vs fp32 of another seed: KID {pm(s['kid_fp32_vs_fp32_other_seed'], '.3f', k)} x 1e-3, "
               f"FID {pm(s['fid_fp32_vs_fp32_other_seed'], '.2f')}")
-    print(f"context: {a.num} real crops vs the {a.ref_num} reference crops: KID {c['real_vs_real']['kid'] * k:.3f} x 1e-3, "
-          f"FID {c['real_vs_real']['fid']:.2f}")
+    if s["seed_matters"] is False:
+        print("WARNING: the fp32 sets of two seeds are closer than the fp32 and bf16 sets of one seed: the samples "
+              "hardly depend on the seed, so the rows against real crops do not measure sample quality")
+    rr = res["context"]["real_vs_real"]
+    print(f"context: {a.num} real crops vs the {a.ref_num} reference crops: KID {rr['kid'] * k:.3f} x 1e-3, FID {rr['fid']:.2f}")
     print(f"fp32 rerun of seed {a.seeds[0]}'s first batch identical: {res['fp32_rerun_identical']}")
     print(f"sampling wall time per set: fp32 {pm(t['fp32'], '.1f')} s, bf16 {pm(t['bf16'], '.1f')} s, "
           f"bf16 / fp32 {pm(t['bf16_over_fp32'], '.2f')}" + (" (bf16 EMULATED)" if res["bf16"]["emulated"] else ""))
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options, with the chain's defaults (:data:`CHAINS`) for those not given, then ``--quick``'s."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/tmp/bf16q/run", help="work folder: runs, cache, samples, grids, logs")
-    ap.add_argument("--tokenizer", default=None, help="a trained HieraTok (run, checkpoint or model folder): skip step 1")
-    ap.add_argument("--tok-preset", default="tiny")
+    ap.add_argument("--generator", choices=sorted(CHAINS), default="dit", help="dit: dit-tiny on HieraTok latents; "
+                    "har: gpt-tiny (next-hierarchy) on ResTok codes")
+    ap.add_argument("--out", default=None, help="work folder: runs, cache, samples, grids, logs (default per generator)")
+    ap.add_argument("--tokenizer", default=None, help="a trained tokenizer (run, checkpoint or model folder; a ResTok "
+                    "for har): skip step 1")
+    ap.add_argument("--tok-preset", default=None, help="default: tiny (dit), restok-tiny (har)")
     ap.add_argument("--tok-steps", type=int, default=200)
     ap.add_argument("--tok-lr", type=float, default=4e-4)
-    ap.add_argument("--cache-num", type=int, default=2048, help="embedded training crops cached for the DiT")
-    ap.add_argument("--dit-steps", type=int, default=1000)
-    ap.add_argument("--dit-batch", type=int, default=64)
-    ap.add_argument("--dit-lr", type=float, default=1e-3)
+    ap.add_argument("--cache-num", type=int, default=2048, help="embedded training crops cached for the generator")
+    ap.add_argument("--gen-steps", "--dit-steps", dest="gen_steps", type=int, default=None,
+                    help="generator training steps (default 1000 dit, 2000 har)")
+    ap.add_argument("--gen-batch", "--dit-batch", dest="gen_batch", type=int, default=None, help="default 64")
+    ap.add_argument("--gen-lr", "--dit-lr", dest="gen_lr", type=float, default=None, help="default 1e-3")
     ap.add_argument("--train-seed", type=int, default=0)
-    ap.add_argument("--num", type=int, default=128, help="K: samples per seed and precision")
-    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds 0 .. S-1")
-    ap.add_argument("--sample-steps", type=int, default=50, help="DiT sampler steps (respaced ancestral), both precisions")
+    ap.add_argument("--num", type=int, default=None, help="K: samples per seed and precision (default 128 dit, 256 har)")
+    ap.add_argument("--seeds", type=int, default=None, help="sampling seeds 0 .. S-1 (default 3 dit, 5 har)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="DiT sampler steps (respaced ancestral), both "
+                    "precisions (default 50; har: none)")
     ap.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (1: none)")
     ap.add_argument("--batch-size", type=int, default=64, help="sampling batch")
     ap.add_argument("--ref-num", type=int, default=256, help="real crops in the reference set")
@@ -367,11 +465,27 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep finished runs and the cache of an earlier call in --out")
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the chain: " + json.dumps(QUICK))
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    chain = CHAINS[a.generator]
+    if chain["sample_steps"] is None and a.sample_steps is not None:
+        ap.error(f"--sample-steps is for the DiT sampler; the {a.generator} sampler has no steps to set")
+    presets = sorted(model_class(chain["tok_task"]).presets)
+    if a.tok_preset is not None and a.tok_preset not in presets:
+        ap.error(f"--tok-preset {a.tok_preset!r} is not a {chain['tok_task']} preset, which --generator {a.generator} "
+                 f"needs: {presets}")
+    for key, v in chain.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, v)
     if a.quick:
         for key, v in QUICK.items():
-            setattr(a, key, v)
+            if getattr(a, key) is not None:  # har has no sampler steps
+                setattr(a, key, v)
     a.seeds = list(range(a.seeds))
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,29 +494,29 @@ def main() -> None:
         print(f"bf16 is EMULATED here: {status['note']}", flush=True)
     t0 = time.perf_counter()
     stages: dict[str, Any] = {}
-    tokenizer = train_tokenizer(a, out, stages)
-    cache = cache_latents(a, tokenizer, out, stages)
-    dit = train_dit(a, cache, out, stages)
+    cache, gen = train_chain(a, out, stages)
     print(f"trained in {time.perf_counter() - t0:.0f} s; sampling", flush=True)
-    sampled = sample_both(a, dit, out)
+    sampled = sample_both(a, gen, out)
+    codes = code_agreements(a, gen, cache, sampled["npz"]) if a.generator == "har" else None
     size = read_cache_meta(str(cache))["image_size"]
     print("scoring", flush=True)
     res: dict[str, Any] = {
         "machine": machine_info(), "bf16": status,
         "settings": {k: v for k, v in vars(a).items() if k != "json"}, "stages": stages,
-        "dit_metrics_last": _last_row(dit / "metrics.csv"),
+        "tokenizer_metrics_last": _last_row(out / "tokenizer" / "metrics.csv") if not a.tokenizer else None,
+        f"{a.generator}_metrics_last": _last_row(gen / "metrics.csv"),
         "fp32_rerun_identical": sampled["fp32_rerun_identical"],
-        **score(a, sampled["npz"], size, out), "timing": timing_summary(sampled["times"]),
+        **score(a, sampled["npz"], size, out), "codes": codes, "timing": timing_summary(sampled["times"]),
         "total_seconds": None,
     }
     res["total_seconds"] = time.perf_counter() - t0
     print_report(a, res)
-    print(f"total {res['total_seconds'] / 60:.1f} min; grid: {out / f'grid_dit_seed{a.seeds[0]}.png'}")
+    print(f"total {res['total_seconds'] / 60:.1f} min; grid: {out / f'grid_{a.generator}_seed{a.seeds[0]}.png'}")
     write_json(a.json, res)
 
 
 def _last_row(csv: Path) -> Optional[dict[str, str]]:
-    """The last logged training row (loss at the end of the DiT run), if the run wrote one."""
+    """The last logged training row (losses, codebook use) of a run, if it wrote one."""
     if not csv.is_file():
         return None
     lines = csv.read_text().splitlines()

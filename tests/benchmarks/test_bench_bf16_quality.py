@@ -58,5 +58,76 @@ def test_pixel_difference_compares_image_i_with_image_i():
         bench.pixel_difference(a, b.astype(np.int16))
 
 
+def test_seed_matters_compares_the_seed_spread_with_the_bf16_shift():
+    def summary(other, same):
+        return {"fid_fp32_vs_fp32_other_seed": None if other is None else {"mean": other},
+                "fid_fp32_vs_bf16_same_seed": {"mean": same}}
+
+    assert bench.seed_matters(summary(28.3, 0.58)) is True  # the DiT run: noise moves the samples, bf16 barely
+    assert bench.seed_matters(summary(0.01, 0.22)) is False  # every seed decodes to the same image
+    assert bench.seed_matters(summary(None, 0.22)) is None  # one seed
+
+
 def test_pm_formats_mean_and_std_with_a_scale():
     assert bench.pm({"mean": 0.0123, "std": 0.0045}, ".1f", 1e3) == "12.3 ± 4.5"
+
+
+# ------------------------------------------------------------------------------------------------
+# The chains' options and commands (built, not run)
+# ------------------------------------------------------------------------------------------------
+
+def _overrides(argv):
+    return dict(x.split("=", 1) for x in argv if "=" in x)
+
+
+def test_dit_is_the_default_chain_with_its_old_settings_and_option_names():
+    a = bench.parse_args([])
+    assert a.generator == "dit" and (a.tok_task, a.tok_preset, a.gen_task, a.gen_preset) == ("hieratok", "tiny", "dit", "dit-tiny")
+    assert (a.gen_steps, a.gen_batch, a.gen_lr, a.sample_steps, a.num, a.seeds) == (1000, 64, 1e-3, 50, 128, [0, 1, 2])
+    assert a.out == "/tmp/bf16q/run"
+    assert bench.parse_args(["--dit-steps", "7", "--dit-batch", "8", "--dit-lr", "0.5"]).gen_steps == 7
+
+
+def test_har_chain_trains_restok_then_a_har_gpt_on_its_codes(tmp_path):
+    a = bench.parse_args(["--generator", "har", "--tok-steps", "30", "--gen-steps", "40"])
+    assert a.sample_steps is None and a.num == 256 and a.seeds == [0, 1, 2, 3, 4]
+
+    tok = bench.tokenizer_argv(a, tmp_path / "tok")
+    assert tok[:5] == ["train", "--task", "restok", "--preset", "restok-tiny"] and tok[tok.index("--steps") + 1] == "30"
+    o = _overrides(tok)
+    # restok-tiny is 64 px: crops of photos shrunk to a 128 px short side, as the cache draws them;
+    # the ResTok task's 5000 warm-up steps would outlast the run; at init_std 0.02 every photo gets the same codes
+    assert o["data.short_side"] == "128" and o["optim.warmup_steps"] == "null" and o["model.init_std"] == "0.1"
+
+    assert bench.cache_argv(a, "tokdir", tmp_path / "cache") == [
+        "cache-latents", "--checkpoint", "tokdir", "--out", str(tmp_path / "cache"), "--num", "2048"]  # no --ten-crop
+
+    gen = bench.generator_argv(a, tmp_path / "cache", tmp_path / "har")
+    assert gen[:7] == ["train", "--task", "ar", "--preset", "gpt-tiny", "--data", str(tmp_path / "cache")]
+    o = _overrides(gen)
+    assert o["objective.layout"] == "har" and gen[gen.index("--steps") + 1] == "40"
+    assert o["optim.lr"] == o["optim.end_lr"] == "0.001"
+
+
+def test_dit_commands_get_no_har_or_restok_overrides(tmp_path):
+    a = bench.parse_args([])
+    assert "optim.warmup_steps" not in _overrides(bench.tokenizer_argv(a, tmp_path))
+    assert "objective.layout" not in _overrides(bench.generator_argv(a, tmp_path, tmp_path))
+
+
+def test_quick_leaves_har_without_sampler_steps():
+    a = bench.parse_args(["--generator", "har", "--quick"])
+    assert a.sample_steps is None and a.gen_steps == bench.QUICK["gen_steps"] and a.num == bench.QUICK["num"]
+    assert bench.parse_args(["--quick"]).sample_steps == bench.QUICK["sample_steps"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--generator", "har", "--sample-steps", "10"], "no steps"),
+    (["--generator", "har", "--tok-preset", "tiny"], "not a restok preset"),
+    (["--tok-preset", "restok-tiny"], "not a hieratok preset"),
+    (["--generator", "gan"], "invalid choice"),
+])
+def test_options_that_do_not_fit_the_chain_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
