@@ -23,7 +23,12 @@ commit is read from ``git`` or from a ``.commit`` file next to it). The script
    encoder layer that only the training-time alignment loss reads) and decode of a batch (256 x 256), HAR
    sampling of a batch with CFG (the published setting: cfg 3.75, "step" schedule from 0.25,
    top-p 0.95) and token-by-token AR sampling with the same weights for reference;
-6. prints a table (official s, ours s, speed-up) and optionally writes JSON.
+6. prints a table (official s, ours s, speed-up) and optionally writes JSON;
+7. with ``--only gradients`` (no timing): training-mode gradient parity. Both models in train
+   mode, no nested dropout, one batch, loss = the release's L2 on [0, 1] images + its quantizer
+   loss (codebook + 0.25 commitment); every gradient of ours is compared with theirs (mapped by
+   the weight converter), relative to that tensor's largest gradient. The float32 noise floor is
+   ours against ours with the fast paths off (:func:`gradient_parity`).
 
 Import shims (run time only, never written to disk). The authors' code imports third-party
 modules that are not dependencies of hieratok. Each one below is put into ``sys.modules`` only
@@ -98,6 +103,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -619,6 +625,51 @@ def sampling_section(off: Official, args: argparse.Namespace) -> tuple[list[dict
     return rows, parity
 
 
+def gradient_parity(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
+                    floor: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Relative gradient errors ``max|g - g_ref| / max|g_ref|`` per tensor of ``ours`` and of the
+    noise ``floor`` (another float32 path of ours), with the worst tensors and both medians."""
+    def rel(g: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {n: float((g[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)) for n in g}
+
+    err, noise = rel(ours), rel(floor)
+    worst = sorted(err, key=err.get, reverse=True)[:5]
+    return {"tensors": len(err), "rel_err_max": err[worst[0]], "rel_err_median": float(torch.tensor(list(err.values())).median()),
+            "floor_rel_err_max": max(noise.values()), "floor_rel_err_median": float(torch.tensor(list(noise.values())).median()),
+            "worst": {n: err[n] for n in worst}}
+
+
+def gradient_section(off: Official, args: argparse.Namespace) -> dict[str, Any]:
+    """Training-mode gradients of theirs and ours on one batch (see step 7 of the docstring)."""
+    torch.manual_seed(args.seed)
+    theirs = off.restok.ResTok(off.config).train()
+    sd = theirs.state_dict()
+    cfg = dataclasses.replace(infer_restok_config(sd, image_size=off.config.dataset.preprocessing.crop_size),
+                              nested_dropout_prob=0.0)
+    ours = ResTok(cfg).train()
+    ours.load_state_dict(convert_restok_checkpoint(sd, cfg))
+    x01 = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(args.seed))
+    rec, rd = theirs(x01)  # their training forward: drop_latent_tokens is off in this config
+    (F.mse_loss(rec, x01) + rd["quantizer_loss"]).backward()
+    named = dict(theirs.named_parameters())
+    ref = convert_restok_checkpoint({k: named[k].grad if k in named and named[k].grad is not None
+                                     else torch.zeros_like(v) for k, v in sd.items()}, cfg)
+    theirs = None
+    grads = {}
+    for fast in (True, False):
+        ours.zero_grad(set_to_none=True)
+        ours.set_fast_paths(fast)
+        out = ours(x01 * 2 - 1)
+        (F.mse_loss((out["reconstructions"] + 1) / 2, x01) + out["vq_loss"]).backward()
+        grads[fast] = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+        if fast:
+            codes = bool(torch.equal(out["indices"].flatten(), rd["min_encoding_indices"].flatten()))
+    res = {"codes_identical": codes, "no_gradient": sorted(set(dict(ours.named_parameters())) - set(grads[True])),
+           **gradient_parity(ref, grads[True], grads[False])}
+    print(f"gradient parity: {res}", flush=True)
+    return {f"gradients_{k}": v for k, v in res.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -632,7 +683,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="before each timed round wait up to this long for other processes to leave the CPUs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=("tokenizer", "sampling"), default=None)
+    ap.add_argument("--only", choices=("tokenizer", "sampling", "gradients"), default=None,
+                    help="one section; 'gradients' (training-mode gradient parity) runs only when named")
     ap.add_argument("--precision", choices=tuple(PRECISION_REGIMES), default="fp32",
                     help="of HAR sampling, each side as its released sampler runs it (see the docstring); "
                          "the tokenizer rows stay fp32")
@@ -658,6 +710,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         r, p = sampling_section(off, args)
         rows += r
         parity.update(p)
+    if args.only == "gradients":
+        parity.update(gradient_section(off, args))
     print()
     columns = [("what", "run (median of rounds)", "s"), ("official", "official s", ".3f"),
                ("ours", "ours s", ".3f"), ("speedup", "speed-up", ".2f"), ("speedup_min", "speed-up (best)", ".2f"),
@@ -666,7 +720,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         p = args.precision
         columns += [("agree_ours", f"ours {p}=fp32", ".1%"), ("agree_official", f"official {p}=fp32", ".1%"),
                     ("agree_between", f"ours=official {p}", ".1%")]
-    print_table(rows, columns)
+    if rows:
+        print_table(rows, columns)
     if args.precision == "bf16" and not precision["bf16"]["native"]:
         print(f"bf16 was EMULATED on this CPU: {precision['bf16']['note']}")
     write_json(args.json, {"machine": machine, "official_commit": off.commit, "shimmed": off.shimmed,

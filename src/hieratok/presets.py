@@ -48,7 +48,9 @@ _RESTOK_TINY: dict[str, Any] = dict(
 
 RESTOK_PRESETS: dict[str, dict[str, Any]] = {
     "restok-l-128": {},  # the release restok_l_128 (662M with its two alignment heads)
-    "restok-tiny": _RESTOK_TINY,  # CPU tests: 64 px, 8x8 tokens, 32 latents in levels [1, 1, 2, 4, 8, 16]
+    # CPU tests: 64 px, 8x8 tokens, 32 latents in levels [1, 1, 2, 4, 8, 16]. With the release's
+    # objective its codes collapse to one per level in short CPU runs (BENCHMARKS.md, "restok-tiny").
+    "restok-tiny": _RESTOK_TINY,
 }
 
 # LlamaGen GPT: "gpt-b" / "gpt-l" are LlamaGen's GPT-B / GPT-L with ResTok's codebook (8192)

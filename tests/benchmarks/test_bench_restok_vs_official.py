@@ -32,3 +32,14 @@ def test_bf16_status_says_when_bf16_is_emulated(monkeypatch):
 def test_every_precision_names_both_regimes():
     assert set(bench.PRECISION_REGIMES) == {"fp32", "bf16"}
     assert all(set(r) == {"official", "ours", "tokenizer"} for r in bench.PRECISION_REGIMES.values())
+
+
+def test_gradient_parity_is_relative_to_each_tensors_largest_gradient():
+    # binary fractions, so every ratio below is exact in float32
+    ref = {"a": torch.tensor([1.0, -4.0]), "b": torch.tensor([2.0 ** -20, 0.0])}
+    ours = {"a": torch.tensor([1.0, -3.0]), "b": torch.tensor([2.0 ** -20, 2.0 ** -27])}  # 1/4 and 1/128
+    floor = {"a": torch.tensor([1.0, -4.0 + 2.0 ** -20]), "b": ref["b"].clone()}  # 2^-22 and 0
+    r = bench.gradient_parity(ref, ours, floor)
+    assert r["tensors"] == 2 and r["rel_err_max"] == 0.25 and r["worst"] == {"a": 0.25, "b": 2.0 ** -7}
+    assert r["floor_rel_err_max"] == 2.0 ** -22 and r["floor_rel_err_median"] == 0.0
+    assert r["rel_err_median"] == 2.0 ** -7  # torch's median: the lower of two values

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import entropy as scipy_entropy
 
-from hieratok.metrics import CodebookUsage, codebook_stats
+from hieratok.metrics import CodebookUsage, codebook_stats, shared_code_fraction
 
 
 def test_uniform_use_closed_form():
@@ -58,3 +58,12 @@ def test_bad_indices():
         acc.update(torch.tensor([0.5]))
     with pytest.raises(ValueError):
         acc.compute()  # nothing counted
+
+
+def test_shared_code_fraction_counts_positions_common_to_every_sequence():
+    idx = torch.tensor([[1, 2, 3, 7], [1, 5, 3, 7], [1, 2, 4, 7]])
+    assert shared_code_fraction(idx).item() == 0.5  # positions 0 and 3
+    assert shared_code_fraction(idx[:, 1:3]).item() == 0.0
+    assert shared_code_fraction(idx[[0, 0]]).item() == 1.0
+    with pytest.raises(ValueError, match="B >= 2"):
+        shared_code_fraction(idx[:1])

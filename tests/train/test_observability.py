@@ -44,6 +44,24 @@ def fake_wandb(monkeypatch):
     return mod
 
 
+def test_codes_identical_for_every_image_are_reported_once(tmp_path, caplog):
+    over = {"task": "restok", "out_dir": str(tmp_path / "run"), "progress": False, "adapt_threads": False,
+            "image_every": 0, "log_every": 1, "diag_every": 0, "batch_size": 2, "data.samples_per_epoch": 8,
+            "loss.perceptual": 0.0, "steps": 3, "ckpt_every": 0}
+    t = Trainer(load_config(overrides=over))
+
+    def collapse(m, args, out):  # a collapsed codebook: every image gets code 3 at every position
+        out["indices"] = torch.full_like(out["indices"], 3)
+
+    t.raw["model"].register_forward_hook(collapse)
+    with caplog.at_level("WARNING", logger="hieratok.train.tasks"):
+        t.fit()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(r["codes_shared"]) for r in rows] == [1.0, 1.0, 1.0]
+    warned = [r.getMessage() for r in caplog.records if "same code sequence" in r.getMessage()]
+    assert len(warned) == 1 and "1 codes in use" in warned[0] and "commitment_beta" in warned[0]
+
+
 def test_vq_codebook_stats_grids_and_wandb_resume(tmp_path, fake_wandb):
     over = {"task": "restok", "out_dir": str(tmp_path / "run"), "progress": False, "adapt_threads": False,
             "tensorboard": True, "wandb": True, "wandb_entity": "lab", "image_every": 2, "log_every": 2,
@@ -60,6 +78,8 @@ def test_vq_codebook_stats_grids_and_wandb_resume(tmp_path, fake_wandb):
     p = counts[counts > 0] / counts.sum()
     assert len(seen) == 2 and float(rows[0]["codebook_usage"]) == pytest.approx((counts > 0).sum() / k, rel=1e-12)
     assert float(rows[0]["codebook_perplexity"]) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    shared = [(b == b[:1]).all(0).double().mean().item() for b in seen]  # positions common to the batch's images
+    assert float(rows[0]["codes_shared"]) == pytest.approx(sum(shared) / len(shared), abs=1e-7)
     # the reconstruction grid: in images/, in TensorBoard, in wandb
     grid = tmp_path / "run" / "images" / "recon_00000002.png"
     assert grid.is_file()

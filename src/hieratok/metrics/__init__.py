@@ -5,7 +5,7 @@ LPIPS lives with the perceptual losses (:mod:`hieratok.losses.perceptual`).
 """
 
 from .adm import BatchFeatures, adm_metrics, batch_features, load_reference, save_adm_stats
-from .codebook import CodebookStats, CodebookUsage, codebook_stats
+from .codebook import CodebookStats, CodebookUsage, codebook_stats, shared_code_fraction
 from .fid import (
     FeatureStats,
     FIDResult,
@@ -44,7 +44,7 @@ from .uniformity import (
 __all__ = [
     "BatchFeatures", "adm_metrics", "batch_features", "load_reference", "save_adm_stats",
     "PrecisionRecall", "in_manifold", "manifold_radii", "precision_recall", "SFID_FEATURE_DIM",
-    "CodebookStats", "CodebookUsage", "codebook_stats",
+    "CodebookStats", "CodebookUsage", "codebook_stats", "shared_code_fraction",
     "FeatureStats", "FIDResult", "GaussianStats", "all_reduce_feature_stats", "compute_feature_stats",
     "fid_from_sources", "frechet_distance", "iter_image_folder", "iter_npz_images", "stats_from_source",
     "color_error", "kernel_inception_distance", "polynomial_mmd2", "psnr", "quantize_to_uint8", "ssim",

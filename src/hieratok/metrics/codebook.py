@@ -5,7 +5,10 @@ From the empirical code distribution ``p_k = count_k / total`` over a codebook o
 * usage: fraction of codes used at least once, ``#{k: count_k > 0} / K``;
 * entropy ``H = -sum_k p_k log p_k`` in nats and bits;
 * perplexity ``exp(H)``: the effective number of equally used codes (K for uniform use);
-* normalised entropy ``H / log K`` (1 for uniform use).
+* normalised entropy ``H / log K`` (1 for uniform use);
+* shared positions (:func:`shared_code_fraction`): the fraction of sequence positions at which
+  every image of a batch has the same code. 1.0 means the codes say nothing about the image,
+  however many codes the histogram shows in use.
 
 :class:`CodebookUsage` accumulates counts as an int64 histogram, so it streams over any number
 of batches and adds across processes (:meth:`CodebookUsage.all_reduce_`).
@@ -18,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["CodebookStats", "CodebookUsage", "codebook_stats"]
+__all__ = ["CodebookStats", "CodebookUsage", "codebook_stats", "shared_code_fraction"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,11 @@ def codebook_stats(counts: torch.Tensor) -> CodebookStats:
         perplexity=math.exp(h),
         normalized_entropy=h / math.log(k) if k > 1 else 1.0,
     )
+
+
+def shared_code_fraction(indices_BN: torch.Tensor) -> torch.Tensor:
+    """Fraction of positions n at which all B sequences have the same code (0-d float tensor on
+    the indices' device; no host read). Needs B >= 2: with one sequence every position is shared."""
+    if indices_BN.ndim != 2 or indices_BN.shape[0] < 2:
+        raise ValueError(f"need code indices of shape (B >= 2, N), got {tuple(indices_BN.shape)}")
+    return (indices_BN == indices_BN[:1]).all(dim=0).float().mean()

@@ -31,7 +31,7 @@ from ..losses.gan import GANLoss
 from ..losses.perceptual import build_perceptual
 from ..losses.reconstruction import MultiScaleReconstructionLoss
 from ..losses.restok import ResTokLoss, ResTokLossConfig
-from ..metrics.codebook import CodebookUsage
+from ..metrics.codebook import CodebookUsage, shared_code_fraction
 from ..registry import TOKENIZERS, load_model
 from ..report import reconstruction_grid, save_samples_grid
 from ..tokenizers import HieraTok, ResTok
@@ -329,15 +329,35 @@ class ResTokTask(TokenizerTask):
         self.loss = ResTokLoss(ResTokLossConfig(perceptual_weight=cfg.loss.perceptual, alignment_weight=cfg.vf.weight,
                                                 alignment_margin=cfg.vf.margin_cos), perceptual)
         self.code_counts: Optional[CodebookUsage] = None  # codes the training batches used since the last log
+        self.shared: Optional[torch.Tensor] = None  # (sum of shared-position fractions, batches) since the last log
+        self.warned_shared = False
 
     def window_logs(self) -> dict[str, float]:
-        """``codebook_usage`` (fraction of the codes used) and ``codebook_perplexity`` (exp of the code
-        entropy) of the training batches since the previous log row, over all ranks."""
+        """``codebook_usage`` (fraction of the codes used), ``codebook_perplexity`` (exp of the code
+        entropy) and ``codes_shared`` (mean over batches of :func:`shared_code_fraction`: 1.0 when
+        every image got the same code sequence) of the training batches since the previous log row,
+        over all ranks. Warns once when the codes stop telling the images apart."""
         if self.code_counts is None:
             return {}
         st = self.code_counts.all_reduce_().compute()
         self.code_counts.reset()
-        return {"codebook_usage": st.usage, "codebook_perplexity": st.perplexity}
+        logs = {"codebook_usage": st.usage, "codebook_perplexity": st.perplexity}
+        if self.shared is not None:  # per-rank batches of >= 2 images: the same on every rank
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(self.shared)
+            logs["codes_shared"] = float(self.shared[0] / self.shared[1])
+            self.shared = None
+            if logs["codes_shared"] == 1.0 and not self.warned_shared:
+                self.warned_shared = True
+                log.warning("every image of every training batch since the last log row got the same code sequence "
+                            "(codes_shared=1.0, %d codes in use): the codes no longer carry image information, and "
+                            "training rarely recovers from this. Seen with restok-tiny on short CPU runs: the "
+                            "commitment term (model.commitment_beta, 0.25 as released) pulls every latent onto one "
+                            "code while the decoder still outputs the mean image; see BENCHMARKS.md ('restok-tiny').",
+                            st.num_used)
+        return logs
 
     def _alignment_encoder(self, cfg: TokenizerTrainConfig) -> tuple[Optional[nn.Module], dict[str, Any]]:
         """The frozen foundation encoder (None without alignment) and the model defaults it implies:
@@ -397,6 +417,10 @@ class ResTokTask(TokenizerTask):
         if self.code_counts is None:
             self.code_counts = CodebookUsage(self.model_config.codebook_size, device=x.device)
         self.code_counts.update(out["indices"], check=False)  # no host read: the quantizer's own indices
+        if x.shape[0] > 1:
+            frac = shared_code_fraction(out["indices"]).detach()
+            one = torch.stack((frac, torch.ones_like(frac)))
+            self.shared = one if self.shared is None else self.shared + one
         ctx.setdefault("recs", []).append([rec.detach()])
         self._add_gan_term(logs, [rec], step, unwrap(mods["model"]).last_layer(), logs["loss"])
         return logs
