@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hieratok.hub import check_state_dict
-from hieratok.nn.norm import fold_batchnorm
+from hieratok.nn.norm import fold_batchnorm_into
 from hieratok.weights import MissingWeightsError, ResolvedWeights, resolve_weights
 
 __all__ = [
@@ -426,9 +426,7 @@ class _MBConv(nn.Module):
         if self.has_expand:
             pairs.append(("_expand_conv", "_bn0"))
         for conv, bn in pairs:
-            if isinstance(getattr(self, bn), nn.BatchNorm2d):
-                fold_batchnorm(getattr(self, conv), getattr(self, bn))
-                setattr(self, bn, nn.Identity())
+            fold_batchnorm_into(self, conv, bn)
 
 
 class EfficientNetLite0(nn.Module):
@@ -483,12 +481,8 @@ class EfficientNetLite0(nn.Module):
         Only valid for inference with frozen statistics; the fused model computes the same
         function as the unfused one in eval mode, with fewer kernels per block.
         """
-        if isinstance(self._bn0, nn.BatchNorm2d):
-            fold_batchnorm(self._conv_stem, self._bn0)
-            self._bn0 = nn.Identity()
-        if isinstance(self._bn1, nn.BatchNorm2d):
-            fold_batchnorm(self._conv_head, self._bn1)
-            self._bn1 = nn.Identity()
+        fold_batchnorm_into(self, "_conv_stem", "_bn0")
+        fold_batchnorm_into(self, "_conv_head", "_bn1")
         for block in self._blocks:
             block.fuse_bn()
         return self

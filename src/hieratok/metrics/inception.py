@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn.norm import fold_batchnorm
+from ..nn.norm import fold_batchnorm_into
 from ..precision import exact_fp32
 from ..weights import MissingWeightsError, ResolvedWeights, resolve_weights, torch_hub_checkpoint_dir
 from .image import quantize_to_uint8
@@ -109,9 +109,7 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=not torch.is_grad_enabled())
 
     def fuse_bn(self) -> None:
-        if isinstance(self.bn, nn.BatchNorm2d):
-            fold_batchnorm(self.conv, self.bn)
-            self.bn = nn.Identity()
+        fold_batchnorm_into(self, "conv", "bn")
 
 
 def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "RMSNorm", "fold_batchnorm"]
+__all__ = ["LayerNorm2d", "RMSNorm", "fold_batchnorm", "fold_batchnorm_into"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -38,7 +38,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
     ``bn(conv(x)) == conv'(x)`` with ``w' = w * s`` and ``b' = (b - mean) * s + beta`` per output
     channel, ``s = gamma / sqrt(var + eps)``: the same function with its running statistics
-    frozen, up to float rounding. The caller then replaces ``bn`` with an identity.
+    frozen, up to float rounding. The caller then replaces ``bn`` with an identity
+    (:func:`fold_batchnorm_into` does both).
     """
     scale_C = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias_C = bn.bias - bn.running_mean * scale_C
@@ -46,3 +47,11 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         bias_C = bias_C + conv.bias * scale_C
     conv.weight = nn.Parameter(conv.weight * scale_C.view(-1, 1, 1, 1), requires_grad=conv.weight.requires_grad)
     conv.bias = nn.Parameter(bias_C, requires_grad=conv.weight.requires_grad)
+
+
+def fold_batchnorm_into(parent: nn.Module, conv: str, bn: str) -> None:
+    """Fold ``parent.<bn>`` into ``parent.<conv>`` (:func:`fold_batchnorm`) and put an identity in
+    its place; nothing happens when ``parent.<bn>`` is no longer a BatchNorm (already folded)."""
+    if isinstance(getattr(parent, bn), nn.BatchNorm2d):
+        fold_batchnorm(getattr(parent, conv), getattr(parent, bn))
+        setattr(parent, bn, nn.Identity())
