@@ -88,7 +88,7 @@ from hieratok.metrics import (  # noqa: E402
 from hieratok.precision import inference_precision  # noqa: E402
 from hieratok.registry import GENERATORS, TOKENIZERS, load_model, model_class  # noqa: E402
 from hieratok.report.images import save_samples_grid  # noqa: E402
-from hieratok.workflows.generation import sample_to_folder  # noqa: E402
+from hieratok.workflows.generation import sample_batch, sample_to_folder  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 SRC = str(Path(hieratok.__file__).resolve().parents[1])  # the subprocesses import this same hieratok
@@ -283,8 +283,7 @@ def sampled_codes(a: argparse.Namespace, model: torch.nn.Module, layout: Any, ob
     again with the same labels, per-batch generators and sampling settings as it uses."""
     codes = []
     for b in range((a.num + a.batch_size - 1) // a.batch_size):
-        labels = torch.tensor([i % model.config.num_classes for i in range(b * a.batch_size, min(a.num, (b + 1) * a.batch_size))])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # as sample_to_folder seeds batch b
+        _, labels, g = sample_batch(b, a.num, a.batch_size, model.config.num_classes, seed)  # sample_to_folder's batch b
         with torch.inference_mode(), inference_precision(precision, "cpu"):
             codes.append(sample_layout(model, labels, layout, cfg_scale=a.cfg, generator=g, **obj.sampling_kwargs()).codes)
     return torch.cat(codes)

@@ -32,7 +32,7 @@ from ..registry import GENERATORS, TOKENIZERS, load_model, model_class
 from ..report import pyramid_strip
 from ..train.parallel import barrier
 
-__all__ = ["cache_latents", "sample_to_folder", "write_npz", "evaluate_generation"]
+__all__ = ["cache_latents", "sample_batch", "sample_to_folder", "write_npz", "evaluate_generation"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,15 @@ def _write_latent_stats(model_dir: Path, mean: list[float], std: list[float], ca
 
 
 @torch.no_grad()
+def sample_batch(b: int, num: int, batch_size: int, num_classes: int, seed: int,
+                 device: torch.device | str = "cpu") -> tuple[list[int], torch.Tensor, torch.Generator]:
+    """Sample indices, class labels (index mod ``num_classes``) and random source of batch ``b`` of a
+    :func:`sample_to_folder` run: a pure function of these, whichever rank draws the batch."""
+    idx = list(range(b * batch_size, min(num, (b + 1) * batch_size)))
+    labels = torch.tensor([i % num_classes for i in idx], device=device)
+    return idx, labels, torch.Generator().manual_seed(seed * 1_000_003 + b)
+
+
 def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] = None, num: int = 50_000,
                      cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 32, steps: Optional[int] = None,
                      all_scales: bool = False, device: str = "cpu", progress: bool = True,
@@ -187,11 +196,9 @@ def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] 
 
         bar = tqdm(total=len(batches) * batch_size, desc="sample", unit="img", dynamic_ncols=True)
     for b in batches:
-        idx = list(range(b * batch_size, min(num, (b + 1) * batch_size)))
+        idx, labels, g = sample_batch(b, num, batch_size, num_classes, seed, device)
         if all((out_dir / "images" / f"{i:06d}.png").is_file() for i in idx):  # resume
             continue
-        labels = torch.tensor([i % num_classes for i in idx], device=device)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         with inference_precision(prec, device):
             if info["model_type"] == "dit":
                 obj = GeneratorObjective(**tc.get("objective", {}))
