@@ -32,10 +32,13 @@ The chain, every step through the ``hieratok`` command (one subprocess each) or 
    seed, and the mean absolute 8-bit pixel difference between the fp32 and the bf16 image of the
    same seed and index.
 
-With ``--generator har`` and the default tokenizer (200 steps of ``restok-tiny``) the decoder
-still ignores its codes: every sample is nearly the same image, and the metrics against real crops
-show bf16 rounding in the decoder, not sample quality (``seed_matters`` is false and the report
-warns). The code agreement is then the HAR result; give a ResTok that reconstructs with ``--tokenizer``.
+With ``--generator har`` the tokenizer step trains ``restok-tiny`` for 2,000 steps (20 min here)
+at commitment beta 0 and ``init_std`` 0.08, not the release's 0.25 and 0.02. With the release's
+values its codes collapse to one sequence for every image in CPU-sized runs, and every sample
+decodes to nearly the same image. BENCHMARKS.md ("Why restok-tiny's codes collapse") has the
+mechanism and the runs behind these values. If the decoder ignores its codes anyway (for example
+with ``--tok-steps`` far below the default), the metrics against real crops show bf16 rounding in
+the decoder, not sample quality: ``seed_matters`` is then false and the report warns.
 
 Two context rows put those numbers on a scale: K real crops of a third draw against the reference
 (the floor at this sample count), and the fp32 sets of two different seeds against each other (how
@@ -95,18 +98,21 @@ SRC = str(Path(hieratok.__file__).resolve().parents[1])  # the subprocesses impo
 
 # What differs between the two chains; options left unset on the command line take these values.
 CHAINS: dict[str, dict[str, Any]] = {
-    "dit": dict(name="DiT", tok_task="hieratok", tok_preset="tiny", gen_task="dit", gen_preset="dit-tiny", gen_steps=1000,
-                gen_batch=64, gen_lr=1e-3, sample_steps=50, num=128, seeds=3, out="/tmp/bf16q/run"),
+    "dit": dict(name="DiT", tok_task="hieratok", tok_preset="tiny", tok_steps=200, gen_task="dit", gen_preset="dit-tiny",
+                gen_steps=1000, gen_batch=64, gen_lr=1e-3, sample_steps=50, num=128, seeds=3, out="/tmp/bf16q/run"),
     # the GPT is cheap to train and to sample (64 px, 32 codes in 7 passes: groups 1, 1, 1, 1, 4, 8, 16); scoring dominates
-    "har": dict(name="HAR", tok_task="restok", tok_preset="restok-tiny", gen_task="ar", gen_preset="gpt-tiny", gen_steps=2000,
-                gen_batch=64, gen_lr=1e-3, sample_steps=None, num=256, seeds=5, out="/tmp/bf16q/har"),
+    "har": dict(name="HAR", tok_task="restok", tok_preset="restok-tiny", tok_steps=2000, gen_task="ar",
+                gen_preset="gpt-tiny", gen_steps=2000, gen_batch=64, gen_lr=1e-3, sample_steps=None, num=256, seeds=5,
+                out="/tmp/bf16q/har"),
 }
 # task-specific overrides of the trainings. ResTok: its task's 5k warm-up steps would outlast the run
-# (null: warmup_ratio, as the HieraTok task); and at the preset's init_std 0.02 restok-tiny's latents
-# hardly depend on the image (cosine 0.99995 between photos), so every photo gets the same codes and
-# training keeps it so (6 of 256 codes used, one code sequence for all cached crops), while 0.1 starts
-# with distinct codes per photo and keeps ~13% of the codebook in use. AR: its default layout (HAR) named.
-EXTRA_OVERRIDES = {"restok": ["optim.warmup_steps=null", "model.init_std=0.1"], "ar": ["objective.layout=har"]}
+# (null: warmup_ratio, as the HieraTok task). At the preset's init_std 0.02 (gain 0.02 * sqrt(64) per
+# linear, against the release's 0.02 * sqrt(1024)) the decoder passes no code information at the
+# start. While it fits the mean image, the commitment term pulls every latent onto one code, and the
+# codes never recover. 0.08 is the release's gain at width 64; beta 0 removes that pull. (BENCHMARKS.md)
+# AR: its default layout (HAR) named.
+EXTRA_OVERRIDES = {"restok": ["optim.warmup_steps=null", "model.init_std=0.08", "model.commitment_beta=0"],
+                   "ar": ["objective.layout=har"]}
 
 # --quick: a few minutes, to check the chain (its numbers mean nothing)
 QUICK = dict(tok_steps=20, cache_num=128, gen_steps=30, gen_batch=32, num=16, seeds=2, sample_steps=5,
@@ -443,7 +449,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default=None, help="a trained tokenizer (run, checkpoint or model folder; a ResTok "
                     "for har): skip step 1")
     ap.add_argument("--tok-preset", default=None, help="default: tiny (dit), restok-tiny (har)")
-    ap.add_argument("--tok-steps", type=int, default=200)
+    ap.add_argument("--tok-steps", type=int, default=None, help="default 200 (dit), 2000 (har)")
     ap.add_argument("--tok-lr", type=float, default=4e-4)
     ap.add_argument("--cache-num", type=int, default=2048, help="embedded training crops cached for the generator")
     ap.add_argument("--gen-steps", "--dit-steps", dest="gen_steps", type=int, default=None,
