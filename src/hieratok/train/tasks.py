@@ -355,7 +355,8 @@ class ResTokTask(TokenizerTask):
                             "(codes_shared=1.0, %d codes in use): the codes no longer carry image information, and "
                             "training rarely recovers from this. Seen with restok-tiny on short CPU runs: the "
                             "commitment term (model.commitment_beta, 0.25 as released) pulls every latent onto one "
-                            "code while the decoder still outputs the mean image; see BENCHMARKS.md ('restok-tiny').",
+                            "code while the decoder still outputs the mean image. model.commitment_beta=0 "
+                            "model.init_std=0.08 kept them apart there; see BENCHMARKS.md ('restok-tiny').",
                             st.num_used)
         return logs
 
