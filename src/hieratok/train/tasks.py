@@ -352,11 +352,12 @@ class ResTokTask(TokenizerTask):
             if logs["codes_shared"] == 1.0 and not self.warned_shared:
                 self.warned_shared = True
                 log.warning("every image of every training batch since the last log row got the same code sequence "
-                            "(codes_shared=1.0, %d codes in use): the codes no longer carry image information, and "
-                            "training rarely recovers from this. Seen with restok-tiny on short CPU runs: the "
-                            "commitment term (model.commitment_beta, 0.25 as released) pulls every latent onto one "
-                            "code while the decoder still outputs the mean image. model.commitment_beta=0 "
-                            "model.init_std=0.08 kept them apart there; see BENCHMARKS.md ('restok-tiny').",
+                            "(codes_shared=1.0, %d codes in use): the codes no longer carry image information. Seen "
+                            "with restok-tiny on short CPU runs, where no run at the release's commitment weight "
+                            "recovered: the commitment term (model.commitment_beta, 0.25 as released) pulls every "
+                            "latent onto one code while the decoder still outputs the mean image. "
+                            "model.commitment_beta=0 model.init_std=0.08 kept them apart there; see BENCHMARKS.md "
+                            "('restok-tiny').",
                             st.num_used)
         return logs
 
