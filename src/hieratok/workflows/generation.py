@@ -136,7 +136,6 @@ def _write_latent_stats(model_dir: Path, mean: list[float], std: list[float], ca
     log.info("latent statistics of %s written into %s%s", cache, path, f" (replacing {old})" if old else "")
 
 
-@torch.no_grad()
 def sample_batch(b: int, num: int, batch_size: int, num_classes: int, seed: int,
                  device: torch.device | str = "cpu") -> tuple[list[int], torch.Tensor, torch.Generator]:
     """Sample indices, class labels (index mod ``num_classes``) and random source of batch ``b`` of a
@@ -146,6 +145,7 @@ def sample_batch(b: int, num: int, batch_size: int, num_classes: int, seed: int,
     return idx, labels, torch.Generator().manual_seed(seed * 1_000_003 + b)
 
 
+@torch.no_grad()
 def sample_to_folder(generator_path: str, out: str, *, tokenizer: Optional[str] = None, num: int = 50_000,
                      cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 32, steps: Optional[int] = None,
                      all_scales: bool = False, device: str = "cpu", progress: bool = True,
