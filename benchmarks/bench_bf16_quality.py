@@ -3,7 +3,7 @@ the default) or a tiny HAR GPT on ResTok codes (``--generator har``) trained her
 ways with the same seeds, scored with KID and FID against real crops.
 
     python benchmarks/bench_bf16_quality.py --json benchmarks/results/bf16_quality_dit.json   # ~35 min, 2 CPU cores
-    python benchmarks/bench_bf16_quality.py --generator har --json benchmarks/results/bf16_quality_har.json  # ~17 min
+    python benchmarks/bench_bf16_quality.py --generator har --json benchmarks/results/bf16_quality_har.json  # ~37 min (20 of them the tokenizer)
     python benchmarks/bench_bf16_quality.py --quick --out /tmp/bf16q/quick                    # the chain only, ~3 min
     python benchmarks/bench_bf16_quality.py --tokenizer runs/tokenizer ...                    # skip step 1
 
