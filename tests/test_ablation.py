@@ -1,6 +1,7 @@
 """The ablation's statistics and variant parsing (the end-to-end runs are in test_demo_reconstruct)."""
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -107,9 +108,10 @@ def test_schedule_of_runs_on_several_processes():
     per = {"multi": 2.0, "single": 1.0}
     # one worker: seed by seed; several: the slow variant's runs first
     assert _job_order(c, [s, m], per, 1) == [(s, 0), (m, 0), (s, 1), (m, 1), (s, 2), (m, 2)]
-    assert _job_order(c, [s, m], per, 2) == [(m, 0), (m, 1), (m, 2), (s, 0), (s, 1), (s, 2)]
+    # several: seed 0 of every variant first (the runs that check the plan), then the slow variant's runs first
+    assert _job_order(c, [s, m], per, 2) == [(m, 0), (s, 0), (m, 1), (m, 2), (s, 1), (s, 2)]
     # 2 workers, multi jobs of 2n + e s and single jobs of n + e s: worker 1 takes multi 0, multi 2 and
-    # single 2 (5n + 3e), worker 2 multi 1, single 0 and single 1 (4n + 3e)
+    # single 2 (5n + 3e), worker 2 single 0, multi 1 and single 1 (4n + 3e)
     jobs, e = _job_order(c, [s, m], per, 2), 5.0
     for n in (10, 37, 100):
         span = _makespan([n * per[v.name] + e for v, _ in jobs], 2)
@@ -200,3 +202,67 @@ def test_an_evaluation_scores_every_held_out_image_without_a_shortfall_warning(c
     assert res["num_images"] == 96 and res["uniformity"]["num_points"] == 96
     shortfall = [r for r in caplog.records if r.name.startswith("hieratok.evaluate") and r.levelno >= logging.WARNING]
     assert not shortfall, caplog.text
+
+
+def test_plan_check_compares_the_median_step_once_and_stops_the_runs_beside_it():
+    from types import SimpleNamespace
+
+    from hieratok.ablation import PlanChanged, _PlanCheck
+
+    def feed(check, times):
+        for t in times:
+            check.step_done(t)
+
+    # three warm-up steps are not timed; then the median over >= 5 steps and >= 1 s against 0.5 s planned
+    stop = SimpleNamespace(value=0)
+    ok = _PlanCheck(None, "m", 0.5, 1.0, 1.25, stop)
+    feed(ok, [9.0, 9.0, 9.0, 0.55, 0.6, 0.45, 0.5, 0.58, 9.0, 9.0])  # median 0.55: within 1.25x; checked once
+    assert ok.checked and ok.ratio() == pytest.approx(0.55 / 0.5) and stop.value == 0
+    slow = _PlanCheck(None, "m", 0.5, 1.0, 1.25, stop)
+    feed(slow, [9.0] * 3 + [0.7, 0.7, 0.8, 0.7])  # four timed steps: not yet
+    with pytest.raises(PlanChanged) as e:
+        slow.step_done(0.7)
+    assert e.value.ratios == {"m": pytest.approx(1.4)} and stop.value == 1
+    beside = _PlanCheck(None, "s", 0.5, 1.0, 1.25, stop)  # a run beside it stops at its next step, without a ratio
+    with pytest.raises(PlanChanged) as e:
+        beside.step_done(0.5)
+    assert e.value.ratios == {"s": None}
+    fast, stop.value = _PlanCheck(None, "m", 0.5, 0.1, 1.25, stop), 0  # faster than 1/1.25 also plans again
+    with pytest.raises(PlanChanged) as e:
+        feed(fast, [1.0] * 3 + [0.3] * 5)
+    assert e.value.ratios == {"m": pytest.approx(0.6)}
+    with pytest.raises(ValueError, match="replan_factor"):
+        AblationConfig(replan_factor=1.0)
+
+
+def test_a_plan_change_starts_no_more_runs_and_waits_for_those_under_way(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from hieratok import ablation
+    from hieratok.ablation import PlanChanged, Variant, _run_parallel
+
+    stop, started = SimpleNamespace(value=0), []
+
+    def fake_run(c, v, seed, steps, out, planned, check_s=None):  # the first runs check; seed 0 finds the plan off
+        started.append((v.name, seed, check_s))
+        if check_s is None:
+            return
+        if seed == 0:
+            stop.value = 1
+            raise PlanChanged({"multi": 2.0})
+        while not stop.value:
+            time.sleep(0.001)
+        raise PlanChanged({"multi": 3.0 if seed == 1 else None})
+
+    monkeypatch.setattr(ablation, "_run_in_process", fake_run)
+    m = Variant("multi", "tiny")
+    jobs = [(m, s) for s in range(4)]
+    c = AblationConfig(seeds=4, variants=("multi",), baseline="multi", progress=False)
+    with ThreadPoolExecutor(2) as pool, pytest.raises(PlanChanged) as e:
+        _run_parallel(c, jobs, 10, tmp_path, {"multi": 0.5}, pool, 2, 0.0, math.inf, check=True)
+    assert e.value.ratios == {"multi": pytest.approx(2.5)} and started == [("multi", 0, 0.5), ("multi", 1, 0.5)]
+    started.clear()
+    with ThreadPoolExecutor(2) as pool:  # without the check every job runs
+        _run_parallel(c, jobs, 10, tmp_path, {"multi": 0.5}, pool, 2, 0.0, math.inf)
+    assert sorted(started) == [("multi", s, None) for s in range(4)]

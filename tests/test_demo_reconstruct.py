@@ -62,9 +62,11 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
     monkeypatch.setattr(ablation, "_calibrate", optimistic)
     monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
     c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
-                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1)
+                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
+                       replan_factor=None)
     res = run_ablation(c)
     steps = res["steps"]
+    assert res["replan"] is None
     assert steps >= 1 and 1 <= res["seeds_done"] < 5
     assert f"{res['seeds_done']} of 5 seeds done" in caplog.text
     for name in ("single", "multi"):
@@ -75,6 +77,55 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
         lr = float(first["lr"])  # the demo's optimiser: lr 4e-4 -> 4e-5, 3% warm-up
         assert lr == pytest.approx(sum(lr_at(s, steps, 4e-4, 4e-5, 0.03) for s in range(min(5, steps))) / min(5, steps),
                                    rel=1e-5)
+
+
+def _last_logged_step(run_dir):
+    return int(run_dir.joinpath("metrics.csv").read_text().splitlines()[-1].split(",")[0])
+
+
+def test_a_calibration_the_first_run_contradicts_is_planned_again(tmp_path, monkeypatch):
+    """Calibration timed while the machine was faster than it is (here: claimed 6x faster): the first
+    run finds out after its first timed steps, and every run starts again with the steps that now
+    fit, all with the same count (the comparison stays paired)."""
+    import json
+
+    from hieratok import ablation
+    from hieratok.ablation import AblationConfig, run_ablation
+
+    calibrate = ablation._calibrate
+
+    def optimistic(*a):
+        per_step, threads, timings = calibrate(*a)
+        return {k: v / 6 for k, v in per_step.items()}, threads, timings
+
+    monkeypatch.setattr(ablation, "_calibrate", optimistic)
+    monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
+    c = AblationConfig(minutes=0.25, seeds=2, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
+                       kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
+                       calibrate_s=0.5)
+    res = run_ablation(c)
+    r = res["replan"]
+    # the first run (single, seed 0) timed 6x its claimed step; multi, untimed, is taken to be as far off
+    assert r is not None and set(r["ratios"]) == {"single"} and r["ratios"]["single"] > 1.25
+    assert r["steps_after"] == res["steps"] < r["steps_before"]
+    assert json.loads((tmp_path / "a" / "ablation.json").read_text())["steps"] == res["steps"]
+    assert any("started again" in line for line in res["load_notes"])
+    done = sorted(tmp_path.glob("a/runs/*/seed*/result.json"))
+    assert len(done) >= 2 and {_last_logged_step(p.parent) for p in done} == {res["steps"]}
+
+
+def test_runs_in_processes_plan_again_together(tmp_path):
+    """Several processes: a first run that finds the plan off (here any difference: a factor just above
+    1) stops the run beside it through the shared flag, and both start again with the new steps."""
+    from hieratok.ablation import AblationConfig, run_ablation
+
+    c = AblationConfig(minutes=0.5, seeds=1, out=str(tmp_path / "p"), batch_size=2, eval_crops_per_photo=1, kid=False,
+                       uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=2, calibrate_s=0.5,
+                       replan_factor=1.000001)
+    res = run_ablation(c)
+    assert res["replan"] is not None and res["replan"]["steps_after"] == res["steps"] and res["seeds_done"] == 1
+    for name in ("single", "multi"):
+        assert _last_logged_step(tmp_path / "p" / "runs" / name / "seed0") == res["steps"]
 
 
 def test_runs_in_processes_side_by_side_equal_runs_one_after_the_other(tmp_path):

@@ -29,6 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -143,6 +144,10 @@ class AblationConfig:
     # share of the training time kept free: a shared machine's speed drifts (two demo runs minutes
     # apart on a 2-core VM trained 15% slower and up to 30% faster than their calibration)
     slack: float = 0.1
+    # the first runs time their steps as calibration did; slower or faster than calibrated by more than
+    # this factor (a neighbour that held a core during calibration and left, or one that came), every
+    # run is planned again from the measured speed, once; None: never (steps stay as calibrated)
+    replan_factor: Optional[float] = 1.25
     resume: bool = False  # keep finished runs of the same plan
     overwrite: bool = False  # replace a non-empty output folder
     progress: bool = True
@@ -160,6 +165,8 @@ class AblationConfig:
             raise ValueError("resume and overwrite exclude each other")
         if not 0 <= self.slack < 1:
             raise ValueError(f"slack must be in [0, 1), got {self.slack}")
+        if self.replan_factor is not None and not self.replan_factor > 1:
+            raise ValueError(f"replan_factor must be > 1 or None, got {self.replan_factor}")
         if (self.workers is not None and self.workers < 1) or (self.threads is not None and self.threads < 1):
             raise ValueError(f"workers and threads must be >= 1 (got {self.workers}, {self.threads})")
 
@@ -240,6 +247,63 @@ class _StepTimes:
     @property
     def current(self) -> int:
         return torch.get_num_threads()
+
+
+class PlanChanged(Exception):
+    """A first run measured a step time off the calibration by more than the plan allows: ``ratios``
+    maps variants to measured / calibrated seconds per step (None where a run was stopped by
+    another one before it had timed 5 steps)."""
+
+    def __init__(self, ratios: dict[str, Optional[float]]) -> None:
+        super().__init__(ratios)
+        self.ratios = ratios
+
+
+class _PlanCheck:
+    """Wraps the thread governor (or None) of a run of variant ``name`` in the trainer: after three
+    warm-up steps it times the steps as calibration did (their median over at least ``seconds`` and 5
+    steps) and compares that once with ``planned_s``; off by more than ``factor`` either way it raises
+    :class:`PlanChanged`, after setting ``stop`` (a shared flag) so that the runs beside it raise too
+    at their next step."""
+
+    def __init__(self, inner: Any, name: str, planned_s: float, seconds: float, factor: float, stop: Any) -> None:
+        self.inner, self.name, self.planned_s, self.stop = inner, name, planned_s, stop
+        self.seconds, self.factor = seconds, factor
+        self.times: list[float] = []
+        self.warm, self.checked = 0, False
+
+    @property
+    def current(self) -> int:
+        return torch.get_num_threads() if self.inner is None else self.inner.current
+
+    def apply(self) -> None:
+        if self.inner is not None:
+            self.inner.apply()
+
+    def new_workload(self) -> None:
+        if self.inner is not None:
+            self.inner.new_workload()
+
+    def ratio(self) -> Optional[float]:
+        return float(np.median(self.times)) / self.planned_s if len(self.times) >= 5 else None
+
+    def step_done(self, seconds: float) -> None:
+        if self.inner is not None:
+            self.inner.step_done(seconds)
+        if self.stop.value:
+            raise PlanChanged({self.name: self.ratio()})
+        if self.checked:
+            return
+        if self.warm < 3:
+            self.warm += 1
+            return
+        self.times.append(seconds)
+        if len(self.times) >= 5 and sum(self.times) >= self.seconds:
+            self.checked = True
+            r = self.ratio()
+            if not 1 / self.factor <= r <= self.factor:
+                self.stop.value = 1
+                raise PlanChanged({self.name: r})
 
 
 def _step_seconds(t: Any, seconds: float, min_steps: int) -> float:
@@ -536,11 +600,12 @@ def _makespan(durations: list[float], workers: int) -> float:
 
 def _job_order(c: AblationConfig, variants: list["Variant"], per_step: dict[str, float], workers: int) -> list[tuple["Variant", int]]:
     """One worker: seed by seed (every variant of a seed before the next seed, so that a budget that
-    runs out leaves complete pairs). Several: the slowest variant's runs first (longest job first
-    balances the workers), seed by seed within a variant."""
+    runs out leaves complete pairs). Several: seed 0 of every variant first (the first runs check the
+    plan of their variant, :class:`_PlanCheck`), then the slowest variant's runs first (longest job
+    first balances the workers), seed by seed within a variant."""
     jobs = [(v, seed) for seed in range(c.seeds) for v in variants]
     if workers > 1:
-        jobs.sort(key=lambda j: (-per_step.get(j[0].name, 0.0), j[1]))
+        jobs.sort(key=lambda j: (j[1] > 0, -per_step.get(j[0].name, 0.0), j[1]))
     return jobs
 
 
@@ -564,15 +629,19 @@ def _run_dir(out: Path, v: "Variant", seed: int) -> Path:
 
 
 def _run_one(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float],
-             governor: Optional["ThreadGovernor | _CoreShare"] = None) -> None:
+             governor: Optional["ThreadGovernor | _CoreShare"] = None,
+             check: Optional[tuple[float, Any]] = None) -> None:
     """Train and evaluate one run (in this process); writes its ``result.json`` (and, for seed 0, the
-    samples, the whole photo and the t-SNE points the report shows)."""
+    samples, the whole photo and the t-SNE points the report shows). ``check``: (calibrated seconds
+    per step, shared stop flag) for a first run that checks the plan (:class:`_PlanCheck`)."""
     run_dir = _run_dir(out, v, seed)
     if run_dir.exists():  # an interrupted run: train it again from the start
         shutil.rmtree(run_dir)
     log.info("training %s (%s), seed %d, %d steps", v.name, v.preset, seed, steps)
     t0 = time.perf_counter()
     t = Trainer(_train_config(c, v, seed, steps, run_dir))
+    if check is not None and c.replan_factor is not None:
+        governor = _PlanCheck(governor, v.name, check[0], c.calibrate_s, c.replan_factor, check[1])
     if governor is not None:
         governor.new_workload()
         t.threads = governor
@@ -602,7 +671,7 @@ def _run_one(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, 
 
 
 _PROCESS_INCEPTION: dict[str, torch.nn.Module] = {}  # one cached extractor per process (worker or main)
-_BUSY: dict[str, Any] = {}  # in a run process: the shared count of runs under way ("runs"), the cores
+_BUSY: dict[str, Any] = {}  # in a run process: the shared count of runs under way ("runs"), the cores, the stop flag
 
 
 class _CoreShare:
@@ -656,26 +725,30 @@ def _inception(c: AblationConfig) -> Optional[torch.nn.Module]:
     return _PROCESS_INCEPTION["net"]
 
 
-def _worker_init(threads: int, level: int, runs: Any = None) -> None:
-    """A run process: its thread count, and its warnings in the parent's format (spawned processes
-    start without the parent's logging setup; the parent's progress bar stands for their INFO
-    records unless the parent logs DEBUG)."""
+def _worker_init(threads: int, level: int, runs: Any = None, stop: Any = None) -> None:
+    """A run process: its thread count, the shared stop flag of :class:`_PlanCheck`, and its warnings
+    in the parent's format (spawned processes start without the parent's logging setup; the parent's
+    progress bar stands for their INFO records unless the parent logs DEBUG)."""
     torch.set_num_threads(threads)
+    _BUSY["stop"] = stop
     logging.basicConfig(level=level if level <= logging.DEBUG else max(level, logging.WARNING),
                         format="%(asctime)s %(levelname)s [run process] %(message)s")
     if runs is not None:  # threads not given: share the cores among the runs under way
         _BUSY.update(runs=runs, cores=os.cpu_count() or 1)
 
 
-def _run_in_process(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float]) -> None:
-    """:func:`_run_one` in a run process, counted among the runs under way while it lasts."""
+def _run_in_process(c: AblationConfig, v: "Variant", seed: int, steps: int, out: Path, planned_s: Optional[float],
+                    check_s: Optional[float] = None) -> None:
+    """:func:`_run_one` in a run process, counted among the runs under way while it lasts;
+    ``check_s``: the calibrated seconds per step, for a first run that checks the plan."""
     runs = _BUSY.get("runs")
+    check = None if check_s is None else (check_s, _BUSY["stop"])
     if runs is None:
-        return _run_one(c, v, seed, steps, out, planned_s)
+        return _run_one(c, v, seed, steps, out, planned_s, check=check)
     with runs.get_lock():
         runs.value += 1
     try:
-        _run_one(c, v, seed, steps, out, planned_s, _CoreShare(runs, _BUSY["cores"]))
+        _run_one(c, v, seed, steps, out, planned_s, _CoreShare(runs, _BUSY["cores"]), check)
     finally:
         with runs.get_lock():
             runs.value -= 1
@@ -717,19 +790,23 @@ def _may_start(expected_s: float, now: float, end: float, grace_s: float, seed: 
 
 def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: int, out: Path,
                   per_step: dict[str, float], pool: ProcessPoolExecutor, workers: int, eval_s: float,
-                  end: float, grace_s: float = 0.0) -> None:
+                  end: float, grace_s: float = 0.0, check: bool = False) -> None:
     """Train and evaluate ``jobs`` on the pool's workers, a new job as a worker comes free; a job that
     could not end in time (:func:`_may_start`; ``end`` is the whole budget: a run may use the time
-    kept for the report) is not started. One progress bar over all runs' steps."""
+    kept for the report) is not started. ``check``: the first run on every worker checks the plan;
+    when one finds it off, no job starts any more and, once the runs under way have stopped,
+    :class:`PlanChanged` is raised with their ratios (the median per variant). One progress bar over
+    all runs' steps."""
     from tqdm.auto import tqdm
 
-    todo, running, skipped = list(jobs), {}, set()
+    todo, running, skipped, ratios = list(jobs), {}, set(), {}
+    checks = workers if check else 0
     bar = tqdm(total=steps * len(jobs), desc=f"{len(jobs)} runs on {workers} processes", dynamic_ncols=True,
                mininterval=1.0, disable=not c.progress)
     shown = 0
     try:
         while todo or running:
-            while todo and len(running) < workers:
+            while todo and len(running) < workers and not ratios:
                 v, seed = todo.pop(0)
                 expected = steps * per_step.get(v.name, 0.0) + eval_s
                 # every other variant of this seed started (the jobs left are not started yet)
@@ -740,17 +817,47 @@ def _run_parallel(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: i
                     skipped.add((v.name, seed))
                     continue
                 planned = steps * per_step[v.name] if per_step.get(v.name) else None
-                running[pool.submit(_run_in_process, replace(c, progress=False), v, seed, steps, out, planned)] = (v, seed)
+                check_s = per_step.get(v.name) if checks > 0 else None
+                checks -= 1
+                running[pool.submit(_run_in_process, replace(c, progress=False), v, seed, steps, out, planned,
+                                    check_s)] = (v, seed)
             done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             for f in done:
                 running.pop(f)
-                f.result()  # a failed run stops the ablation with its error
+                try:
+                    f.result()  # a failed run stops the ablation with its error
+                except PlanChanged as e:
+                    for k, r in e.ratios.items():
+                        ratios.setdefault(k, []).extend([] if r is None else [r])
+            if ratios and not running:
+                break
             finished = sum(steps for v, s in jobs if (_run_dir(out, v, s) / "result.json").is_file())
             now = finished + sum(min(steps, _logged_step(_run_dir(out, v, s))) for v, s in running.values())
             bar.update(now - shown)
             shown = now
     finally:
         bar.close()
+    if ratios:
+        raise PlanChanged({k: float(np.median(r)) if r else None for k, r in ratios.items()})
+
+
+def _run_sequential(c: AblationConfig, jobs: list[tuple["Variant", int]], steps: int, out: Path,
+                    per_step: dict[str, float], governor: Optional[ThreadGovernor], deadline: float,
+                    check: Optional[Any] = None) -> None:
+    """Train and evaluate ``jobs`` in this process, seed by seed, stopping after a round when the next
+    one would not end by ``deadline``. ``check``: a stop flag; then the first run checks the plan."""
+    for seed in sorted({s for _, s in jobs}):
+        t_round = time.perf_counter()
+        for v, s in jobs:
+            if s == seed:
+                planned = steps * per_step[v.name] if per_step.get(v.name) else None
+                first = check is not None and (v, s) == jobs[0]
+                _run_one(c, v, seed, steps, out, planned, governor, (per_step[v.name], check) if first else None)
+        round_s = time.perf_counter() - t_round
+        if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:
+            log.warning("budget: %d of %d seeds done (a round takes %.0f s, %.0f s left); comparing those",
+                        seed + 1, c.seeds, round_s, deadline - time.perf_counter())
+            break
 
 
 def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str, Any]:
@@ -766,12 +873,17 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     workers, threads = _plan_workers(c)
     timings: dict[int, float] = {}
     per_step: dict[str, float] = {}
+    calibrated: dict[str, float] = {}
+    replan: Optional[dict[str, Any]] = None
     pool = None
     if workers > 1:
         ctx = get_context("spawn")
         runs = ctx.Value("i", 0) if c.threads is None else None  # runs under way, when their threads may change
+        stop = ctx.Value("i", 0)
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(threads, logging.getLogger().getEffectiveLevel(), runs))
+                                   initargs=(threads, logging.getLogger().getEffectiveLevel(), runs, stop))
+    else:
+        stop = SimpleNamespace(value=0)
     try:
         eval_s = _eval_estimate_s(c, threads or torch.get_num_threads())
         if old is not None:
@@ -799,33 +911,43 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
                      {k: round(t, 3) for k, t in per_step.items()}, steps, c.seeds, len(variants), workers, c.minutes)
             if steps < 50:
                 log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
-        _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads, "workers": workers})
-        results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
         deadline = t_start + c.minutes * 60 - c.report_reserve_s
         jobs = [(v, s) for v, s in _job_order(c, variants, per_step, workers)
                 if not (_run_dir(out, v, s) / "result.json").is_file()]
         governor = None
-        if pool is not None:
-            _run_parallel(c, jobs, steps, out, per_step, pool, workers, eval_s,
-                          t_start + c.minutes * 60 if c.steps is None else math.inf, c.slack * c.minutes * 60)
-        else:
+        if pool is None:
             torch.set_num_threads(threads)
             # one governor for every run: it keeps the faster of 1 and all cores as the machine's load changes
             governor = None if c.threads is not None else ThreadGovernor(thread_candidates(), speeds=timings or None)
-            for seed in range(c.seeds):
-                t_round = time.perf_counter()
-                for v, s in jobs:
-                    if s == seed:
-                        planned = steps * per_step[v.name] if per_step.get(v.name) else None
-                        _run_one(c, v, seed, steps, out, planned, governor)
-                round_s = time.perf_counter() - t_round
-                if c.steps is None and seed + 1 < c.seeds and time.perf_counter() + round_s > deadline:
-                    log.warning("budget: %d of %d seeds done (a round takes %.0f s, %.0f s left); comparing those",
-                                seed + 1, c.seeds, round_s, deadline - time.perf_counter())
-                    break
+        # calibration may have timed a passing load: the first runs check it once (not on resume or fixed steps)
+        check, calibrated = bool(per_step) and c.replan_factor is not None, dict(per_step)
+        while True:
+            _write_json(out / "ablation.json", {"plan": _plan(c), "steps": steps, "threads": threads, "workers": workers})
+            try:
+                if pool is not None:
+                    _run_parallel(c, jobs, steps, out, per_step, pool, workers, eval_s,
+                                  t_start + c.minutes * 60 if c.steps is None else math.inf, c.slack * c.minutes * 60,
+                                  check)
+                else:
+                    _run_sequential(c, jobs, steps, out, per_step, governor, deadline, stop if check else None)
+                break
+            except PlanChanged as e:  # plan again from the measured speeds, once
+                check, stop.value, before = False, 0, steps
+                measured = {k: r for k, r in e.ratios.items() if r is not None}
+                others = float(np.median(list(measured.values())))  # variants no first run timed
+                per_step = {k: t * measured.get(k, others) for k, t in per_step.items()}
+                left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
+                steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers)
+                replan = {"ratios": measured, "steps_before": before, "steps_after": steps,
+                          "after_s": time.perf_counter() - t_start}
+                log.warning("the first runs took %s times their calibrated time per step: planned again, %d steps "
+                            "per run instead of %d", {k: round(r, 2) for k, r in measured.items()}, steps, before)
+                if steps < 50:
+                    log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    results: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
     for v in variants:
         for seed in range(c.seeds):
             done = _run_dir(out, v, seed) / "result.json"
@@ -836,7 +958,8 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     seeds_done = len(complete)
     summary = summarize({k: {s: r for s, r in v.items() if s in complete} for k, v in results.items()}, c.baseline)
     info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads, "workers": workers,
-            "calibrated_s_per_step": per_step,
+            "calibrated_s_per_step": calibrated,
+            "replan": replan,
             "thread_timings_s": timings, "thread_switches": governor.switches if governor else [],
             "budget_s": None if c.steps is not None else c.minutes * 60,
             "seconds": time.perf_counter() - t_start, "cpu": cpu_model(),
@@ -850,14 +973,20 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
 
 def load_notes(info: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """What the machine's load did to a run, in sentences for the console and the report (empty on
-    an idle machine): stalled all-core steps at the start, thread switches, runs slower than
-    calibrated, a budget overrun."""
+    an idle machine): stalled all-core steps at the start, a plan made again, thread switches, runs
+    slower than calibrated, a budget overrun."""
     notes = []
     t = {int(k): v for k, v in info.get("thread_timings_s", {}).items()}
     if len(t) > 1 and t[max(t)] > t[min(t)]:
         notes.append(f"At the start {max(t)} threads took {t[max(t)]:.2f} s per step against {t[min(t)]:.2f} s for "
                      f"{min(t)}: another process was using the CPU, so the runs started with {min(t)} thread(s) "
                      f"and fewer steps than an idle machine would give.")
+    r = info.get("replan")
+    if r:
+        took = ", ".join(f"{k} {x:.2f}x" for k, x in r["ratios"].items())
+        notes.append(f"The first runs took another time per step than calibrated ({took}; the machine's load changed "
+                     f"after calibration): {r['after_s']:.0f} s into the budget every run was started again, with "
+                     f"{r['steps_after']} steps instead of {r['steps_before']}.")
     if info.get("thread_switches"):
         notes.append("The CPU load changed during the runs; thread count switches: "
                      + ", ".join(f"{a} -> {b}" for a, b in info["thread_switches"]) + ".")
