@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory of HieraTok.
 
-    python benchmarks/bench_train_step.py                          # CPU: the demo's step, tiny, paper preset
+    python benchmarks/bench_train_step.py                          # CPU: the demo's step, tiny, small, paper preset
     python benchmarks/bench_train_step.py --json out/train.json
     python benchmarks/bench_train_step.py --compare-src /tmp/old/src   # also every row with an older checkout
     python benchmarks/bench_train_step.py --gpu-only --gpu-batch 32 [--compile]   # on a CUDA machine
@@ -206,8 +206,10 @@ def run_config(script: str, preset: str, batch: int, steps: int, warmup: int, ar
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny-batch", type=int, default=8)
+    ap.add_argument("--tiny-batch", type=int, default=8, help="CPU batch of the tiny preset (0 skips it)")
     ap.add_argument("--tiny-steps", type=int, default=10)
+    ap.add_argument("--small-batch", type=int, default=4, help="CPU batch of the small preset (0 skips it)")
+    ap.add_argument("--small-steps", type=int, default=6)
     ap.add_argument("--paper-preset", default="hieratok-f16d16")
     ap.add_argument("--paper-batch", type=int, default=2, help="CPU batch of the paper preset (0 skips it)")
     ap.add_argument("--paper-steps", type=int, default=2)
@@ -266,7 +268,9 @@ def main() -> None:
         print()
     if not args.gpu_only:
         print(f"CPU fp32, {args.threads} threads; each configuration in a fresh process")
-        configs = [("tiny", args.tiny_batch, args.tiny_steps, 2)]
+        configs = [("tiny", args.tiny_batch, args.tiny_steps, 2)] if args.tiny_batch > 0 else []
+        if args.small_batch > 0:
+            configs.append(("small", args.small_batch, args.small_steps, 2))
         if args.paper_batch > 0:
             configs.append((args.paper_preset, args.paper_batch, args.paper_steps, 1))
         for preset, batch, steps, warmup in configs:
