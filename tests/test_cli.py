@@ -75,3 +75,21 @@ def test_info_covers_every_family(preset, kind, millions, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["model_type"] == kind and info["params"]["total"] / 1e6 == pytest.approx(millions, abs=0.005)
     assert sum(v for k, v in info["params"].items() if k != "total") == info["params"]["total"]
+
+
+@pytest.mark.parametrize("command", ["demo", "ablate"])
+def test_no_replan_reaches_the_ablation(command, monkeypatch, tmp_path):
+    from hieratok import ablation, demo
+    from hieratok.ablation import AblationConfig
+
+    seen = []
+
+    def capture(cfg, *a):
+        seen.append(cfg.ablation() if isinstance(cfg, demo.DemoConfig) else cfg)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(demo, "run_demo", capture)
+    monkeypatch.setattr(ablation, "run_ablation", capture)
+    for extra in ([], ["--no-replan"]):
+        assert main([command, "--out", str(tmp_path / "x"), *extra]) == 2  # the one-line error of "captured"
+    assert [c.replan_factor for c in seen] == [AblationConfig.replan_factor, None]

@@ -215,7 +215,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(minutes=args.minutes, steps=args.steps, seeds=args.seeds, preset=args.preset, data=args.data,
-                     out=args.out, threads=args.threads, workers=args.workers, overwrite=args.overwrite, resume=args.resume)
+                     out=args.out, threads=args.threads, workers=args.workers, replan_factor=args.replan_factor,
+                     overwrite=args.overwrite, resume=args.resume)
     res = run_demo(cfg)
     res["baseline"] = "single"
     _print_ablation(res)
@@ -228,8 +229,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     cfg = AblationConfig(preset=args.preset, variants=tuple(args.variants), baseline=args.baseline, seeds=args.seeds,
                          minutes=args.minutes, steps=args.steps, data=args.data, eval_data=args.eval_data,
                          out=args.out, batch_size=args.batch_size, eval_crops_per_photo=args.eval_crops,
-                         threads=args.threads, workers=args.workers, overwrite=args.overwrite,
-                         resume=args.resume)
+                         threads=args.threads, workers=args.workers, replan_factor=args.replan_factor,
+                         overwrite=args.overwrite, resume=args.resume)
     res = run_ablation(cfg)
     intro = (f"Variants of {args.preset}, each trained for {res['steps']} steps of {cfg.batch_size} images with "
              f"{res['seeds_done']} seed(s) (seed k: the same data order and encoder initialisation for every variant), "
@@ -338,6 +339,12 @@ def _ablation_options(p: argparse.ArgumentParser, seeds: int) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of each run (default: cores / workers; with one worker the faster of 1 "
                         "and all cores, timed at the start)")
+    from .ablation import AblationConfig
+
+    factor = AblationConfig.replan_factor
+    p.add_argument("--no-replan", dest="replan_factor", action="store_const", const=None, default=factor,
+                   help=f"keep the steps calibrated at the start even when the first runs time their steps more than "
+                        f"{factor}x slower or faster (default: plan again once, from the measured speed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the runs in --out (same settings)")
     g.add_argument("--overwrite", action="store_true", help="replace what --out holds")

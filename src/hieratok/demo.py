@@ -38,6 +38,7 @@ class DemoConfig:
     tsne_runs: int = 1
     threads: Optional[int] = None  # torch threads of each run process (None: cores // workers)
     workers: Optional[int] = None  # runs trained at once in their own processes (None: one per core, <= 4)
+    replan_factor: Optional[float] = AblationConfig.replan_factor  # None: keep the calibrated steps
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
@@ -47,7 +48,8 @@ class DemoConfig:
                               minutes=self.minutes, steps=self.steps, data=self.data, eval_data=self.eval_data,
                               out=self.out, batch_size=self.batch_size, lr=self.lr,
                               eval_crops_per_photo=self.eval_crops_per_photo, tsne_runs=self.tsne_runs,
-                              threads=self.threads, workers=self.workers, resume=self.resume, overwrite=self.overwrite, progress=self.progress)
+                              threads=self.threads, workers=self.workers, replan_factor=self.replan_factor,
+                              resume=self.resume, overwrite=self.overwrite, progress=self.progress)
 
 
 def run_demo(c: DemoConfig) -> dict[str, Any]:
