@@ -362,11 +362,13 @@ class ScaleRecorder:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tokenizers(off: Official, seed: int) -> tuple[nn.Module, ResTok]:
+def build_tokenizers(off: Official, seed: int, **overrides: Any) -> tuple[nn.Module, ResTok]:
+    """Their released tokenizer with random weights and ours converted from it, both in eval mode;
+    ``overrides``: fields of our config (the training check turns nested dropout off)."""
     torch.manual_seed(seed)
     theirs = off.restok.ResTok(off.config).eval()
     sd = theirs.state_dict()
-    cfg = infer_restok_config(sd, image_size=off.config.dataset.preprocessing.crop_size)
+    cfg = dataclasses.replace(infer_restok_config(sd, image_size=off.config.dataset.preprocessing.crop_size), **overrides)
     ours = ResTok(cfg)
     ours.load_state_dict(convert_restok_checkpoint(sd, cfg))
     return theirs, ours.eval()
@@ -641,13 +643,10 @@ def gradient_parity(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
 
 def gradient_section(off: Official, args: argparse.Namespace) -> dict[str, Any]:
     """Training-mode gradients of theirs and ours on one batch (see step 7 of the docstring)."""
-    torch.manual_seed(args.seed)
-    theirs = off.restok.ResTok(off.config).train()
-    sd = theirs.state_dict()
-    cfg = dataclasses.replace(infer_restok_config(sd, image_size=off.config.dataset.preprocessing.crop_size),
-                              nested_dropout_prob=0.0)
-    ours = ResTok(cfg).train()
-    ours.load_state_dict(convert_restok_checkpoint(sd, cfg))
+    theirs, ours = build_tokenizers(off, args.seed, nested_dropout_prob=0.0)
+    theirs.train()
+    ours.train()
+    sd, cfg = theirs.state_dict(), ours.config
     x01 = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(args.seed))
     rec, rd = theirs(x01)  # their training forward: drop_latent_tokens is off in this config
     (F.mse_loss(rec, x01) + rd["quantizer_loss"]).backward()
