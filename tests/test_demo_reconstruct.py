@@ -46,21 +46,27 @@ def test_demo_end_to_end_small_budget(tmp_path):
     assert main(["demo", "--steps", "1", "--out", str(out)]) == 2
 
 
-def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path, caplog, monkeypatch):
-    """Calibration runs on throw-away trainers: the real runs start at step 0 with the warm-up LR;
-    a budget too small for every seed stops after a complete round and says so."""
+def _calibration_claims_6x_faster(monkeypatch):
+    """The real one-process calibration, its step times divided by 6; evaluation planned at 0 s."""
     from hieratok import ablation
-    from hieratok.ablation import AblationConfig, run_ablation
-    from hieratok.train import lr_at
 
     calibrate = ablation._calibrate
 
-    def optimistic(*a):  # the real calibration, claimed 6x faster: the first round alone outlasts the budget
+    def optimistic(*a):
         per_step, threads, timings = calibrate(*a)
         return {k: v / 6 for k, v in per_step.items()}, threads, timings
 
     monkeypatch.setattr(ablation, "_calibrate", optimistic)
     monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
+
+
+def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path, caplog, monkeypatch):
+    """Calibration runs on throw-away trainers: the real runs start at step 0 with the warm-up LR;
+    a budget too small for every seed stops after a complete round and says so."""
+    from hieratok.ablation import AblationConfig, run_ablation
+    from hieratok.train import lr_at
+
+    _calibration_claims_6x_faster(monkeypatch)  # the first round alone outlasts the budget
     c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
                        kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
                        replan_factor=None)
@@ -89,17 +95,9 @@ def test_a_calibration_the_first_run_contradicts_is_planned_again(tmp_path, monk
     fit, all with the same count (the comparison stays paired)."""
     import json
 
-    from hieratok import ablation
     from hieratok.ablation import AblationConfig, run_ablation
 
-    calibrate = ablation._calibrate
-
-    def optimistic(*a):
-        per_step, threads, timings = calibrate(*a)
-        return {k: v / 6 for k, v in per_step.items()}, threads, timings
-
-    monkeypatch.setattr(ablation, "_calibrate", optimistic)
-    monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
+    _calibration_claims_6x_faster(monkeypatch)
     c = AblationConfig(minutes=0.25, seeds=2, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
                        kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
                        calibrate_s=0.5)
