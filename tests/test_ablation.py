@@ -103,6 +103,11 @@ def test_schedule_of_runs_on_several_processes():
     assert _makespan([3.0, 2.0, 2.0, 1.0], 1) == 8.0
     assert _makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0  # 3+1 | 2+2
     assert _makespan([1.0, 1.0, 3.0], 2) == 4.0  # taken in order: 1+3 | 1
+    # a job left alone runs faster: 4 | 2+1 ends at 3, then the first job's last second at 2x
+    assert _makespan([4.0, 2.0, 1.0], 2, alone=[2.0, 1.0, 1.0]) == 3.5
+    assert _makespan([4.0, 2.0, 2.0], 2, alone=[2.0, 1.0, 1.0]) == 4.0  # never alone
+    assert _makespan([1.0, 1.0, 3.0], 2, alone=[1.0, 1.0, 3.0]) == 2.0  # alone from 1 s: 3 s at 3x
+    assert _makespan([3.0, 2.0], 1, alone=[2.0, 2.0]) == 5.0  # one worker: nothing to take
     m, s = Variant("multi", "tiny"), Variant("single", "tiny-single")
     c = AblationConfig(seeds=3)
     per = {"multi": 2.0, "single": 1.0}
@@ -119,6 +124,11 @@ def test_schedule_of_runs_on_several_processes():
         assert _steps_that_fit(span, jobs, per, e, 2) == n
         assert _steps_that_fit(span - 1e-6, jobs, per, e, 2) == n - 1
     assert _steps_that_fit(100.0, [(m, 0)], per, 0.0, 1) == 50
+    # the last single-scale run alone at 1.5x: its steps past the others' end count 2/3
+    for n in (10, 37, 100):
+        span = _makespan([n * per[v.name] + e for v, _ in jobs], 2, [1.5 if v is s else 1.0 for v, _ in jobs])
+        assert _steps_that_fit(span, jobs, per, e, 2, {"single": 1.5}) == n
+        assert span < 5 * n + 3 * e
     assert _plan_workers(AblationConfig(seeds=2, workers=1, threads=3)) == (1, 3)
     assert _plan_workers(AblationConfig(seeds=2, workers=2, threads=1)) == (2, 1)
     with pytest.raises(ValueError, match="workers and threads must be >= 1"):

@@ -114,14 +114,24 @@ def test_a_calibration_the_first_run_contradicts_is_planned_again(tmp_path, monk
 
 def test_runs_in_processes_plan_again_together(tmp_path):
     """Several processes: a first run that finds the plan off (here any difference: a factor just above
-    1) stops the run beside it through the shared flag, and both start again with the new steps."""
+    1) stops the run beside it through the shared flag, and both start again with the new steps.
+    Threads not given: with more cores than processes, the fastest variant is also timed alone on
+    all cores (the schedule's last run takes them)."""
+    import os
+
     from hieratok.ablation import AblationConfig, run_ablation
 
     c = AblationConfig(minutes=0.5, seeds=1, out=str(tmp_path / "p"), batch_size=2, eval_crops_per_photo=1, kid=False,
-                       uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=2, calibrate_s=0.5,
+                       uniformity=False, report_reserve_s=0.0, progress=False, workers=2, calibrate_s=0.5,
                        replan_factor=1.000001)
     res = run_ablation(c)
     assert res["replan"] is not None and res["replan"]["steps_after"] == res["steps"] and res["seeds_done"] == 1
+    per = res["calibrated_s_per_step"]
+    if (os.cpu_count() or 1) > res["threads"]:
+        ((name, speedup),) = res["alone_speedup"].items()
+        assert name == min(per, key=per.get) and speedup >= 1.0
+    else:
+        assert res["alone_speedup"] == {}
     for name in ("single", "multi"):
         assert _last_logged_step(tmp_path / "p" / "runs" / name / "seed0") == res["steps"]
 

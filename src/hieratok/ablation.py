@@ -589,13 +589,20 @@ def _plan_workers(c: AblationConfig) -> tuple[int, int]:
     return workers, c.threads or max(1, cores // workers)
 
 
-def _makespan(durations: list[float], workers: int) -> float:
-    """Seconds until the last job ends when ``workers`` take jobs in this order as they come free."""
-    free = [0.0] * workers
+def _makespan(durations: list[float], workers: int, alone: Optional[list[float]] = None) -> float:
+    """Seconds until the last job ends when ``workers`` take jobs in this order as they come free;
+    ``alone``: per job, how many times faster it runs once every other job has ended (a run left
+    alone takes the idle cores, :class:`_CoreShare`)."""
+    free, ends = [0.0] * workers, []
     for d in durations:
         i = free.index(min(free))
         free[i] += d
-    return max(free)
+        ends.append(free[i])
+    if alone is None or workers < 2 or len(ends) < 2:
+        return max(free)
+    last = max(range(len(ends)), key=ends.__getitem__)
+    others = max(e for j, e in enumerate(ends) if j != last)
+    return others + (ends[last] - others) / alone[last]
 
 
 def _job_order(c: AblationConfig, variants: list["Variant"], per_step: dict[str, float], workers: int) -> list[tuple["Variant", int]]:
@@ -610,10 +617,13 @@ def _job_order(c: AblationConfig, variants: list["Variant"], per_step: dict[str,
 
 
 def _steps_that_fit(left_s: float, jobs: list[tuple["Variant", int]], per_step: dict[str, float], eval_s: float,
-                    workers: int) -> int:
-    """The most steps per run for which every job (training + evaluation) ends within ``left_s``."""
+                    workers: int, alone: Optional[dict[str, float]] = None) -> int:
+    """The most steps per run for which every job (training + evaluation) ends within ``left_s``;
+    ``alone``: by variant, how many times faster a run left alone is (:func:`_makespan`)."""
+    speed = None if not alone else [alone.get(v.name, 1.0) for v, _ in jobs]
+
     def span(steps: int) -> float:
-        return _makespan([steps * per_step[v.name] + eval_s for v, _ in jobs], workers)
+        return _makespan([steps * per_step[v.name] + eval_s for v, _ in jobs], workers, speed)
     lo, hi = 1, 1
     while span(hi * 2) <= left_s and hi < 10**7:
         hi *= 2
@@ -754,18 +764,36 @@ def _run_in_process(c: AblationConfig, v: "Variant", seed: int, steps: int, out:
             runs.value -= 1
 
 
-def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str,
-                   seconds: float = 12.0) -> tuple[float, Optional[tuple[float, int]]]:
+def _calibrate_one(c: AblationConfig, v: "Variant", tmp: str, seconds: float = 12.0,
+                   threads: Optional[int] = None) -> tuple[float, Optional[tuple[float, int]]]:
     """Seconds per training step of one variant in this process, then the Inception pass over the
     held-out originals (:func:`_warm_heldout`, which leaves their features in this worker for its
     runs). Steps: after three warm-up steps, steps for ``seconds`` (at least 5), so that variants
     calibrated side by side overlap all the time (a fixed step count would leave the slower one
-    timing its last steps alone, i.e. too fast)."""
-    t = Trainer(_train_config(replace(c, progress=False), v, 0, 10**6, Path(tmp) / v.name))
-    t.fit(max_steps=3)  # allocation and lazy initialisation
-    per_step = _step_seconds(t, seconds, 5)
+    timing its last steps alone, i.e. too fast). ``threads``: time at this many threads instead,
+    without the Inception pass (a run left alone, :func:`_alone_speedup`)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        t = Trainer(_train_config(replace(c, progress=False), v, 0, 10**6, Path(tmp) / v.name))
+        t.fit(max_steps=3)  # allocation and lazy initialisation
+        per_step = _step_seconds(t, seconds, 5)
+    finally:
+        torch.set_num_threads(before)
     del t
-    return per_step, _warm_heldout(c)
+    return per_step, None if threads is not None else _warm_heldout(c)
+
+
+def _alone_speedup(c: AblationConfig, variants: list["Variant"], per_step: dict[str, float], pool: ProcessPoolExecutor,
+                   tmp: str) -> dict[str, float]:
+    """How many times faster than side by side the fastest variant trains on all cores, alone (the
+    runs that end a schedule are its runs, :func:`_job_order`; a run left alone takes the idle cores
+    when that measures faster, :class:`_CoreShare`, so never below 1). Timed in one worker while
+    the others wait; 3 s of steps."""
+    v = min(variants, key=lambda w: per_step[w.name])
+    alone_s = pool.submit(_calibrate_one, c, v, str(Path(tmp) / "alone"), 3.0, os.cpu_count() or 1).result()[0]
+    return {v.name: max(1.0, per_step[v.name] / alone_s)}
 
 
 def _logged_step(run_dir: Path) -> int:
@@ -874,6 +902,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     timings: dict[int, float] = {}
     per_step: dict[str, float] = {}
     calibrated: dict[str, float] = {}
+    alone: dict[str, float] = {}  # by variant: a run left alone is this many times faster (several workers)
     replan: Optional[dict[str, Any]] = None
     pool = None
     if workers > 1:
@@ -901,14 +930,18 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
                     futs = [pool.submit(_calibrate_one, c, v, tmp, c.calibrate_s) for v in variants]
                     per_step = {v.name: f.result()[0] for v, f in zip(variants, futs)}
                     heldout = [f.result()[1] for f in futs]
+                    if c.threads is None and (os.cpu_count() or 1) > threads:  # a run left alone takes more cores
+                        alone = _alone_speedup(c, variants, per_step, pool, tmp)
             # the originals' features are computed (in every process, unless a pool worker calibrated
             # no variant: then its first evaluation computes them, at most once more than planned)
             eval_s = _eval_estimate_s(c, threads, None if None in heldout else max(heldout, key=lambda h: h[0] / h[1]))
             jobs = _job_order(c, variants, per_step, workers)
             left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
-            steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers)
-            log.info("%s s per step: %d steps per run fit %d seeds of %d variants on %d process(es) in %.1f minutes",
-                     {k: round(t, 3) for k, t in per_step.items()}, steps, c.seeds, len(variants), workers, c.minutes)
+            steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers, alone)
+            log.info("%s s per step%s: %d steps per run fit %d seeds of %d variants on %d process(es) in %.1f minutes",
+                     {k: round(t, 3) for k, t in per_step.items()},
+                     "".join(f" ({k} {f:.2f}x faster alone)" for k, f in alone.items()), steps, c.seeds, len(variants),
+                     workers, c.minutes)
             if steps < 50:
                 log.warning("the budget buys only %d steps per run: the comparison will show little", steps)
         deadline = t_start + c.minutes * 60 - c.report_reserve_s
@@ -937,7 +970,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
                 others = float(np.median(list(measured.values())))  # variants no first run timed
                 per_step = {k: t * measured.get(k, others) for k, t in per_step.items()}
                 left = c.minutes * 60 - (time.perf_counter() - t_start) - c.report_reserve_s
-                steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers)
+                steps = _steps_that_fit(left * (1 - c.slack), jobs, per_step, eval_s, workers, alone)
                 replan = {"ratios": measured, "steps_before": before, "steps_after": steps,
                           "after_s": time.perf_counter() - t_start}
                 log.warning("the first runs took %s times their calibrated time per step: planned again, %d steps "
@@ -958,7 +991,7 @@ def run_ablation(c: AblationConfig, t_start: Optional[float] = None) -> dict[str
     seeds_done = len(complete)
     summary = summarize({k: {s: r for s, r in v.items() if s in complete} for k, v in results.items()}, c.baseline)
     info = {"steps": steps, "seeds_done": seeds_done, "seeds_asked": c.seeds, "threads": threads, "workers": workers,
-            "calibrated_s_per_step": calibrated,
+            "calibrated_s_per_step": calibrated, "alone_speedup": alone,
             "replan": replan,
             "thread_timings_s": timings, "thread_switches": governor.switches if governor else [],
             "budget_s": None if c.steps is not None else c.minutes * 60,
