@@ -46,15 +46,15 @@ def test_demo_end_to_end_small_budget(tmp_path):
     assert main(["demo", "--steps", "1", "--out", str(out)]) == 2
 
 
-def _calibration_claims_6x_faster(monkeypatch):
-    """The real one-process calibration, its step times divided by 6; evaluation planned at 0 s."""
+def _calibration_claims_faster(monkeypatch, factor=6.0):
+    """The real one-process calibration, its step times divided by ``factor``; evaluation planned at 0 s."""
     from hieratok import ablation
 
     calibrate = ablation._calibrate
 
     def optimistic(*a):
         per_step, threads, timings = calibrate(*a)
-        return {k: v / 6 for k, v in per_step.items()}, threads, timings
+        return {k: v / factor for k, v in per_step.items()}, threads, timings
 
     monkeypatch.setattr(ablation, "_calibrate", optimistic)
     monkeypatch.setattr(ablation, "_eval_estimate_s", lambda *a: 0.0)
@@ -66,7 +66,7 @@ def test_demo_time_budget_keeps_whole_schedules_and_says_how_many_seeds(tmp_path
     from hieratok.ablation import AblationConfig, run_ablation
     from hieratok.train import lr_at
 
-    _calibration_claims_6x_faster(monkeypatch)  # the first round alone outlasts the budget
+    _calibration_claims_faster(monkeypatch)  # 6x: the first round alone outlasts the budget
     c = AblationConfig(minutes=0.25, seeds=5, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
                        kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
                        replan_factor=None)
@@ -90,20 +90,21 @@ def _last_logged_step(run_dir):
 
 
 def test_a_calibration_the_first_run_contradicts_is_planned_again(tmp_path, monkeypatch):
-    """Calibration timed while the machine was faster than it is (here: claimed 6x faster): the first
+    """Calibration timed while the machine was faster than it is (here: claimed 50x faster): the first
     run finds out after its first timed steps, and every run starts again with the steps that now
     fit, all with the same count (the comparison stays paired)."""
     import json
 
     from hieratok.ablation import AblationConfig, run_ablation
 
-    _calibration_claims_6x_faster(monkeypatch)
+    # 50x: the first run's check finds it off even if the machine sped up a lot after calibration
+    _calibration_claims_faster(monkeypatch, 50.0)
     c = AblationConfig(minutes=0.25, seeds=2, out=str(tmp_path / "a"), batch_size=2, eval_crops_per_photo=1,
                        kid=False, uniformity=False, report_reserve_s=0.0, progress=False, threads=1, workers=1,
                        calibrate_s=0.5)
     res = run_ablation(c)
     r = res["replan"]
-    # the first run (single, seed 0) timed 6x its claimed step; multi, untimed, is taken to be as far off
+    # the first run (single, seed 0) timed 50x its claimed step; multi, untimed, is taken to be as far off
     assert r is not None and set(r["ratios"]) == {"single"} and r["ratios"]["single"] > 1.25
     assert r["steps_after"] == res["steps"] < r["steps_before"]
     assert json.loads((tmp_path / "a" / "ablation.json").read_text())["steps"] == res["steps"]
