@@ -3,6 +3,7 @@
     python benchmarks/bench_train_step.py                          # CPU: the demo's step, tiny, small, paper preset
     python benchmarks/bench_train_step.py --json out/train.json
     python benchmarks/bench_train_step.py --compare-src /tmp/old/src   # also every row with an older checkout
+    python benchmarks/bench_train_step.py --malloc-defaults        # also every row with glibc's allocator defaults
     python benchmarks/bench_train_step.py --gpu-only --gpu-batch 32 [--compile]   # on a CUDA machine
 
 The demo's step (first table): what ``hieratok demo`` runs, through the trainer: the next batch of
@@ -28,12 +29,18 @@ in the same process right after the steps.
 CUDA section (only with a GPU): the paper preset with bf16 autocast, fused AdamW, sdpa and flex
 attention backends (``--compile`` compiles the model first); images/s, model TFLOP/s, MFU against
 the H100 dense bf16 peak (989 TFLOP/s), peak CUDA memory.
+
+Every CPU row keeps freed memory in the process as the trainer does
+(:func:`hieratok.machine.keep_freed_memory`) and records its page faults and kernel seconds per
+step; ``--malloc-defaults`` adds each row with glibc's defaults (its reference path).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,9 +71,33 @@ from hieratok.flops import count_flops  # noqa: E402
 from hieratok.losses.reconstruction import MultiScaleReconstructionLoss, ReconLossConfig  # noqa: E402
 
 
+def keep_freed_memory(a: argparse.Namespace) -> bool:
+    """What the trainer does on CPU (:func:`hieratok.machine.keep_freed_memory`), unless the row
+    measures glibc's defaults; a checkout from before it (``--compare-src``) had the defaults."""
+    if a.malloc_defaults:
+        return False
+    try:
+        from hieratok.machine import keep_freed_memory as keep
+    except ImportError:
+        return False
+    return keep()
+
+
+def faults_and_system_time() -> tuple[int, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime
+
+
+def per_step_costs(before: tuple[int, float], steps: int) -> dict[str, float]:
+    """Page faults and kernel (system) seconds per step since ``before``."""
+    faults, system = faults_and_system_time()
+    return {"page_faults_per_step": (faults - before[0]) / steps, "system_s_per_step": (system - before[1]) / steps}
+
+
 def worker(a: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (fresh) process: build, ``warmup`` + ``steps`` steps, report."""
     torch.set_num_threads(a.threads)
+    kept = keep_freed_memory(a) if a.device == "cpu" else False
     dev = torch.device(a.device)
     torch.manual_seed(0)
     model = HieraTok.from_preset(a.preset, attn_backend=a.backend).to(dev)
@@ -96,11 +127,12 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    samples = Samples()
+    samples, before = Samples(), faults_and_system_time()
     for _ in range(a.steps):
         time_once(step, dev, samples)
     out: dict[str, Any] = {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "fwd_gflop_per_img": fwd_flops / 1e9,
-                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": peak_rss_mb()}
+                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": peak_rss_mb(),
+                           "kept_freed_memory": kept, **per_step_costs(before, a.steps)}
     if dev.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["ceiling_gflops"] = statistics.median(matmul_gflops(8192, 10, dev, torch.bfloat16))
@@ -120,21 +152,28 @@ def demo_worker(a: argparse.Namespace) -> dict[str, Any]:
     c = AblationConfig(progress=False)
     v = parse_variant(a.variant, c.preset)
     with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(_train_config(c, v, 0, 10**6, Path(tmp) / "run"))
+        cfg = _train_config(c, v, 0, 10**6, Path(tmp) / "run")
+        if hasattr(cfg, "keep_freed_memory"):  # the trainer applies it (older checkouts had glibc's defaults)
+            cfg = dataclasses.replace(cfg, keep_freed_memory=not a.malloc_defaults)
+        t = Trainer(cfg)
         t.fit(max_steps=a.warmup)
-        samples, t_end = Samples(), time.perf_counter() + a.seconds
+        samples, t_end, before = Samples(), time.perf_counter() + a.seconds, faults_and_system_time()
         while len(samples.seconds) < a.steps or time.perf_counter() < t_end:
             time_once(lambda: t.fit(max_steps=5), "cpu", samples)
             samples.seconds[-1] /= 5
     return {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "peak_rss_mb": peak_rss_mb(),
-            "perceptual": t.task.perceptual_name, "batch": c.batch_size}
+            "perceptual": t.task.perceptual_name, "batch": c.batch_size,
+            "kept_freed_memory": bool(getattr(cfg, "keep_freed_memory", False)),
+            **per_step_costs(before, 5 * len(samples.seconds))}
 
 
-def demo_rows(script: str, args: argparse.Namespace, src: Optional[str]) -> list[dict[str, Any]]:
+def demo_rows(script: str, args: argparse.Namespace, src: Optional[str], malloc_defaults: bool = False) -> list[dict[str, Any]]:
     """The demo's step of both twins: alone at 1 and at ``--threads`` threads, then side by side."""
-    label = "this checkout" if src is None else src
+    label = ("this checkout" if src is None else src) + (MALLOC_DEFAULTS if malloc_defaults else "")
     rows = []
-    base = ["--worker", "--kind", "demo", "--warmup", "2", "--steps", str(args.demo_blocks), "--seconds", "0"]
+    base = ["--worker", "--kind", "demo", "--warmup", "2", "--steps", str(args.demo_blocks)]
+    base += ["--malloc-defaults"] if malloc_defaults else []
+    base += ["--seconds", "0"]
     for variant in ("multi", "single"):
         for th in sorted({1, args.threads}):
             if args.wait_quiet:
@@ -178,16 +217,18 @@ def demo_schedules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_config(script: str, preset: str, batch: int, steps: int, warmup: int, args: argparse.Namespace,
                device: str = "cpu", backend: str = "sdpa", reference_paths: bool = False, compile: bool = False,
-               src: Optional[str] = None) -> dict[str, Any]:
+               src: Optional[str] = None, malloc_defaults: bool = False) -> dict[str, Any]:
     argv = ["--worker", "--preset", preset, "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
             "--threads", str(args.threads), "--device", device, "--backend", backend]
     argv += ["--reference-paths"] if reference_paths else []
+    argv += ["--malloc-defaults"] if malloc_defaults else []
     argv += ["--foreach-adamw"] if args.foreach_adamw else []
     argv += ["--compile"] if compile else []
     if device == "cpu" and args.wait_quiet:
         wait_for_quiet(args.wait_quiet)
     res = run_worker(script, argv, src=src)
-    label = ("" if src is None else f"[{src}] ") + preset + (" (reference paths)" if reference_paths else "") + (" foreach AdamW" if args.foreach_adamw else "")
+    label = (("" if src is None else f"[{src}] ") + preset + (" (reference paths)" if reference_paths else "")
+             + (MALLOC_DEFAULTS if malloc_defaults else "") + (" foreach AdamW" if args.foreach_adamw else ""))
     row: dict[str, Any] = {"preset": label, "device": device,
                            "backend": backend, "compile": compile, "batch": batch, "steps": steps}
     if "error" in res:
@@ -204,6 +245,9 @@ def run_config(script: str, preset: str, batch: int, steps: int, warmup: int, ar
     return row
 
 
+MALLOC_DEFAULTS = " (glibc malloc defaults)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny-batch", type=int, default=8, help="CPU batch of the tiny preset (0 skips it)")
@@ -215,6 +259,9 @@ def main() -> None:
     ap.add_argument("--paper-steps", type=int, default=2)
     ap.add_argument("--reference-paths", action="store_true", help="also run each CPU config with the fast paths off")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="also run every row of this checkout with glibc's default allocator settings "
+                         "(TrainConfig.keep_freed_memory=False: freed memory goes back to the kernel)")
     ap.add_argument("--foreach-adamw", action="store_true",
                     help="the multi-tensor (foreach) AdamW instead of the fused one the trainer uses")
     ap.add_argument("--gpu-batch", type=int, default=32)
@@ -249,18 +296,22 @@ def main() -> None:
     cols = [("preset", "preset", "s"), ("device", "device", "s"), ("backend", "attn", "s"), ("batch", "batch", "d"),
             ("steps", "steps", "d"), ("s_per_step", "s/step (med)", ".3f"), ("s_per_step_min", "s/step (best)", ".3f"),
             ("img_per_s", "img/s", ".2f"), ("train_gflops", "GFLOP/s", ".0f"), ("ceiling_gflops", "ceiling", ".0f"),
-            ("ceiling_ratio", "%ceil", ".1%"), ("peak_rss_mb", "peak RSS MB", ".0f")]
+            ("ceiling_ratio", "%ceil", ".1%"), ("page_faults_per_step", "faults/step", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f")]
     srcs = [None] + ([args.compare_src] if args.compare_src else [])
+    # (checkout, glibc defaults?): this checkout, then its allocator reference, then the older checkout
+    variants = [(None, False)] + ([(None, True)] if args.malloc_defaults else []) + [(s, False) for s in srcs[1:]]
     result["demo"], result["demo_schedules"] = [], {}
     if not args.gpu_only and args.demo_blocks > 0:
         print("The demo's training step (trainer: data + forward + loss with perceptual + backward + AdamW + EMA), batch 16")
-        for src in srcs:
-            rows = demo_rows(__file__, args, src)
+        for src, malloc_defaults in variants:
+            rows = demo_rows(__file__, args, src, malloc_defaults)
             result["demo"] += rows
-            result["demo_schedules"][src or "this checkout"] = demo_schedules(rows)
+            result["demo_schedules"][rows[0]["code"]] = demo_schedules(rows)
         print_table([r for r in result["demo"] if "error" not in r],
                     [("code", "code", "s"), ("variant", "twin", "s"), ("schedule", "schedule", "s"),
-                     ("s_per_step", "s/step (med)", ".3f"), ("img_per_s", "img/s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f")])
+                     ("s_per_step", "s/step (med)", ".3f"), ("img_per_s", "img/s", ".1f"),
+                     ("page_faults_per_step", "faults/step", ".0f"), ("system_s_per_step", "sys s/step", ".3f"),
+                     ("peak_rss_mb", "peak RSS MB", ".0f")])
         for code, sched in result["demo_schedules"].items():
             for o in sched:
                 print(f"  {code}: {o['schedule']}: {o['pair_s']:.3f} s per step of both twins, "
@@ -275,8 +326,9 @@ def main() -> None:
             configs.append((args.paper_preset, args.paper_batch, args.paper_steps, 1))
         for preset, batch, steps, warmup in configs:
             for ref in ([False, True] if args.reference_paths else [False]):
-                for src in srcs:
-                    result["cpu"].append(run_config(__file__, preset, batch, steps, warmup, args, reference_paths=ref, src=src))
+                for src, malloc_defaults in variants:
+                    result["cpu"].append(run_config(__file__, preset, batch, steps, warmup, args, reference_paths=ref,
+                                                    src=src, malloc_defaults=malloc_defaults))
         print_table([r for r in result["cpu"] if "error" not in r], cols)
     if torch.cuda.is_available() and not args.cpu_only:
         for backend in ("sdpa", "flex"):

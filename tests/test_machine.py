@@ -1,5 +1,11 @@
 """Machine facts: the ISA flags kept, and the parsing of torch's and NumPy's build records."""
 
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from hieratok.machine import ISA_FLAGS, isa_flags, numpy_blas, parse_numpy_blas, parse_torch_build, torch_build_facts
@@ -59,3 +65,36 @@ def test_parse_numpy_blas():
     assert parse_numpy_blas({"Build Dependencies": {"blas": {"name": "openblas", "found": False}}}) is None
     assert parse_numpy_blas({}) is None
     assert numpy_blas() is None or isinstance(numpy_blas(), str)
+
+
+# one "training step" of allocations: tensors of these MiB, touched, then freed; 48 MiB is above
+# glibc's largest moving mmap threshold (32 MiB on 64-bit), so by default it is fresh pages every time
+_FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from hieratok.machine import keep_freed_memory
+    assert keep_freed_memory()
+sizes = (1, 4, 8, 16, 24, 48)
+def step():
+    ts = [torch.empty(s << 18).fill_(1.0) for s in sizes]
+    del ts
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5 / (sum(sizes) * 256))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_step():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults_per_page(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    # a page fault per page touched (the kernel zero-fills it) by default; none once the memory is kept
+    assert faults_per_page("default") > 0.4
+    assert faults_per_page("keep") < 0.1

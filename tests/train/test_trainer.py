@@ -393,3 +393,13 @@ def test_restok_task_trains_with_its_gan_phase_resumes_and_loads(tmp_path):
         codes = tok.tokenize(x)
         assert codes.shape == (2, model.config.num_latent_tokens) and codes.dtype == torch.long
         assert tok.detokenize(codes).shape == x.shape
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_cpu_trainer_keeps_freed_memory_unless_told_not_to(tmp_path, monkeypatch, keep):
+    import hieratok.train.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    Trainer(cfg_for(tmp_path, keep_freed_memory=keep))
+    assert len(calls) == int(keep)

@@ -124,6 +124,9 @@ class TrainConfig:
     # CPU: switch between one thread and all cores when another process stalls the all-core steps
     # (train/threads.py). Thread counts change float rounding (~1e-7): false gives bit-exact reruns
     adapt_threads: bool = True
+    # CPU: keep freed tensor memory in the process (machine.keep_freed_memory: glibc, process-wide);
+    # false leaves glibc's defaults, which page-fault the activations in again on every step
+    keep_freed_memory: bool = True
     fsdp: bool = False
     max_nonfinite: int = 5  # consecutive skipped steps before the run stops
     tensorboard: bool = True

@@ -50,6 +50,7 @@ from ..checkpoint import (
 from ..config import architecture_diff, settings_diff
 from ..data import BucketBatchSampler, BucketedDataset, ResumableDistributedSampler, collate_drop_none
 from ..hub import EMA_NAME, WEIGHTS_NAME, write_model_dir
+from ..machine import keep_freed_memory
 from .config import TrainConfig, config_dict
 from .ema import EMA
 from .parallel import (
@@ -263,6 +264,8 @@ class Trainer:
         self.nonfinite_run = 0
         self.history: list[dict[str, float]] = []
         self.threads: Optional[ThreadGovernor] = None  # replaceable, e.g. by one shared across runs
+        if cfg.keep_freed_memory and dev.type == "cpu":
+            keep_freed_memory()
         if cfg.adapt_threads and dev.type == "cpu" and not self.dist.distributed and torch.get_num_threads() > 1:
             self.threads = ThreadGovernor(thread_candidates())
         self._build_data()
