@@ -24,7 +24,9 @@ A step is what the trainer does in stage 1 without the perceptual network: forwa
 ``ru_maxrss`` is the peak resident memory of that training run alone (model, gradients, AdamW
 state, activations). Achieved GFLOP/s counts 3x the forward FLOPs of hieratok.flops.count_flops
 per image (forward + backward, dense attention count); the ceiling is a large fp32 matmul measured
-in the same process right after the steps.
+in the same process right after the steps. The machine's speed can drift within seconds (a shared
+host), so "%ceil paired" also times a 2048^3 matmul right after every step and reports the median
+of the per-step ratios (the 2048^3 product allocates outside the steps' peak memory).
 
 CUDA section (only with a GPU): the paper preset with bf16 autocast, fused AdamW, sdpa and flex
 attention backends (``--compile`` compiles the model first); images/s, model TFLOP/s, MFU against
@@ -127,12 +129,19 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    samples, before = Samples(), faults_and_system_time()
+    # the steps' peak memory (reached in the warm-up) before the matrices of the paired ceiling exist
+    rss = peak_rss_mb()
+    samples, paired, costs = Samples(), [], {"page_faults_per_step": 0.0, "system_s_per_step": 0.0}
     for _ in range(a.steps):
+        before = faults_and_system_time()
         time_once(step, dev, samples)
+        for k, v in per_step_costs(before, a.steps).items():
+            costs[k] += v
+        if dev.type == "cpu":  # the machine's speed right after each step: its drift cancels in the ratio
+            paired.append(matmul_gflops(2048, 1, dev)[0])
     out: dict[str, Any] = {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "fwd_gflop_per_img": fwd_flops / 1e9,
-                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": peak_rss_mb(),
-                           "kept_freed_memory": kept, **per_step_costs(before, a.steps)}
+                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": rss,
+                           "kept_freed_memory": kept, "paired_ceiling_gflops": paired, **costs}
     if dev.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["ceiling_gflops"] = statistics.median(matmul_gflops(8192, 10, dev, torch.bfloat16))
@@ -240,6 +249,9 @@ def run_config(script: str, preset: str, batch: int, steps: int, warmup: int, ar
     row.update({"s_per_step": t, "s_per_step_min": min(res["step_s"]), "img_per_s": batch / t,
                 "train_gflops": 3 * res["fwd_gflop_per_img"] * batch / t})
     row["ceiling_ratio"] = row["train_gflops"] / res["ceiling_gflops"]
+    if res.get("paired_ceiling_gflops"):  # each step against a 2048^3 matmul timed right after it
+        flop = 3 * res["fwd_gflop_per_img"] * batch
+        row["paired_ratio"] = statistics.median(flop / s / c for s, c in zip(res["step_s"], res["paired_ceiling_gflops"]))
     if device == "cuda":
         row["mfu_h100_bf16"] = row["train_gflops"] / (H100_BF16_DENSE_TFLOPS * 1e3)
     return row
@@ -296,7 +308,7 @@ def main() -> None:
     cols = [("preset", "preset", "s"), ("device", "device", "s"), ("backend", "attn", "s"), ("batch", "batch", "d"),
             ("steps", "steps", "d"), ("s_per_step", "s/step (med)", ".3f"), ("s_per_step_min", "s/step (best)", ".3f"),
             ("img_per_s", "img/s", ".2f"), ("train_gflops", "GFLOP/s", ".0f"), ("ceiling_gflops", "ceiling", ".0f"),
-            ("ceiling_ratio", "%ceil", ".1%"), ("page_faults_per_step", "faults/step", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f")]
+            ("ceiling_ratio", "%ceil", ".1%"), ("paired_ratio", "%ceil paired", ".1%"), ("page_faults_per_step", "faults/step", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f")]
     srcs = [None] + ([args.compare_src] if args.compare_src else [])
     # (checkout, glibc defaults?): this checkout, then its allocator reference, then the older checkout
     variants = [(None, False)] + ([(None, True)] if args.malloc_defaults else []) + [(s, False) for s in srcs[1:]]

@@ -1,5 +1,6 @@
 """Machine facts: the ISA flags kept, and the parsing of torch's and NumPy's build records."""
 
+import json
 import os
 import platform
 import subprocess
@@ -98,3 +99,26 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_step():
     # a page fault per page touched (the kernel zero-fills it) by default; none once the memory is kept
     assert faults_per_page("default") > 0.4
     assert faults_per_page("keep") < 0.1
+
+
+_TRAJECTORY = """
+import json, sys, tempfile
+import torch
+from hieratok.train import Trainer, load_config
+torch.set_num_threads(1)
+over = {"adapt_threads": False, "keep_freed_memory": sys.argv[1] == "keep", "model.encoder_depth": 1,
+        "model.decoder_depth": 2, "progress": False, "tensorboard": False, "image_every": 0, "ckpt_every": 0,
+        "diag_every": 0, "log_every": 1, "batch_size": 4, "data.samples_per_epoch": 24, "steps": 4,
+        "out_dir": tempfile.mkdtemp() + "/run"}
+print(json.dumps([h["loss"] for h in Trainer(load_config(overrides=over)).fit()]))
+"""
+
+
+def test_a_trainer_that_keeps_freed_memory_follows_the_same_trajectory_bit_for_bit():
+    # reference path: glibc's defaults; each in a fresh process (the setting is process-wide)
+    def losses(mode: str) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", _TRAJECTORY, mode], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    keep = losses("keep")
+    assert len(keep) == 4 and keep == losses("default")  # JSON keeps every bit of a float
