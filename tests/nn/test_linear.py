@@ -79,14 +79,52 @@ def test_pack_is_dropped_in_training_mode_so_fused_adamw_steps_are_seen(gen, bac
     assert lin._pack is None
 
 
-@needs_packing
-def test_autocast_takes_the_reference_path(gen, backend):
-    lin = Linear(16, 8).eval()
-    x = torch.randn(4, 16, generator=gen)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_keeps_the_cast_weight_and_matches_autocasts_own_result(gen, dtype, bias):
+    lin = Linear(64, 48, bias=bias).eval()
+    x = torch.randn(5, 64, generator=gen)
+
+    def reference() -> torch.Tensor:  # F.linear under autocast: the weight cast on this call
+        lin.fast = False
         out = lin(x)
-        assert out.dtype == torch.bfloat16 and lin._pack is None
-        assert torch.equal(out, F.linear(x, lin.weight, lin.bias))
+        lin.fast = True
+        return out
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out, ref = lin(x), reference()
+        pack, cast = lin._packs[dtype][1:]
+        assert out.dtype == dtype and lin._pack is None  # no float32 pack under autocast
+        if pack is None:  # the kept cast through autocast's own F.linear: the same bits
+            assert torch.equal(out, ref) and cast.dtype == dtype
+        else:  # oneDNN's bf16 inner product: the same products, rounded to bf16 at the end
+            assert cast is None and pack[0] == "onednn"
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7 * float(ref.abs().max()))
+        lin(x)
+        assert lin._packs[dtype][1] is pack and lin._packs[dtype][2] is cast  # made once, not per call
+        lin.weight.mul_(-2.0)  # an in-place update: made again
+        out = lin(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # a new context: autocast's own cast cache is cleared
+        torch.testing.assert_close(out.float(), reference().float(), rtol=2 ** -7, atol=2 ** -6 * float(ref.abs().max()))
+    lin.train()
+    assert lin._packs == {}
+
+
+@pytest.mark.skipif("onednn" not in BACKENDS, reason="needs oneDNN's packed inner product")
+def test_a_bf16_pack_is_made_only_when_it_measures_faster(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    fake = {None: 2.0, "onednn": 1.0}
+    monkeypatch.setattr(linear_mod, "_time_backend", lambda b, x, w: fake[b] if x.dtype == torch.bfloat16 else 0.0)
+    assert packed_backend(torch.bfloat16) == "onednn"
+    assert pack_weight(torch.randn(8, 16, dtype=torch.bfloat16))[0] == "onednn"
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    fake.update({None: 1.0, "onednn": 2.0})
+    assert packed_backend(torch.bfloat16) is None and pack_weight(torch.randn(8, 16, dtype=torch.bfloat16)) is None
+    monkeypatch.setattr(linear_mod, "_CHOICE", {})
+    monkeypatch.setenv(ENV, "mkl")  # MKL packs float32 only
+    if "mkl" in BACKENDS:
+        assert packed_backend(torch.bfloat16) is None
 
 
 def test_pack_weight_declines_what_it_cannot_pack():

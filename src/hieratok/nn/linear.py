@@ -23,8 +23,10 @@ autocast on a CPU float32 input. The pack is dropped by ``train()`` (optimizers 
 update weights in place without moving their version counter) and redone whenever the weight
 changes (its storage or version counter); it is checked on creation against ``F.linear`` on a few
 rows. ``fast = False`` is the reference path (``F.linear``; the pack is kept for when the fast path
-comes back, :meth:`Linear.release_pack` frees it). Training mode, autograd, autocast, other devices
-and dtypes always take ``F.linear``. Same parameters and state dict as :class:`torch.nn.Linear`;
+comes back, :meth:`Linear.release_pack` frees it). Under CPU autocast (bf16 / fp16 inference) the
+layer keeps its weight cast to the autocast dtype, under the same rules, instead of letting autocast
+cast it on every call; the result is bit for bit autocast's own. Training mode, autograd, other
+devices and dtypes always take ``F.linear``. Same parameters and state dict as :class:`torch.nn.Linear`;
 results agree up to float rounding (tests/nn/test_linear.py). The pack costs memory (about 1.7x
 the weight for MKL's, 1x for oneDNN's).
 
@@ -77,7 +79,8 @@ def _pack(weight: torch.Tensor, backend: str) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, packed: tuple[str, torch.Tensor], weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through a packed weight ``(backend, pack)`` (CPU, float32, no autograd)."""
+    """``F.linear(x, weight, bias)`` through a packed weight ``(backend, pack)`` (CPU, no autograd;
+    float32, or bfloat16 ``x`` / ``bias`` with a oneDNN pack of a bfloat16 weight)."""
     backend, pack = packed
     if backend == "mkl":
         rows = x.numel() // x.shape[-1]
@@ -99,47 +102,64 @@ def _time_backend(backend: Optional[str], x: torch.Tensor, w: torch.Tensor, reps
 
 
 _CHOICE: dict[str, Optional[str]] = {}
+# the packed gemms of each weight dtype: MKL packs float32 only; oneDNN packs bfloat16 too
+# (its bf16 inner product, for CPU autocast inference)
+DTYPE_BACKENDS = {torch.float32: PACKED_BACKENDS, torch.bfloat16: ("onednn",)}
 
 
-def packed_backend() -> Optional[str]:
-    """The packed gemm this process uses (None: ``F.linear`` everywhere), chosen once: from
-    ``$HIERATOK_PACKED_LINEAR`` when set, else the fastest of the available backends and
-    ``F.linear`` on a decoding-sized probe (8 rows x 1024 x 1024)."""
-    if "choice" not in _CHOICE:
+def packed_backend(dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """The packed gemm this process uses for ``dtype`` weights (None: ``F.linear``), chosen once per
+    dtype: from ``$HIERATOK_PACKED_LINEAR`` when set, else the fastest of the available backends and
+    ``F.linear`` on a decoding-sized probe (8 rows x 1024 x 1024 in that dtype). A backend that
+    fails on the probe (e.g. bf16 on a build or CPU without it) is not chosen."""
+    key = "choice" if dtype == torch.float32 else str(dtype)
+    if key not in _CHOICE:
         avail, want = available_backends(), os.environ.get(ENV, "").strip().lower()
+        usable = tuple(b for b in avail if b in DTYPE_BACKENDS.get(dtype, ()))
         if want in ("off", "none", "plain"):
             choice = None
         elif want:
             if want not in avail:
                 raise ValueError(f"${ENV}={want!r}: this torch build offers {list(avail) or 'no packed gemm'} (or 'off')")
-            choice = want
-        elif not avail:
+            choice = want if want in usable else None
+        elif not usable:
             choice = None
         else:
             g = torch.Generator().manual_seed(0)
-            x, w = torch.randn(8, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-            times = {b: _time_backend(b, x, w) for b in (None, *avail)}
+            x, w = torch.randn(8, 1024, generator=g).to(dtype), torch.randn(1024, 1024, generator=g).to(dtype)
+            times = {}
+            for b in (None, *usable):
+                try:
+                    times[b] = _time_backend(b, x, w)
+                except RuntimeError:  # this backend cannot run this dtype here
+                    pass
             choice = min(times, key=lambda b: times[b])
-            log.debug("packed linear probe (s): %s -> %s", {str(k): round(v, 6) for k, v in times.items()}, choice)
-        _CHOICE["choice"] = choice
-    return _CHOICE["choice"]
+            log.debug("packed linear probe, %s (s): %s -> %s", dtype,
+                      {str(k): round(v, 6) for k, v in times.items()}, choice)
+        _CHOICE[key] = choice
+    return _CHOICE[key]
 
 
 def pack_weight(weight: torch.Tensor, backend: Optional[str] = None) -> Optional[tuple[str, torch.Tensor]]:
-    """A packed copy ``(backend, pack)`` of a (out, in) float32 CPU weight (``backend`` None: the
-    process's :func:`packed_backend`), or None where packing is unavailable or does not reproduce
-    ``F.linear`` on a probe (then callers keep ``F.linear``)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.ndim != 2:
+    """A packed copy ``(backend, pack)`` of a (out, in) float32 or bfloat16 CPU weight (``backend``
+    None: the process's :func:`packed_backend` for that dtype), or None where packing is
+    unavailable or does not reproduce ``F.linear`` on a probe (then callers keep ``F.linear``)."""
+    if weight.device.type != "cpu" or weight.dtype not in DTYPE_BACKENDS or weight.ndim != 2:
         return None
-    backend = packed_backend() if backend is None else backend
-    if backend is None or backend not in available_backends():
+    backend = packed_backend(weight.dtype) if backend is None else backend
+    if backend is None or backend not in available_backends() or backend not in DTYPE_BACKENDS[weight.dtype]:
         return None
+    # a float32 pack agrees with F.linear to float32 rounding; a bf16 one to bf16 rounding of the output
+    rtol = 1e-4 if weight.dtype == torch.float32 else 2 ** -7
     with torch.no_grad():
         w = weight.detach().contiguous()
-        packed = (backend, _pack(w, backend))
-        probe = torch.linspace(-1.0, 1.0, 3 * w.shape[1]).view(3, -1)
-        ref = F.linear(probe, w)
-        if not torch.allclose(packed_linear(probe, packed, w), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+        try:
+            packed = (backend, _pack(w, backend))
+            probe = torch.linspace(-1.0, 1.0, 3 * w.shape[1]).view(3, -1).to(w.dtype)
+            ref, got = F.linear(probe, w).float(), packed_linear(probe, packed, w).float()
+        except RuntimeError:
+            return None
+        if not torch.allclose(got, ref, rtol=rtol, atol=rtol * 0.1 * float(ref.abs().max()) + 1e-12):
             return None
     return packed
 
@@ -150,19 +170,33 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: object) -> None:
         super().__init__(in_features, out_features, bias, **kw)
         self.fast = True
-        self._pack: Optional[tuple[str, torch.Tensor]] = None
-        self._pack_key: Optional[tuple] = None
+        # per compute dtype: (key of the weight it was made from, pack or None, the weight cast to
+        # that dtype where there is no pack); float32 for plain inference, bf16 / fp16 under autocast
+        self._packs: dict[torch.dtype, tuple[tuple, Optional[tuple[str, torch.Tensor]], Optional[torch.Tensor]]] = {}
+
+    def _prepared(self, dtype: torch.dtype) -> tuple[Optional[tuple[str, torch.Tensor]], Optional[torch.Tensor]]:
+        """The pack of the weight in ``dtype`` (None where none applies) and, without a pack, the
+        weight cast to ``dtype`` (None for float32: the weight itself); remade when the weight changes."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, tuple(w.shape))
+        if dtype not in self._packs or self._packs[dtype][0] != key:
+            cast = w.detach().to(dtype) if dtype != torch.float32 else w
+            pack = pack_weight(cast)
+            self._packs[dtype] = (key, pack, cast.detach() if pack is None and dtype != torch.float32 else None)
+        return self._packs[dtype][1], self._packs[dtype][2]
 
     def _packed(self) -> Optional[tuple[str, torch.Tensor]]:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        if key != self._pack_key:
-            self._pack, self._pack_key = pack_weight(w), key
-        return self._pack
+        return self._prepared(torch.float32)[0]
+
+    @property
+    def _pack(self) -> Optional[tuple[str, torch.Tensor]]:
+        """The float32 pack made so far (None: not made yet, or none applies)."""
+        entry = self._packs.get(torch.float32)
+        return None if entry is None else entry[1]
 
     def release_pack(self) -> None:
-        """Free the packed weight (it is rebuilt on the next fast call)."""
-        self._pack = self._pack_key = None
+        """Free the packed weights and the autocast-dtype copies (rebuilt on the next fast call)."""
+        self._packs = {}
 
     def train(self, mode: bool = True) -> "Linear":
         if mode:
@@ -173,9 +207,20 @@ class Linear(nn.Linear):
         # inference tensors (a model built or loaded under torch.inference_mode) have no version
         # counter to tell a stale pack from a fresh one: they take the plain path
         if (self.fast and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-                and not self.weight.is_inference()):
-            packed = self._packed()
-            if packed is not None:
-                return packed_linear(x, packed, self.weight, self.bias)
+                and x.numel() > 0 and self.weight.dtype == torch.float32 and not self.weight.is_inference()):
+            if not torch.is_autocast_enabled("cpu"):
+                packed = self._packed() if x.dtype == torch.float32 else None
+                if packed is not None:
+                    return packed_linear(x, packed, self.weight, self.bias)
+            else:
+                # autocast would cast the float32 weight on every call (most of a bf16 decoding
+                # step's time); the cast is kept instead, packed where the CPU's bf16 gemm is faster
+                # packed. Without a pack, F.linear under autocast casts x and the bias as before and
+                # leaves the kept weight alone: bit for bit autocast's own result
+                dtype = torch.get_autocast_dtype("cpu")
+                packed, cast = self._prepared(dtype)
+                if packed is not None:
+                    bias = None if self.bias is None else self.bias.to(dtype)
+                    return packed_linear(x.to(dtype), packed, self.weight, bias)
+                return F.linear(x, cast, self.bias)
         return F.linear(x, self.weight, self.bias)
