@@ -202,3 +202,34 @@ def test_bad_inputs_raise(gen):
         DiTConfig(in_channels=4, latent_mean=[0.0] * 3, latent_std=[1.0] * 3)
     with pytest.raises(ValueError, match="unknown DiT preset"):
         DiT.preset_config("dit-s")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_inference_through_kept_weights_matches_the_plain_linear_path(precision):
+    # DiT's linears keep their weights packed (fp32) or cast (autocast) for CPU inference; the
+    # reference path is F.linear with the weight as stored (Linear.fast = False)
+    from hieratok.nn.linear import Linear
+
+    torch.manual_seed(0)
+    m = DiT.from_preset("dit-tiny", in_channels=4, input_size=8, patch_size=2).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # away from adaLN-Zero's zero output
+            p.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([1, 2, 1000])
+
+    def run(fast: bool) -> torch.Tensor:
+        for mod in m.modules():
+            if isinstance(mod, Linear):
+                mod.fast = fast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return m(x, t, y).float()
+
+    ref, fast = run(False), run(True)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    assert all(dtype in mod._packs for mod in m.modules() if isinstance(mod, Linear))  # the kept path ran
+    # qkv, proj, fc1, fc2 and adaLN per block, the final layer's two
+    assert sum(isinstance(mod, Linear) for mod in m.modules()) == 5 * len(m.blocks) + 2
+    # float32: rounding of a differently blocked gemm; bf16: the same products, possibly rounded to
+    # bf16 at a different point in a few layers (2^-8 relative per rounding)
+    tol = 1e-5 if precision == "fp32" else 2 ** -5
+    torch.testing.assert_close(fast, ref, rtol=tol, atol=tol * float(ref.abs().max()))

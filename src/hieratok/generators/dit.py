@@ -27,6 +27,7 @@ from ..config import require_positive_ints, runtime_field
 from ..hub import PretrainedMixin
 from ..nn import Attention, Mlp, PatchEmbed, checkpointed, set_attention_backend, unpatchify
 from ..nn.attention import check_backend
+from ..nn.linear import Linear
 from ..presets import DIT_PRESETS
 from .latents import LatentNormalizer, rand
 
@@ -191,10 +192,10 @@ class DiTBlock(nn.Module):
                  norm_eps: float = 1e-6, backend: str = "sdpa") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=norm_eps)
-        self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, backend=backend, linear=Linear)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=norm_eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio), bias=True, approximate="tanh")  # DiT's MLP
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.mlp = Mlp(width, int(width * mlp_ratio), bias=True, approximate="tanh", linear=Linear)  # DiT's MLP
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 6 * width))
 
     def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c_BD).chunk(6, dim=1)  # each (B, D)
@@ -208,8 +209,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, patch_size: int, out_channels: int, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=norm_eps)
-        self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = Linear(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
 
     def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)

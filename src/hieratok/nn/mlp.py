@@ -26,11 +26,12 @@ class Mlp(nn.Module):
 
     CHUNK_BYTES = 16 * 2**20
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False, approximate: str = "none") -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False, approximate: str = "none",
+                 linear: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc1 = linear(dim, hidden, bias=bias)
         self.act = nn.GELU(approximate=approximate)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc2 = linear(hidden, dim, bias=bias)
         self.inplace_act = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
