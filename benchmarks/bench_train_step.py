@@ -90,10 +90,14 @@ def faults_and_system_time() -> tuple[int, float]:
     return r.ru_minflt, r.ru_stime
 
 
-def per_step_costs(before: tuple[int, float], steps: int) -> dict[str, float]:
-    """Page faults and kernel (system) seconds per step since ``before``."""
+def per_step_costs(faults: float, system_s: float, steps: int) -> dict[str, float]:
+    return {"page_faults_per_step": faults / steps, "system_s_per_step": system_s / steps}
+
+
+def costs_since(before: tuple[int, float]) -> tuple[int, float]:
+    """Page faults and kernel (system) seconds since ``before`` (a :func:`faults_and_system_time`)."""
     faults, system = faults_and_system_time()
-    return {"page_faults_per_step": (faults - before[0]) / steps, "system_s_per_step": (system - before[1]) / steps}
+    return faults - before[0], system - before[1]
 
 
 def worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -131,17 +135,18 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     # the steps' peak memory (reached in the warm-up) before the matrices of the paired ceiling exist
     rss = peak_rss_mb()
-    samples, paired, costs = Samples(), [], {"page_faults_per_step": 0.0, "system_s_per_step": 0.0}
-    for _ in range(a.steps):
+    samples, paired, faults, system_s = Samples(), [], 0, 0.0
+    for _ in range(a.steps):  # faults and kernel time of the steps alone, not of the paired matmuls
         before = faults_and_system_time()
         time_once(step, dev, samples)
-        for k, v in per_step_costs(before, a.steps).items():
-            costs[k] += v
+        f, s = costs_since(before)
+        faults, system_s = faults + f, system_s + s
         if dev.type == "cpu":  # the machine's speed right after each step: its drift cancels in the ratio
             paired.append(matmul_gflops(2048, 1, dev)[0])
     out: dict[str, Any] = {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "fwd_gflop_per_img": fwd_flops / 1e9,
                            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "peak_rss_mb": rss,
-                           "kept_freed_memory": kept, "paired_ceiling_gflops": paired, **costs}
+                           "kept_freed_memory": kept, "paired_ceiling_gflops": paired,
+                           **per_step_costs(faults, system_s, a.steps)}
     if dev.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["ceiling_gflops"] = statistics.median(matmul_gflops(8192, 10, dev, torch.bfloat16))
@@ -173,7 +178,7 @@ def demo_worker(a: argparse.Namespace) -> dict[str, Any]:
     return {"step_s": samples.seconds, "other_cpu": samples.other_cpu, "peak_rss_mb": peak_rss_mb(),
             "perceptual": t.task.perceptual_name, "batch": c.batch_size,
             "kept_freed_memory": bool(getattr(cfg, "keep_freed_memory", False)),
-            **per_step_costs(before, 5 * len(samples.seconds))}
+            **per_step_costs(*costs_since(before), 5 * len(samples.seconds))}
 
 
 def demo_rows(script: str, args: argparse.Namespace, src: Optional[str], malloc_defaults: bool = False) -> list[dict[str, Any]]:
