@@ -71,7 +71,8 @@ def test_parse_numpy_blas():
 # one "training step" of allocations: tensors of these MiB, touched, then freed; 48 MiB is above
 # glibc's largest moving mmap threshold (32 MiB on 64-bit), so by default it is fresh pages every time
 _FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the system's THP setting
 if sys.argv[1] == "keep":
     from hieratok.machine import keep_freed_memory
     assert keep_freed_memory()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from hieratok.nn import linear as linear_mod
 from hieratok.nn.linear import ENV, Linear, available_backends, pack_weight, packed_backend
+from hieratok.precision import native_on_cpu
 
 BACKENDS = available_backends()
 needs_packing = pytest.mark.skipif(not BACKENDS, reason="this torch build has no packed gemm")
@@ -117,7 +118,10 @@ def test_a_bf16_pack_is_made_only_when_it_measures_faster(monkeypatch):
     fake = {None: 2.0, "onednn": 1.0}
     monkeypatch.setattr(linear_mod, "_time_backend", lambda b, x, w: fake[b] if x.dtype == torch.bfloat16 else 0.0)
     assert packed_backend(torch.bfloat16) == "onednn"
-    assert pack_weight(torch.randn(8, 16, dtype=torch.bfloat16))[0] == "onednn"
+    packed = pack_weight(torch.randn(8, 16, dtype=torch.bfloat16))
+    if native_on_cpu("bf16"):  # elsewhere oneDNN may have no bf16 inner product: then no pack (None)
+        assert packed[0] == "onednn"
+    assert packed is None or packed[0] == "onednn"
     monkeypatch.setattr(linear_mod, "_CHOICE", {})
     fake.update({None: 1.0, "onednn": 2.0})
     assert packed_backend(torch.bfloat16) is None and pack_weight(torch.randn(8, 16, dtype=torch.bfloat16)) is None
