@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="before measuring, wait up to this long for other processes to leave the CPUs idle")
     ap.add_argument("--cpu-only", action="store_true", help="skip the CUDA section even if a GPU is present")
+    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -124,13 +125,8 @@ def main() -> None:
             ("fwd+bwd_ms_median", "f+b ms (med)", ".2f"), ("fwd+bwd_ms_min", "f+b ms (min)", ".2f"),
             ("fwd+bwd_vs_full", "f+b/full", ".2f"), ("max_abs_err", "max|err|", ".1e")]
     L = sum(s * s for s in args.scales)
-    print(f"CPU fp32, {args.threads} threads: B={args.batch}, L={L}, H={args.heads}, K={args.head_dim}; "
-          f"ratios use the min times, /full = vs unmasked full attention")
-    if args.wait_quiet:
-        wait_for_quiet(args.wait_quiet)
-    result["cpu"] = run(args, torch.device("cpu"), torch.float32)
-    print_table(result["cpu"], cols)
-
+    if not args.gpu_only:
+        cpu_section(args, result, cols, L)
     if torch.cuda.is_available() and not args.cpu_only:
         print(f"\nCUDA bf16 ({torch.cuda.get_device_name()}): B={args.batch}, L={L}")
         result["cuda"] = run(args, torch.device("cuda"), torch.bfloat16)
@@ -138,6 +134,15 @@ def main() -> None:
     else:
         print("\nCUDA section skipped (no GPU)")
     write_json(args.json, result)
+
+
+def cpu_section(args: argparse.Namespace, result: dict[str, Any], cols: list, L: int) -> None:
+    print(f"CPU fp32, {args.threads} threads: B={args.batch}, L={L}, H={args.heads}, K={args.head_dim}; "
+          f"ratios use the min times, /full = vs unmasked full attention")
+    if args.wait_quiet:
+        wait_for_quiet(args.wait_quiet)
+    result["cpu"] = run(args, torch.device("cpu"), torch.float32)
+    print_table(result["cpu"], cols)
 
 
 if __name__ == "__main__":

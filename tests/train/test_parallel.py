@@ -7,7 +7,7 @@ from torch import nn
 from hieratok import HieraTok
 from hieratok.generators import DiT
 from hieratok.generators.llamagen import GPT
-from hieratok.train.parallel import DistInfo, _blocks, wrap_model
+from hieratok.train.parallel import DistInfo, _blocks, resolve_device, wrap_model
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -27,3 +27,12 @@ def test_compile_of_a_model_without_blocks_is_an_error():
         wrap_model(nn.Linear(2, 2), ONE, compile=True)
     m = nn.Linear(2, 2)  # a discriminator-like module may opt out
     assert wrap_model(m, ONE, compile=True, need_blocks=False) is m
+
+
+@pytest.mark.parametrize("device, local, cuda, want", [
+    (None, 3, True, "cuda:3"), (None, 3, False, "cpu"),
+    ("cuda", 2, True, "cuda:2"),  # a bare "cuda" is this rank's GPU: set_device needs an index
+    ("cuda:1", 2, True, "cuda:1"), ("cpu", 2, True, "cpu"), (torch.device("cuda"), 0, True, "cuda:0"),
+])
+def test_resolve_device_gives_each_rank_an_indexed_gpu(device, local, cuda, want):
+    assert resolve_device(device, local, cuda) == torch.device(want)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "barrier", "is_fsdp"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "wrap_model", "unwrap", "barrier", "is_fsdp"]
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,21 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: Optional[str] = None) -> DistInfo:
+def resolve_device(device: Optional[str | torch.device], local_rank: int, cuda_available: bool) -> torch.device:
+    """This rank's device: the local rank's GPU when none is named (CPU without CUDA); a bare
+    ``"cuda"`` also means the local rank's GPU (``torch.cuda.set_device`` needs an index)."""
+    if device is None:
+        return torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
+def init_distributed(device: Optional[str | torch.device] = None) -> DistInfo:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU) or return a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local, torch.cuda.is_available())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
