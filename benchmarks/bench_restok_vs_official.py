@@ -113,6 +113,7 @@ from hieratok.convert.llamagen import convert_llamagen_state_dict  # noqa: E402
 from hieratok.convert.restok import convert_restok_checkpoint, infer_restok_config  # noqa: E402
 from hieratok.generators.autoregressive import ar_layout, har_layout, sample_layout  # noqa: E402
 from hieratok.generators.llamagen import GPT, GPTConfig  # noqa: E402
+from hieratok.machine import keep_freed_memory  # noqa: E402
 from hieratok.precision import inference_precision, native_on_cpu, resolve_precision  # noqa: E402
 from hieratok.tokenizers.restok import ResTok  # noqa: E402
 
@@ -687,9 +688,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--precision", choices=tuple(PRECISION_REGIMES), default="fp32",
                     help="of HAR sampling, each side as its released sampler runs it (see the docstring); "
                          "the tokenizer rows stay fp32")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="keep freed memory in this process (hieratok.machine.keep_freed_memory, as the trainer "
+                         "does): both sides then reuse their activations' pages instead of faulting fresh ones")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        print(f"freed memory kept in this process, for both sides: {keep_freed_memory()}", flush=True)
     machine = machine_info()  # at the start: its date and load average describe the run, not its end
     off = load_official(args.official)
     print(f"official checkout {off.root} @ {off.commit}; shimmed: {off.shimmed or 'none'}", flush=True)

@@ -93,3 +93,20 @@ def test_no_replan_reaches_the_ablation(command, monkeypatch, tmp_path):
     for extra in ([], ["--no-replan"]):
         assert main([command, "--out", str(tmp_path / "x"), *extra]) == 2  # the one-line error of "captured"
     assert [c.replan_factor for c in seen] == [AblationConfig.replan_factor, None]
+
+
+@pytest.mark.parametrize("argv, kept", [
+    (["reconstruct", "missing.png", "--checkpoint", "missing"], True),
+    (["eval", "recon", "--checkpoint", "missing"], True),
+    (["cache-latents", "--checkpoint", "missing", "--out", "c"], True),
+    (["info", "tiny"], False),
+    (["train", "--preset", "tiny", "--steps", "0", "--out", "r"], False),  # TrainConfig.keep_freed_memory decides
+])
+def test_batch_inference_commands_keep_freed_memory(argv, kept, monkeypatch, tmp_path):
+    import hieratok.machine
+
+    calls = []
+    monkeypatch.setattr(hieratok.machine, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.chdir(tmp_path)
+    main(argv)  # the missing files make each command fail fast, after the allocator setting
+    assert bool(calls) == kept

@@ -14,6 +14,11 @@ import yaml
 from ._optional import MissingExtraError
 from .version import __version__
 
+# Commands whose whole process runs models batch after batch: they keep freed tensor memory in the
+# process (machine.keep_freed_memory) instead of faulting fresh pages for every batch's
+# activations. `train` (and `demo` / `ablate` through it) follows TrainConfig.keep_freed_memory.
+KEEP_FREED_MEMORY = ("reconstruct", "eval", "cache-latents", "sample")
+
 __all__ = ["main", "parse_overrides"]
 
 
@@ -594,6 +599,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in KEEP_FREED_MEMORY:
+        from .machine import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - every failure is one line (exit 2); --debug shows the traceback
