@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hieratok import HieraTok
+from hieratok.checkpoint import latest_checkpoint
 from hieratok.generators.autoregressive import har_layout, sample_layout
 from hieratok.generators.dit import DiT
 from hieratok.generators.llamagen import GPT
@@ -158,8 +159,6 @@ def test_trainer_on_cuda_trains_in_bf16_and_saves_a_checkpoint_cpu_can_load(tmp_
     assert t.bf16 and next(t.raw["model"].parameters()).device.type == "cuda"
     hist = t.fit()
     assert len(hist) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    from hieratok.checkpoint import latest_checkpoint
-
     loaded = HieraTok.from_pretrained(latest_checkpoint(tmp_path / "run"))
     for (name, a), b in zip(t.raw["model"].state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a.cpu(), b), name
